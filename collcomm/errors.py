@@ -1,0 +1,40 @@
+"""Typed errors of collcomm.
+
+Every error a user can meet is a subclass of :class:`CollectiveError`, carries the
+facts (which rank, which link, which entry of a file) and reads as one line that
+says what is wrong.
+"""
+
+from __future__ import annotations
+
+
+class CollectiveError(Exception):
+    """Base class of every collcomm error."""
+
+
+class TopologyError(CollectiveError, ValueError):
+    """A topology is malformed, or a fabric cannot carry the requested collective."""
+
+
+class ScheduleError(CollectiveError, ValueError):
+    """A schedule is malformed or does not fit its topology."""
+
+
+class CollectiveTimeout(CollectiveError, TimeoutError):
+    """A blocking call did not complete within its timeout."""
+
+
+class PeerFailure(CollectiveError):
+    """A peer rank died or its connection broke."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+
+
+class MismatchError(CollectiveError):
+    """Ranks disagree on the collective, size, dtype or reduction."""
+
+
+class AuthenticationError(CollectiveError):
+    """A peer could not prove knowledge of the job token."""
