@@ -67,3 +67,12 @@ class ArcStore:
         else:
             self.succ[u].discard(v)
             self.pred[v].discard(u)
+
+    def copy(self) -> "ArcStore":
+        other = ArcStore()
+        other._tails, other._heads, other._caps = self._tails.copy(), self._heads.copy(), self._caps.copy()
+        other.m = self.m
+        other.slot_of = dict(self.slot_of)
+        other.succ = defaultdict(set, {u: set(vs) for u, vs in self.succ.items()})
+        other.pred = defaultdict(set, {v: set(us) for v, us in self.pred.items()})
+        return other

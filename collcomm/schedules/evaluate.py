@@ -10,6 +10,7 @@ phases' times: ``1 / algbw = sum of 1 / algbw(phase)``. Everything is exact
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from fractions import Fraction
 
@@ -92,12 +93,16 @@ def validate(schedule: Schedule, topo: Topology) -> None:
 # ---------------------------------------------------------------------------- bandwidth
 def link_loads(phase: Phase) -> dict[tuple[str, str], Fraction]:
     """Sum of the shares crossing each directed link, once per crossing."""
-    loads: dict[tuple[str, str], Fraction] = defaultdict(Fraction)
+    # Accumulate integers over the common denominator of the shares: exact and fast.
+    denom = math.lcm(*(t.share.denominator for t in phase.trees)) if phase.trees else 1
+    acc: dict[tuple[str, str], int] = defaultdict(int)
     for tree in phase.trees:
+        units = tree.share.numerator * (denom // tree.share.denominator)
         for e in tree.edges:
-            for hop in zip(e.path, e.path[1:]):
-                loads[hop] += tree.share
-    return dict(loads)
+            path = e.path
+            for i in range(len(path) - 1):
+                acc[(path[i], path[i + 1])] += units
+    return {hop: Fraction(units, denom) for hop, units in acc.items()}
 
 
 def phase_time_per_shard(phase: Phase, topo: Topology) -> Fraction:

@@ -35,7 +35,7 @@ from collcomm.schedules.optimum import (IntFabric, Optimum, TreeBudget, allgathe
 from collcomm.schedules.packing import PackingStuck, TreeClass, pack_trees
 from collcomm.schedules.splitting import LogicalGraph, _take, split_switches
 from collcomm.topology.model import Topology
-from collcomm.topology.symmetry import SymmetryGroup, symmetry_group
+from collcomm.topology.symmetry import SymmetryGroup, subgroups, symmetry_group
 
 
 def choose_budget(fab: IntFabric, opt: Optimum, group: SymmetryGroup, max_trees_per_root: int | None) -> TreeBudget:
@@ -55,9 +55,21 @@ def _physical_trees(classes: list[TreeClass], lg: LogicalGraph, order: tuple[str
     """Expand logical edges into physical paths; a class whose copies take different paths
     becomes several trees whose shares add up to the class's."""
     bundles = {e: copy.copy(b) for e, b in lg.bundles.items()}
+    ids: dict[tuple[int, ...], tuple[str, ...]] = {}  # physical paths as node ids, built once each
+
+    def path_ids(path: tuple[int, ...]) -> tuple[str, ...]:
+        got = ids.get(path)
+        if got is None:
+            got = ids[path] = tuple(order[p] for p in path)
+        return got
+
     trees: list[Tree] = []
     for cls in classes:
         allocations = [(x, y, _take(bundles[(x, y)], cls.count)) for x, y in cls.edges]
+        if all(len(alloc) == 1 for _, _, alloc in allocations):  # one physical tree
+            edges = tuple(TreeEdge(order[x], order[y], path_ids(alloc[0][0])) for x, y, alloc in allocations)
+            trees.append(Tree(order[cls.root], Fraction(cls.count, lg.k), edges))
+            continue
         cuts = {0, cls.count}
         for _, _, alloc in allocations:
             acc = 0
@@ -71,7 +83,7 @@ def _physical_trees(classes: list[TreeClass], lg: LogicalGraph, order: tuple[str
                 acc = 0
                 for path, amount in alloc:
                     if acc <= lo < acc + amount:
-                        edges.append(TreeEdge(order[x], order[y], tuple(order[p] for p in path)))
+                        edges.append(TreeEdge(order[x], order[y], path_ids(path)))
                         break
                     acc += amount
             trees.append(Tree(order[cls.root], Fraction(hi - lo, lg.k), tuple(edges)))
@@ -101,17 +113,23 @@ def _phase(topo: Topology, kind: str, group: SymmetryGroup, max_trees_per_root: 
     budget = choose_budget(fab, opt, group, max_trees_per_root)
     timings["budget"] = time.perf_counter() - t
     t = time.perf_counter()
-    lg = split_switches(fab, budget, group)
+    # Symmetric splitting can fail to stay symmetric (an edge fixed by part of the group whose
+    # slots do not divide evenly); then a subgroup usually can, and the trivial group always does.
+    lg = None
+    for g in [group] + (subgroups(group) if not group.trivial else []):
+        lg = split_switches(fab, budget, g, strict=not g.trivial)
+        if lg is not None:
+            break
     timings["splitting"] = time.perf_counter() - t
     t = time.perf_counter()
-    pack_group = group if lg.symmetric else symmetry_group(topo, use=False)
+    pack_group = g if lg.symmetric else symmetry_group(topo, use=False)
     try:
-        classes, pstats = pack_trees(copy.deepcopy(lg), pack_group)
+        classes, pstats = pack_trees(lg, pack_group)
     except PackingStuck:
         if pack_group.trivial:
             raise
         pack_group = symmetry_group(topo, use=False)
-        classes, pstats = pack_trees(copy.deepcopy(lg), pack_group)
+        classes, pstats = pack_trees(lg, pack_group)
     timings["packing"] = time.perf_counter() - t
     t = time.perf_counter()
     trees = _physical_trees(classes, lg, topo.order)
@@ -158,8 +176,9 @@ def forestcoll(topo: Topology, collective: str = ALLGATHER, max_trees_per_root: 
         phases.append(phase)
         promised.append(bw)
     schedule = Schedule(collective, "forestcoll", topo.name, list(topo.compute), phases)
-    for phase, bw in zip(phases, promised):
-        got = evaluate.phase_algbw(phase, topo)
+    per_shard = [evaluate.phase_time_per_shard(phase, topo) for phase in phases]
+    for phase, bw, time_per_shard in zip(phases, promised, per_shard):
+        got = None if time_per_shard == 0 else Fraction(topo.num_ranks) / time_per_shard
         # The budget is a guarantee (and the optimum an upper bound): an optimal budget is met exactly.
         if bw is not None and got < bw:
             raise ScheduleError(f"internal: {phase.collective} plan reaches {got} GB/s, expected {bw}")
@@ -167,7 +186,8 @@ def forestcoll(topo: Topology, collective: str = ALLGATHER, max_trees_per_root: 
             opt = Fraction(info[phase.collective]["optimum_algbw"])
             info[phase.collective]["achieved_algbw"] = str(got)
             info[phase.collective]["fraction_of_optimum"] = str(got / opt)
-    schedule.algbw = evaluate.algbw(schedule, topo)
+    total = sum(per_shard, Fraction(0))
+    schedule.algbw = None if total == 0 else Fraction(topo.num_ranks) / total
     info["maxflow_calls"] = STATS.calls - calls0
     schedule.info = info
     schedule.generation_seconds = time.perf_counter() - start

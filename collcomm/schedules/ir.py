@@ -198,14 +198,14 @@ def load(path: str | Path) -> Schedule:
 def merge_identical_trees(trees: Iterable[Tree]) -> list[Tree]:
     """Join trees with the same root and the same edges and paths, adding their shares."""
     acc: dict[tuple, Fraction] = {}
-    order: list[tuple] = []
+    first: dict[tuple, Tree] = {}
     for t in trees:
-        key = (t.root, tuple(sorted((e.src, e.dst, e.path) for e in t.edges)))
+        key = (t.root, frozenset(t.edges))
         if key not in acc:
             acc[key] = Fraction(0)
-            order.append(key)
+            first[key] = t
         acc[key] += t.share
-    return [Tree(root, acc[(root, es)], tuple(TreeEdge(s, d, p) for s, d, p in es)) for root, es in order]
+    return [Tree(t.root, acc[key], t.edges) for key, t in first.items()]
 
 
 def reverse_tree(t: Tree) -> Tree:

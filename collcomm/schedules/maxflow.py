@@ -65,6 +65,36 @@ def _max_flow_exact(n_nodes, tails, heads, caps, source, sink, want_source_side)
     return int(value), (sorted(reach) if want_source_side else None)
 
 
+def flows_to_sinks(n_nodes: int, tails: np.ndarray, heads: np.ndarray, caps: np.ndarray, source: int, sinks,
+                   stop_below: int | None = None) -> list[tuple[int, int]]:
+    """Max-flow values from ``source`` to each sink, as (sink, value) pairs, on one network built
+    once and re-solved per sink; stops after the first value below ``stop_below``."""
+    out = []
+    caps = np.asarray(caps)
+    total = int(caps.sum()) if len(caps) else 0
+    if total >= _INT64_SAFE or caps.dtype == object:
+        for v in sinks:
+            STATS.calls += 1
+            val, _ = _max_flow_exact(n_nodes, tails, heads, caps, source, v, False)
+            out.append((v, val))
+            if stop_below is not None and val < stop_below:
+                break
+        return out
+    solver = _ortools_max_flow.SimpleMaxFlow()
+    solver.add_arcs_with_capacity(np.asarray(tails, dtype=np.int32), np.asarray(heads, dtype=np.int32),
+                                  np.asarray(caps, dtype=np.int64))
+    for v in sinks:
+        STATS.calls += 1
+        status = solver.solve(int(source), int(v))
+        if status != solver.OPTIMAL:
+            raise ScheduleError(f"max-flow solver failed with status {status}")
+        val = int(solver.optimal_flow())
+        out.append((v, val))
+        if stop_below is not None and val < stop_below:
+            break
+    return out
+
+
 def min_flow_over_sinks(n_nodes: int, tails: np.ndarray, heads: np.ndarray, caps: np.ndarray, source: int,
                         sinks, want_source_side: bool = False, stop_below: int | None = None
                         ) -> tuple[int, int, list[int] | None]:

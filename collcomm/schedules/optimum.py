@@ -31,7 +31,7 @@ from fractions import Fraction
 import numpy as np
 
 from collcomm.errors import TopologyError
-from collcomm.schedules.maxflow import min_flow_over_sinks
+from collcomm.schedules.maxflow import flows_to_sinks, min_flow_over_sinks
 from collcomm.topology.model import Topology
 from collcomm.topology.symmetry import SymmetryGroup, symmetry_group
 
@@ -158,6 +158,17 @@ def rooted_min_flow_arrays(n: int, N: int, tails: np.ndarray, heads: np.ndarray,
         mask[side] = True
         mask = mask[:n]
     return value, v, mask
+
+
+def rooted_flows(n: int, N: int, tails: np.ndarray, heads: np.ndarray, caps: np.ndarray, per_rank: int, sinks,
+                 stop_below: int | None = None) -> list[tuple[int, int]]:
+    """(v, max-flow to v) from a super-source feeding each rank ``per_rank``, for each sink in turn
+    (stopping after the first below ``stop_below``)."""
+    src = n
+    all_tails = np.concatenate([tails, np.full(N, src)])
+    all_heads = np.concatenate([heads, np.arange(N)])
+    all_caps = np.concatenate([caps, np.full(N, per_rank, dtype=np.int64)])
+    return flows_to_sinks(n + 1, all_tails, all_heads, all_caps, src, sinks, stop_below=stop_below)
 
 
 def rooted_min_flow(fab: IntFabric, caps: np.ndarray, per_rank: int, sinks, want_cut: bool = False,

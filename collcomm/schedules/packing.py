@@ -65,7 +65,7 @@ class PackingStuck(ScheduleError):
 class _Packer:
     def __init__(self, lg: LogicalGraph, group: SymmetryGroup):
         self.N, self.k = lg.N, lg.k
-        self.arcs = lg.arcs
+        self.arcs = lg.arcs.copy()  # packing consumes slots; the logical graph stays as split
         self.group = group
         self.elements = group.elements[:, :self.N]  # actions on the ranks
         self.G = group.order

@@ -28,7 +28,7 @@ import numpy as np
 
 from collcomm.errors import ScheduleError
 from collcomm.schedules.arcs import ArcStore
-from collcomm.schedules.optimum import IntFabric, TreeBudget, rooted_min_flow_arrays
+from collcomm.schedules.optimum import IntFabric, TreeBudget, rooted_flows
 from collcomm.topology.symmetry import SymmetryGroup
 
 Path = tuple[int, ...]
@@ -82,7 +82,7 @@ def _join(first: list[tuple[Path, int]], second: list[tuple[Path, int]]) -> list
 
 
 class _Splitter:
-    def __init__(self, fab: IntFabric, budget: TreeBudget, group: SymmetryGroup):
+    def __init__(self, fab: IntFabric, budget: TreeBudget, group: SymmetryGroup, strict: bool):
         self.fab = fab
         self.N, self.n, self.k = fab.N, fab.n, budget.k
         self.group = group
@@ -93,7 +93,10 @@ class _Splitter:
                 self.arcs.add(u, v, c)
                 self.bundles[(u, v)] = deque([((u, v), c)])
         self.symmetric = True
+        self.strict = strict
         self.checks = 0
+        self.flows = 0
+        self.lb: dict[int, int] = {}  # lower bounds on each sink's max-flow in the current state
         self._host_keys(fab)
 
     def _host_keys(self, fab: IntFabric) -> None:
@@ -123,8 +126,20 @@ class _Splitter:
         return sorted(targets, key=key)
 
     # ---------------------------------------------------------------- condition
+    def _sinks(self):
+        return self.group.rank_representatives if self.symmetric else range(self.N)
+
     def _feasible(self, triples: list[tuple[int, int, int]], m: int) -> bool:
+        """Does splitting ``m`` units of every triple keep every rank's max-flow at N·k?
+
+        A split of m units lowers any cut by at most m, so a sink whose known lower bound
+        stays above N·k after ``m * len(triples)`` is safe without a max-flow."""
         self.checks += 1
+        need = self.N * self.k
+        drop = m * len(triples)
+        todo = [v for v in self._sinks() if self.lb.get(v, -1) - drop < need]
+        if not todo:
+            return True
         arcs = self.arcs
         # New arcs (u, t) may have no slot yet: create them (capacity 0 is harmless).
         for u, w, t in triples:
@@ -134,11 +149,12 @@ class _Splitter:
             caps[arcs.slot_of[(u, w)]] -= m
             caps[arcs.slot_of[(w, t)]] -= m
             caps[arcs.slot_of[(u, t)]] += m
-        sinks = self.group.rank_representatives if self.symmetric else range(self.N)
-        need = self.N * self.k
-        value, _, _ = rooted_min_flow_arrays(self.n, self.N, arcs.tails, arcs.heads, caps, self.k, sinks,
-                                             stop_below=need)
-        return value >= need
+        results = rooted_flows(self.n, self.N, arcs.tails, arcs.heads, caps, self.k, todo, stop_below=need)
+        self.flows += len(results)
+        for v, value in results:
+            # the current state carries at least what the tentative (split) state carries
+            self.lb[v] = max(self.lb.get(v, -1), value)
+        return len(results) == len(todo) and all(value >= need for _, value in results)
 
     def _apply(self, triples: list[tuple[int, int, int]], m: int) -> None:
         for u, w, t in triples:
@@ -147,6 +163,9 @@ class _Splitter:
             self.arcs.add(u, t, m)
             joined = _join(_take(self.bundles[(u, w)], m), _take(self.bundles[(w, t)], m))
             self.bundles.setdefault((u, t), deque()).extend(joined)
+        drop = m * len(triples)
+        for v in self.lb:
+            self.lb[v] -= drop
 
     def _largest_split(self, triples: list[tuple[int, int, int]], m_hi: int) -> int:
         if m_hi <= 0:
@@ -202,7 +221,8 @@ class _Splitter:
                     self._apply(orbit, m)
 
     def _leftover(self, switches) -> bool:
-        return any(self.arcs.pred[w] and self.arcs.succ[w] for w in switches)
+        """Is some path u -> w -> t (u != t) still unsplit at one of ``switches``?"""
+        return any(u != t for w in switches for u in self.arcs.pred[w] for t in self.arcs.succ[w])
 
     def run(self) -> LogicalGraph:
         pending = list(range(self.N, self.n))
@@ -216,8 +236,10 @@ class _Splitter:
             processed.update(orbit)
             for spread in (True, False):
                 self._split_pass(w0, spread)
-            if self._leftover(orbit):
-                # The symmetric splits could not empty the orbit: finish switch by switch.
+            if self._leftover(orbit) and self.symmetric and not self.group.trivial:
+                # The symmetric splits could not empty the orbit: give up (strict) or go on switch by switch.
+                if self.strict:
+                    return None
                 self.symmetric = False
                 for w in orbit:
                     for spread in (True, False):
@@ -231,7 +253,7 @@ class _Splitter:
                 logical.add(u, v, c)
         bundles = {e: b for e, b in self.bundles.items() if e[0] < self.N and e[1] < self.N and b}
         return LogicalGraph(self.N, self.k, logical, bundles, self.symmetric,
-                            {"split_checks": self.checks})
+                            {"split_checks": self.checks, "split_flows": self.flows})
 
     def _drop(self, switches) -> None:
         """Remove what is left at split switches (dead ends and loops only) and re-check."""
@@ -245,11 +267,17 @@ class _Splitter:
                 self.arcs.add(w, t, -self.arcs.cap(w, t))
                 self.bundles[(w, t)] = deque()
                 dropped = True
+        if dropped:
+            self.lb.clear()  # dropped capacity can lower any cut
         if dropped and not self._feasible([], 0):
             raise ScheduleError("switch splitting left capacity that the plan needs; "
                                 "this fabric breaks an assumption of the generator")
 
 
-def split_switches(fab: IntFabric, budget: TreeBudget, group: SymmetryGroup) -> LogicalGraph:
-    """Remove every switch of ``fab`` by edge splitting under ``budget``'s slots and k."""
-    return _Splitter(fab, budget, group).run()
+def split_switches(fab: IntFabric, budget: TreeBudget, group: SymmetryGroup,
+                   strict: bool = False) -> LogicalGraph | None:
+    """Remove every switch of ``fab`` by edge splitting under ``budget``'s slots and k.
+
+    With ``strict``, returns None as soon as the splits cannot stay symmetric under ``group``
+    (so the caller can try a smaller group); otherwise finishes without symmetry."""
+    return _Splitter(fab, budget, group, strict).run()
