@@ -27,6 +27,17 @@ class MaxFlowStats:
 STATS = MaxFlowStats()
 
 
+def build_solver(n_nodes: int, tails, heads, caps):
+    """An OR-Tools solver holding the arcs; a zero arc on the last node makes every node exist
+    (OR-Tools sizes its graph by the arcs it is given)."""
+    solver = _ortools_max_flow.SimpleMaxFlow()
+    solver.add_arcs_with_capacity(
+        np.append(np.asarray(tails, dtype=np.int32), np.int32(n_nodes - 1)),
+        np.append(np.asarray(heads, dtype=np.int32), np.int32(n_nodes - 1)),
+        np.append(np.asarray(caps, dtype=np.int64), np.int64(0)))
+    return solver
+
+
 def infinity_for(finite_caps: np.ndarray) -> int:
     """A capacity larger than any finite cut of a network with these finite arcs."""
     return int(finite_caps.sum()) + 1 if len(finite_caps) else 1
@@ -40,9 +51,7 @@ def max_flow(n_nodes: int, tails: np.ndarray, heads: np.ndarray, caps: np.ndarra
     total = int(caps.sum()) if len(caps) else 0
     if total >= _INT64_SAFE or caps.dtype == object:
         return _max_flow_exact(n_nodes, tails, heads, caps, source, sink, want_source_side)
-    solver = _ortools_max_flow.SimpleMaxFlow()
-    solver.add_arcs_with_capacity(np.asarray(tails, dtype=np.int32), np.asarray(heads, dtype=np.int32),
-                                  np.asarray(caps, dtype=np.int64))
+    solver = build_solver(n_nodes, tails, heads, caps)
     status = solver.solve(int(source), int(sink))
     if status != solver.OPTIMAL:
         raise ScheduleError(f"max-flow solver failed with status {status}")
@@ -80,9 +89,7 @@ def flows_to_sinks(n_nodes: int, tails: np.ndarray, heads: np.ndarray, caps: np.
             if stop_below is not None and val < stop_below:
                 break
         return out
-    solver = _ortools_max_flow.SimpleMaxFlow()
-    solver.add_arcs_with_capacity(np.asarray(tails, dtype=np.int32), np.asarray(heads, dtype=np.int32),
-                                  np.asarray(caps, dtype=np.int64))
+    solver = build_solver(n_nodes, tails, heads, caps)
     for v in sinks:
         STATS.calls += 1
         status = solver.solve(int(source), int(v))
@@ -100,34 +107,10 @@ def min_flow_over_sinks(n_nodes: int, tails: np.ndarray, heads: np.ndarray, caps
                         ) -> tuple[int, int, list[int] | None]:
     """The smallest ``source``-``v`` max-flow over ``v`` in ``sinks``: (value, v, source side of its cut).
 
-    The network is built once and re-solved per sink. With ``stop_below``, returns as
-    soon as some sink's flow is below it (that sink's value and cut).
-    """
-    caps = np.asarray(caps)
-    total = int(caps.sum()) if len(caps) else 0
-    if total >= _INT64_SAFE or caps.dtype == object:
-        best = None
-        for v in sinks:
-            val, side = _max_flow_exact(n_nodes, tails, heads, caps, source, v, want_source_side)
-            STATS.calls += 1
-            if best is None or val < best[0]:
-                best = (val, v, side)
-            if stop_below is not None and val < stop_below:
-                break
-        return best
-    solver = _ortools_max_flow.SimpleMaxFlow()
-    solver.add_arcs_with_capacity(np.asarray(tails, dtype=np.int32), np.asarray(heads, dtype=np.int32),
-                                  np.asarray(caps, dtype=np.int64))
-    best_val, best_v, best_side = None, None, None
-    for v in sinks:
-        STATS.calls += 1
-        status = solver.solve(int(source), int(v))
-        if status != solver.OPTIMAL:
-            raise ScheduleError(f"max-flow solver failed with status {status}")
-        val = int(solver.optimal_flow())
-        if best_val is None or val < best_val:
-            best_val, best_v = val, v
-            best_side = solver.get_source_side_min_cut() if want_source_side else None
-        if stop_below is not None and val < stop_below:
-            break
-    return best_val, best_v, best_side
+    With ``stop_below``, returns as soon as some sink's flow is below it."""
+    results = flows_to_sinks(n_nodes, tails, heads, caps, source, sinks, stop_below=stop_below)
+    v, value = min(results, key=lambda r: r[1])
+    side = None
+    if want_source_side:
+        _, side = max_flow(n_nodes, tails, heads, caps, source, v, want_source_side=True)
+    return value, v, side

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from collcomm.errors import ScheduleError
-from collcomm.schedules.maxflow import STATS, infinity_for, min_flow_over_sinks
+from collcomm.schedules.maxflow import STATS, build_solver, infinity_for, min_flow_over_sinks
 from collcomm.schedules.splitting import LogicalGraph
 from collcomm.topology.symmetry import SymmetryGroup
-from ortools.graph.python import max_flow as _ortools_max_flow
 
 
 @dataclass
@@ -251,8 +250,7 @@ class _Packer:
         all_caps = np.concatenate([caps, np.full(len(ct), self._inf, dtype=np.int64),
                                    np.array([c.count for c in others], dtype=np.int64),
                                    np.zeros(len(verts), dtype=np.int64)])
-        solver = _ortools_max_flow.SimpleMaxFlow()
-        solver.add_arcs_with_capacity(tails.astype(np.int32), heads.astype(np.int32), all_caps)
+        solver = build_solver(src + 1, tails, heads, all_caps)
         first_feed = len(tails) - len(verts)
         feed_arc = {int(v): first_feed + i for i, v in enumerate(verts)}
         return solver, src, feed_arc, total_other
