@@ -52,7 +52,7 @@ def _check_tree(tree: Tree, kind: str, topo: Topology, where: str) -> None:
                             f"has {len(tree.edges)}")
     # Out-tree: one parent per non-root node; in-tree: one successor per non-root node.
     toward = in_edges if kind == ALLGATHER else out_edges
-    for c in compute:
+    for c in topo.compute:
         want = 0 if c == tree.root else 1
         if len(toward.get(c, [])) != want:
             what = "incoming" if kind == ALLGATHER else "outgoing"

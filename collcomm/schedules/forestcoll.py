@@ -30,8 +30,8 @@ from collcomm.schedules import evaluate
 from collcomm.schedules.ir import (ALLGATHER, ALLREDUCE, COLLECTIVES, REDUCE_SCATTER, Phase, Schedule, Tree,
                                    TreeEdge, merge_identical_trees, reverse_tree)
 from collcomm.schedules.maxflow import STATS
-from collcomm.schedules.optimum import (IntFabric, Optimum, TreeBudget, allgather_optimum, fixed_k_budget,
-                                        forwardable_capacity, optimal_budget)
+from collcomm.schedules.forwarding import forwardable_capacity
+from collcomm.schedules.optimum import IntFabric, Optimum, TreeBudget, allgather_optimum, fixed_k_budget, optimal_budget
 from collcomm.schedules.packing import PackingStuck, TreeClass, pack_trees
 from collcomm.schedules.splitting import LogicalGraph, _take, split_switches
 from collcomm.topology.model import Topology
@@ -102,8 +102,12 @@ def _phase(topo: Topology, kind: str, group: SymmetryGroup, max_trees_per_root: 
     bound = allgather_optimum(fabric, group)
     if topo.num_ranks == 1:
         return Phase(kind, _trivial_trees(topo)), None
-    capacity, scaled = forwardable_capacity(fabric)
-    fab = IntFabric.of(fabric, capacity)
+    def exact_x(capacity):
+        return allgather_optimum(fabric, group, IntFabric.of(fabric, capacity)).x_star or Fraction(0)
+
+    forwarding = forwardable_capacity(fabric, exact_x)
+    scaled = forwarding.scaled_switches
+    fab = IntFabric.of(fabric, forwarding.capacity)
     opt = allgather_optimum(fabric, group, fab) if scaled else bound
     if not opt.x_star:
         raise TopologyError(f"{topo.name}: some rank can only be reached through switches that receive "
@@ -141,7 +145,8 @@ def _phase(topo: Topology, kind: str, group: SymmetryGroup, max_trees_per_root: 
         "optimum_algbw": str(opt.algbw),
         "optimum_cut": sorted(opt.cut),
         "scaled_switches": scaled,
-        "optimal": budget.optimal and not scaled,
+        **({"forwarding_lp_algbw": forwarding.lp_x_star * topo.num_ranks} if forwarding.lp_x_star else {}),
+        "optimal": budget.optimal and opt.algbw == bound.algbw,
         "trees_per_root": budget.k,
         "tree_classes": len(classes),
         "trees": len(trees),

@@ -72,73 +72,6 @@ class IntFabric:
         return int(caps[leaving].sum())
 
 
-def forwardable_capacity(topo: Topology) -> tuple[dict[tuple[str, str], Fraction], list[str]]:
-    """Edge bandwidths with every switch's egress scaled down to what it can receive.
-
-    A switch forwards but cannot replicate: what leaves it in a tree plan never exceeds
-    what enters it. Where one-way links let a switch send more than it receives, the
-    cut bound can be out of reach for any tree plan; the generator then plans for the
-    forwardable fabric: every switch w scales its out-links by the largest f_w <= 1 with
-    f_w·egress(w) <= sum over in-links (u, w) of f_u·c(u, w) (f = 1 for ranks). The
-    largest such f is a fixed point, found exactly: the switches that ever exceed their
-    ingress are held tight and the resulting linear system is solved in Fractions.
-    Returns the capacities and the switches that were scaled."""
-    switches = list(topo.switches)
-    if not switches:
-        return dict(topo.capacity), []
-    is_switch = set(switches)
-    egress = {w: Fraction(0) for w in switches}
-    in_edges: dict[str, list[tuple[str, Fraction]]] = {w: [] for w in switches}
-    for (u, v), bw in topo.capacity.items():
-        if u in is_switch:
-            egress[u] += bw
-        if v in is_switch:
-            in_edges[v].append((u, bw))
-    f = {w: Fraction(1) for w in switches}
-
-    def ingress(w):
-        return sum((bw * f.get(u, 1) for u, bw in in_edges[w]), Fraction(0))
-
-    tight: list[str] = []
-    while True:
-        over = [w for w in switches if w not in tight and egress[w] * f[w] > ingress(w)]
-        if not over:
-            break
-        tight += over
-        f.update(_solve_tight(tight, egress, in_edges, f, topo.name))
-    cap = {e: (bw * f[e[0]] if e[0] in is_switch else bw) for e, bw in topo.capacity.items()}
-    return cap, [w for w in switches if f[w] < 1]
-
-
-def _solve_tight(tight, egress, in_edges, f, name) -> dict[str, Fraction]:
-    """Solve egress(w)·f_w = sum over in-links of c(u, w)·f_u for the tight switches (others fixed)."""
-    idx = {w: i for i, w in enumerate(tight)}
-    n = len(tight)
-    rows = []
-    for w in tight:
-        row = [Fraction(0)] * (n + 1)
-        row[idx[w]] += egress[w]
-        for u, bw in in_edges[w]:
-            if u in idx:
-                row[idx[u]] -= bw
-            else:
-                row[n] += bw * f.get(u, 1)
-        rows.append(row)
-    for col in range(n):  # Gauss-Jordan elimination, exact
-        pivot = next((r for r in range(col, n) if rows[r][col] != 0), None)
-        if pivot is None:
-            raise TopologyError(f"{name}: switches {', '.join(tight[:4])} pass data only among themselves "
-                                f"through one-way links; their forwarding capacity is undefined")
-        rows[col], rows[pivot] = rows[pivot], rows[col]
-        p = rows[col][col]
-        rows[col] = [x / p for x in rows[col]]
-        for r in range(n):
-            if r != col and rows[r][col] != 0:
-                factor = rows[r][col]
-                rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col])]
-    return {w: min(Fraction(1), max(Fraction(0), rows[idx[w]][n])) for w in tight}
-
-
 def rooted_min_flow_arrays(n: int, N: int, tails: np.ndarray, heads: np.ndarray, caps: np.ndarray, per_rank: int,
                            sinks, want_cut: bool = False, stop_below: int | None = None
                            ) -> tuple[int, int, np.ndarray | None]:
@@ -218,6 +151,23 @@ def allgather_optimum(topo: Topology, group: SymmetryGroup | None = None, fab: I
     return Optimum(x_star, x_star * N, ids, rounds)
 
 
+def collective_bound(topo: Topology, collective: str) -> Fraction | None:
+    """The exact cut bound on algbw of ``collective``: allgather's, reduce-scatter's (allgather's on
+    the reversed fabric), or for allreduce both in sequence (1/algbw = 1/AG + 1/RS). None for one rank."""
+    if topo.num_ranks == 1:
+        return None
+    ag = allgather_optimum(topo).algbw if collective in ("allgather", "allreduce") else None
+    rs = allgather_optimum(topo.reversed()).algbw if collective in ("reduce_scatter", "allreduce") else None
+    if collective == "allgather":
+        return ag
+    if collective == "reduce_scatter":
+        return rs
+    return 1 / (1 / ag + 1 / rs)
+
+
+FEWER_TREES_TRIED = 64
+
+
 @dataclass(frozen=True)
 class TreeBudget:
     """Integer form of a plan: ``k`` trees per root and ``slots[e]`` trees allowed on edge e
@@ -245,7 +195,8 @@ def optimal_budget(fab: IntFabric, opt: Optimum, group: SymmetryGroup) -> TreeBu
     p, q = x_scaled.denominator, x_scaled.numerator
     g = math.gcd(q, *(int(b) for b in fab.bw))
     k_max = q // g
-    for k in range(1, k_max):
+    # Fewer trees may already reach the optimum (floors that do not bind); try the small ones.
+    for k in range(1, min(k_max, FEWER_TREES_TRIED + 1)):
         slots = (fab.bw * k * p) // q  # floor(k/x * b)
         if _feasible(fab, slots, k, group):
             return TreeBudget(k, slots, opt.x_star, True)

@@ -1,0 +1,600 @@
+"""The ``collcomm`` command line: build and inspect fabrics, generate and compare schedules.
+
+::
+
+    collcomm topology --preset dgx-a100 --boxes 2 --show --plot fabric.png -o fabric.json
+    collcomm schedule --topology fabric.json --collective allreduce -o plan.json --plot trees.png
+    collcomm schedule --preset dgx-a100 --boxes 2 --compare
+
+Exit status: 0 on success; 2 for bad input (a malformed file, an unknown preset,
+parameter or algorithm, an unwritable output), with exactly one line on stderr
+that starts with ``collcomm: error:``; 1 when the work itself fails (an algorithm
+that is not available or returns an invalid plan); 130 on Ctrl-C. Heavy modules
+(matplotlib, the generators) are imported only by the commands that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import os
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+from collcomm.errors import CollectiveError, ScheduleError, TopologyError
+
+PROG = "collcomm"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+COLLECTIVE_NAMES = ("allgather", "reduce_scatter", "allreduce")
+
+
+class UsageError(Exception):
+    """Bad command-line input: one line on stderr, exit status 2."""
+
+
+class CommandFailed(Exception):
+    """The input was fine but the work failed: one line on stderr, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one exception instead of usage text and exit."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        raise UsageError(message)
+
+
+# ---------------------------------------------------------------------------- formatting
+def exact(x: Fraction) -> str:
+    x = Fraction(x)
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+def gbps(x: Fraction | None) -> str:
+    """``1040/3 GB/s = 346.667 GB/s`` (exact, then decimal); ``300 GB/s`` when whole."""
+    if x is None:
+        return "n/a (one rank: nothing moves)"
+    x = Fraction(x)
+    if x.denominator == 1:
+        return f"{x.numerator} GB/s"
+    return f"{exact(x)} GB/s = {float(x):.3f} GB/s"
+
+
+def _bw_short(x: Fraction) -> str:
+    x = Fraction(x)
+    return f"{x.numerator}" if x.denominator == 1 else f"{exact(x)} (={float(x):.4g})"
+
+
+def _ranks(topo) -> str:
+    n, s = topo.num_ranks, len(topo.switches)
+    return f"{n} rank{'s' if n != 1 else ''}, {s} switch{'es' if s != 1 else ''}"
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split()) or "unknown error"
+
+
+# ---------------------------------------------------------------------------- fabrics
+def parse_param(text: str) -> tuple[str, str]:
+    """``key=value`` -> (key, raw value text)."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key or not raw:
+        raise UsageError(f"--param {text!r}: expected key=value, e.g. --param bandwidth=25/2")
+    return key, raw
+
+
+def _convert_param(preset: str, key: str, raw: str, default):
+    """The value of a --param: true/false, an int or an exact Fraction (a float where the
+    preset's default is a float, e.g. ``latency_us``)."""
+    words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+    if isinstance(default, bool):
+        if raw.lower() in words:
+            return words[raw.lower()]
+        raise UsageError(f"--param {key}={raw}: preset {preset!r} expects true or false")
+    if isinstance(default, float):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise UsageError(f"--param {key}={raw}: preset {preset!r} expects a number") from None
+        if not math.isfinite(value):
+            raise UsageError(f"--param {key}={raw}: expected a finite number")
+        return value
+    if raw.lower() in words:
+        return words[raw.lower()]
+    try:
+        return int(raw)
+    except ValueError:
+        pass
+    try:
+        return Fraction(raw)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"--param {key}={raw}: expected an integer, a fraction like 25/2, a decimal "
+                         f"or true/false") from None
+
+
+def _divide(total: int, parts: int, what: str) -> int:
+    if parts <= 0 or total % parts:
+        raise UsageError(f"--ranks {total} does not divide into {what}")
+    return total // parts
+
+
+def preset_arguments(name: str, boxes: int | None, ranks: int | None, params: Sequence[str]) -> dict:
+    """Keyword arguments of preset ``name`` from --boxes, --ranks (total ranks) and --param.
+
+    --boxes sets ``boxes`` (``leaves`` for leaf-spine); --ranks is the total number of
+    ranks: ``ranks``, or ``ranks_per_cluster`` = N/2, ``dim`` = log2 N, ``hosts_per_leaf``
+    = N/leaves, boxes = N/(ranks per box), rows x cols = N (most square unless one is given).
+    """
+    from collcomm.topology.presets import PRESETS, preset_parameters
+
+    if name not in PRESETS:
+        raise TopologyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    signature = inspect.signature(PRESETS[name]).parameters
+    allowed = preset_parameters(name)
+    kwargs: dict = {}
+    for text in params:
+        key, raw = parse_param(text)
+        if key not in signature:
+            raise TopologyError(f"preset {name!r} has no parameter {key!r}; it takes: {', '.join(allowed)}")
+        if key in kwargs:
+            raise UsageError(f"--param {key} is given twice")
+        kwargs[key] = _convert_param(name, key, raw, signature[key].default)
+
+    def put(key: str, value, flag: str):
+        if key in kwargs and kwargs[key] != value:
+            raise UsageError(f"{flag} sets {key}={value}, but --param {key}={kwargs[key]} disagrees")
+        kwargs[key] = value
+
+    if boxes is not None:
+        key = next((k for k in ("boxes", "leaves") if k in signature), None)
+        if key is None:
+            raise UsageError(f"preset {name!r} has no boxes; size it with --ranks or --param "
+                             f"({', '.join(allowed)})")
+        put(key, boxes, "--boxes")
+    if ranks is not None:
+        if "ranks" in signature:
+            put("ranks", ranks, "--ranks")
+        elif "ranks_per_cluster" in signature:
+            put("ranks_per_cluster", _divide(ranks, 2, "two equal clusters"), "--ranks")
+        elif "dim" in signature:
+            if ranks < 2 or ranks & (ranks - 1):
+                raise UsageError(f"--ranks {ranks}: a hypercube has a power of two (>= 2) ranks")
+            put("dim", ranks.bit_length() - 1, "--ranks")
+        elif "hosts_per_leaf" in signature:
+            leaves = kwargs.get("leaves", signature["leaves"].default)
+            put("hosts_per_leaf", _divide(ranks, leaves, f"{leaves} leaves"), "--ranks")
+        elif "rows" in signature and "cols" in signature:
+            if "rows" in kwargs:
+                put("cols", _divide(ranks, kwargs["rows"], f"{kwargs['rows']} rows"), "--ranks")
+            elif "cols" in kwargs:
+                put("rows", _divide(ranks, kwargs["cols"], f"{kwargs['cols']} columns"), "--ranks")
+            else:
+                rows = max(d for d in range(1, math.isqrt(max(ranks, 1)) + 1) if ranks % d == 0)
+                kwargs.update(rows=rows, cols=ranks // rows)
+        elif "boxes" in signature:
+            per_box = PRESETS[name](boxes=1).num_ranks
+            put("boxes", _divide(ranks, per_box, f"boxes of {per_box} ranks"), "--ranks")
+        else:
+            raise UsageError(f"preset {name!r} cannot be sized by --ranks; use --param ({', '.join(allowed)})")
+    return kwargs
+
+
+def build_preset(name: str, boxes: int | None = None, ranks: int | None = None, params: Sequence[str] = ()):
+    from collcomm.topology.presets import make_preset
+
+    kwargs = preset_arguments(name, boxes, ranks, params)
+    try:
+        return make_preset(name, **kwargs)
+    except TopologyError as e:
+        if str(e).startswith("preset "):
+            raise
+        raise TopologyError(f"preset {name!r}: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        shown = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise TopologyError(f"preset {name!r} rejects {shown or 'its defaults'}: {e}") from None
+
+
+def load_fabric(args):
+    """The topology named on the command line (--topology FILE or --preset NAME ...)."""
+    sizing = [flag for flag, value in (("--boxes", args.boxes), ("--ranks", args.ranks), ("--param", args.param))
+              if value]
+    if args.topology is not None:
+        if sizing:
+            raise UsageError(f"{sizing[0]} sizes a --preset; a --topology file is used as it is")
+        from collcomm.topology.jsonio import load
+
+        return load(args.topology)
+    return build_preset(args.preset, args.boxes, args.ranks, args.param or ())
+
+
+def describe_topology(topo) -> str:
+    """A readable summary: ranks, switches, hosts, links by bandwidth, ingress/egress, symmetry."""
+    from collcomm.topology.symmetry import symmetry_group
+
+    lines = [f"topology   {topo.name}"]
+
+    def listing(ids, limit=4):
+        ids = list(ids)
+        if len(ids) <= limit:
+            return ", ".join(ids)
+        return f"{', '.join(ids[:limit - 1])}, ..., {ids[-1]}"
+
+    lines.append(f"ranks      {topo.num_ranks}: {listing(topo.compute)}")
+    lines.append(f"switches   {len(topo.switches)}" + (f": {listing(topo.switches)}" if topo.switches else ""))
+    hosts: dict[str, list[int]] = {}
+    for n in topo.nodes:
+        if n.host is not None:
+            counts = hosts.setdefault(n.host, [0, 0])
+            counts[0 if n.kind == "compute" else 1] += 1
+    if hosts:
+        shapes: dict[tuple[int, int], list[str]] = {}
+        for h, (r, s) in hosts.items():
+            shapes.setdefault((r, s), []).append(h)
+        parts = [f"{listing(hs, 3)} ({r} ranks, {s} switches{' each' if len(hs) > 1 else ''})"
+                 for (r, s), hs in shapes.items()]
+        lines.append(f"hosts      {len(hosts)}: " + "; ".join(parts))
+    else:
+        lines.append("hosts      none")
+
+    def kind(nid):
+        if topo.is_compute(nid):
+            return "rank"
+        return "host switch" if topo.host_of(nid) else "switch"
+
+    classes: dict[tuple[Fraction, bool], dict[str, int]] = {}
+    for link in topo.links:
+        a, b = sorted((kind(link.src), kind(link.dst)), key=("rank", "host switch", "switch").index)
+        ends = f"{a} - {b}" if link.duplex else f"{kind(link.src)} -> {kind(link.dst)}"
+        bucket = classes.setdefault((link.bandwidth, link.duplex), {})
+        bucket[ends] = bucket.get(ends, 0) + 1
+    duplex = sum(1 for l in topo.links if l.duplex)
+    lines.append(f"links      {len(topo.links)} ({duplex} duplex, {len(topo.links) - duplex} one-way), "
+                 f"by bandwidth:")
+    width = max((len(_bw_short(bw)) for bw, _ in classes), default=0)
+    for (bw, dup), ends in sorted(classes.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
+        total = sum(ends.values())
+        what = ", ".join(f"{e} ({c})" if len(ends) > 1 else e for e, c in ends.items())
+        lines.append(f"  {_bw_short(bw):>{width}} GB/s  {total:>4} {'duplex' if dup else 'one-way':7}  {what}")
+    ingress: dict[str, Fraction] = {c: Fraction(0) for c in topo.compute}
+    egress: dict[str, Fraction] = {c: Fraction(0) for c in topo.compute}
+    for (u, v), bw in topo.capacity.items():
+        if v in ingress:
+            ingress[v] += bw
+        if u in egress:
+            egress[u] += bw
+    runs: list[list] = []  # [first rank, last rank, ingress, egress]
+    for r, c in enumerate(topo.compute):
+        if runs and runs[-1][2:] == [ingress[c], egress[c]]:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r, ingress[c], egress[c]])
+    lines.append("per rank   ingress / egress")
+    for first, last, i, o in runs[:12]:
+        span = f"rank {first}" if first == last else f"ranks {first}-{last}"
+        lines.append(f"  {span:<13} {_bw_short(i)} / {_bw_short(o)} GB/s")
+    if len(runs) > 12:
+        lines.append(f"  ... {len(runs) - 12} more ranges")
+    group = symmetry_group(topo)
+    orbits = len(group.rank_representatives)
+    lines.append(f"symmetry   group of order {group.order} acting freely on the ranks; {orbits} rank "
+                 f"orbit{'s' if orbits != 1 else ''} (trees are built for {orbits} root{'s' if orbits != 1 else ''}"
+                 f" and mapped to the rest)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- outputs
+def _check_output(path: str, flag: str, image: bool = False) -> None:
+    """Fail before any work when an output cannot be written where asked."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory, not a file")
+    parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {str(parent)!r} is not a directory")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: directory {str(parent)!r} is not writable")
+    if image:
+        suffix = p.suffix.lower().lstrip(".")
+        supported = {"png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp"}
+        if suffix not in supported:
+            raise UsageError(f"{flag} {path}: unknown image format {p.suffix or '(none)'!r}; use .png, .svg or .pdf")
+
+
+def _write_text(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _draw(fn, path: str, *args, **kwargs) -> None:
+    try:
+        fn(*args, path=path, **kwargs)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------------------- topology
+def cmd_topology(args) -> int:
+    if args.output:
+        _check_output(args.output, "-o")
+    if args.plot:
+        _check_output(args.plot, "--plot", image=True)
+    topo = load_fabric(args)
+    show = args.show or not (args.output or args.plot)
+    if show:
+        print(describe_topology(topo))
+    if args.output:
+        from collcomm.topology.jsonio import dumps
+
+        _write_text(args.output, dumps(topo) + "\n")
+        print(f"wrote {args.output} (collcomm.topology/1)")
+    if args.plot:
+        from collcomm.topology.plot import plot_topology
+
+        _draw(plot_topology, args.plot, topo)
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- schedule
+def _generate(topo, collective: str, name: str, options: dict):
+    """Generate, validate and measure one schedule; raises CollectiveError or CommandFailed."""
+    from collcomm.schedules import generate
+    from collcomm.schedules.evaluate import algbw, validate
+
+    try:
+        schedule = generate(topo, collective, name, **options)
+    except ImportError as e:
+        raise CommandFailed(f"algorithm {name!r} is not available: {e}") from None
+    try:
+        validate(schedule, topo)
+    except ScheduleError as e:
+        raise CommandFailed(f"{name} produced an invalid {collective} schedule: {e}") from None
+    return schedule, algbw(schedule, topo)
+
+
+def _max_depth(schedule) -> int:
+    return max((t.depth() for p in schedule.phases for t in p.trees), default=0)
+
+
+def _ratio(achieved: Fraction | None, optimum: Fraction | None) -> Fraction | None:
+    if achieved is None or optimum is None:
+        return None
+    return achieved / optimum
+
+
+def _tree_bound(schedule) -> Fraction | None:
+    """ForestColl's own target (the cut bound unless switches cannot forward all they could send)."""
+    kinds = [p.collective for p in schedule.phases]
+    try:
+        bounds = [Fraction(schedule.info[k]["optimum_algbw"]) for k in kinds]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return 1 / sum(1 / b for b in bounds)
+
+
+def cmd_schedule(args) -> int:
+    collective = args.collective or ("allreduce" if args.compare else "allgather")
+    if args.compare:
+        for flag, value in (("--algorithm", args.algorithm), ("-o", args.output), ("--format", args.format),
+                            ("--plot", args.plot), ("--root", args.root), ("--phase", args.phase)):
+            if value is not None:
+                raise UsageError(f"--compare runs every algorithm and writes nothing; leave out {flag}")
+    algorithm = args.algorithm or "forestcoll"
+    if args.max_trees_per_root is not None and algorithm != "forestcoll":
+        raise UsageError("--max-trees-per-root applies to --algorithm forestcoll only")
+    fmt = args.format
+    if fmt is not None and not args.output:
+        raise UsageError("--format chooses the format of -o FILE; give -o too")
+    if args.output:
+        fmt = fmt or ("msccl-xml" if args.output.lower().endswith(".xml") else "json")
+        _check_output(args.output, "-o")
+    if args.plot:
+        _check_output(args.plot, "--plot", image=True)
+        if args.phase is not None and collective != "allreduce" and args.phase != collective:
+            raise UsageError(f"--phase {args.phase}: a {collective} schedule has only the {collective} phase")
+    elif args.root is not None or args.phase is not None:
+        raise UsageError("--root and --phase choose what --plot draws; give --plot too")
+    topo = load_fabric(args)
+    if args.root is not None:
+        root = args.root
+        if not (root in topo.compute or (root.isdigit() and int(root) < topo.num_ranks)):
+            raise UsageError(f"--root {root}: not a rank of {topo.name} (give 0..{topo.num_ranks - 1} or a rank id "
+                             f"such as {topo.compute[0]})")
+    from collcomm.schedules.optimum import collective_bound
+
+    optimum = collective_bound(topo, collective)
+    if args.compare:
+        return _compare(topo, collective, optimum, args.max_trees_per_root)
+
+    options = {} if args.max_trees_per_root is None else {"max_trees_per_root": args.max_trees_per_root}
+    schedule, achieved = _generate(topo, collective, algorithm, options)
+    ratio = _ratio(achieved, optimum)
+    print(f"schedule     {algorithm} {collective} on {topo.name} ({_ranks(topo)})")
+    print(f"optimum      {gbps(optimum)}" + ("  (exact cut bound)" if optimum is not None else ""))
+    print(f"achieved     {gbps(achieved)}")
+    if ratio is not None:
+        print(f"ratio        {exact(ratio)}  ({float(ratio) * 100:.3f}% of the optimum)")
+    print(f"trees        {schedule.num_trees()}")
+    if algorithm == "forestcoll":
+        per_root = [(p.collective, schedule.info[p.collective]["trees_per_root"])
+                    for p in schedule.phases if p.collective in schedule.info]
+        if per_root:
+            print("trees/root   " + ", ".join(f"{k} ({kind})" if len(per_root) > 1 else str(k)
+                                              for kind, k in per_root))
+        bound = _tree_bound(schedule)
+        if bound is not None and optimum is not None and bound != optimum:
+            print(f"tree bound   {gbps(bound)}  (switches can forward only what reaches them)")
+        if args.max_trees_per_root is not None and bound is not None and achieved is not None:
+            kept = achieved / bound
+            of = "the optimum" if bound == optimum else "the tree bound"
+            print(f"kept         {exact(kept)} of {of} ({float(kept) * 100:.3f}%) with at most "
+                  f"{args.max_trees_per_root} tree(s) per root")
+    print(f"max depth    {_max_depth(schedule)}")
+    print(f"generated in {schedule.generation_seconds:.3f} s")
+    if args.output:
+        if fmt == "msccl-xml":
+            try:
+                from collcomm.schedules.export_msccl import to_msccl_xml
+            except ImportError as e:
+                raise CommandFailed(f"MSCCL export is not available: {e}") from None
+            _write_text(args.output, to_msccl_xml(schedule, topo))
+            print(f"wrote {args.output} (MSCCL XML)")
+        else:
+            from collcomm.schedules.ir import dumps
+
+            _write_text(args.output, dumps(schedule) + "\n")
+            print(f"wrote {args.output} (collcomm.schedule/1)")
+    if args.plot:
+        from collcomm.schedules.plot import plot_schedule
+
+        _draw(plot_schedule, args.plot, schedule, topo, root=args.root, phase=args.phase)
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
+def _compare(topo, collective: str, optimum: Fraction | None, max_trees_per_root: int | None) -> int:
+    from collcomm.schedules import ALGORITHMS
+
+    print(f"{collective} on {topo.name} ({_ranks(topo)}); "
+          f"optimum {gbps(optimum)}" + (" (exact cut bound)" if optimum is not None else ""))
+    header = ("algorithm", "algbw GB/s", "ratio", "trees", "max depth", "generation s")
+    rows: list[tuple[str, ...]] = []
+    errors: dict[str, str] = {}
+    for name in ALGORITHMS:
+        options = {"max_trees_per_root": max_trees_per_root} if name == "forestcoll" and max_trees_per_root else {}
+        try:
+            schedule, achieved = _generate(topo, collective, name, options)
+        except KeyboardInterrupt:
+            raise
+        except (CollectiveError, CommandFailed) as e:
+            errors[name] = _one_line(e)
+            continue
+        except Exception as e:  # noqa: BLE001 - one broken generator must not hide the others
+            errors[name] = _one_line(f"internal error: {type(e).__name__}: {e}")
+            continue
+        ratio = _ratio(achieved, optimum)
+        rows.append((name, "n/a" if achieved is None else f"{float(achieved):.3f}",
+                     "n/a" if ratio is None else (exact(ratio) if ratio == 1 else f"{float(ratio):.4f}"),
+                     str(schedule.num_trees()), str(_max_depth(schedule)), f"{schedule.generation_seconds:.3f}"))
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    widths[0] = max([widths[0]] + [len(n) for n in errors])
+
+    def line(cells):
+        return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
+
+    print(line(header))
+    done = {r[0]: r for r in rows}
+    for name in ALGORITHMS:
+        if name in done:
+            print(line(done[name]))
+        else:
+            print(f"{name.ljust(widths[0])}  error: {errors[name]}")
+    note = "ratio = algbw / optimum"
+    if max_trees_per_root:
+        note += f"; forestcoll with at most {max_trees_per_root} tree(s) per root"
+    print(note)
+    return EXIT_OK if rows else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_fabric_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    from collcomm.topology.presets import PRESETS
+
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--topology", metavar="FILE", help="a collcomm.topology/1 JSON file")
+    src.add_argument("--preset", metavar="NAME", choices=list(PRESETS),
+                     help=f"a built-in fabric: {', '.join(PRESETS)}")
+    p.add_argument("--boxes", type=_positive_int, metavar="B",
+                   help="number of boxes (hosts; leaf switches for leaf-spine)")
+    p.add_argument("--ranks", type=_positive_int, metavar="N", help="total number of ranks")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="any other preset parameter (int, fraction like 25/2, decimal, true/false); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from collcomm import __version__
+    from collcomm.schedules import ALGORITHMS
+
+    parser = _Parser(prog=PROG, description="Topology-aware collective communication: fabrics and schedules.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("topology", help="build, save, summarise or draw a fabric",
+                       description="Build a preset (or load a file), then save it (-o), summarise it (--show, the "
+                                   "default) and/or draw it (--plot).")
+    _add_fabric_arguments(t, required=True)
+    t.add_argument("-o", "--output", metavar="FILE", help="write collcomm.topology/1 JSON")
+    t.add_argument("--show", action="store_true", help="print a summary (default when nothing else is asked)")
+    t.add_argument("--plot", metavar="IMAGE", help="draw the fabric (.png, .svg, .pdf)")
+    t.set_defaults(func=cmd_topology)
+
+    s = sub.add_parser("schedule", help="generate a schedule and compare it with the optimum",
+                       description="Generate a schedule on a fabric and report its bandwidth against the exact "
+                                   "optimum (the cut bound); --compare runs every algorithm.")
+    _add_fabric_arguments(s, required=True)
+    s.add_argument("--collective", choices=COLLECTIVE_NAMES,
+                   help="allgather (default), reduce_scatter or allreduce (default with --compare)")
+    s.add_argument("--algorithm", choices=list(ALGORITHMS), help="default: forestcoll")
+    s.add_argument("--max-trees-per-root", type=_positive_int, metavar="K",
+                   help="forestcoll: at most K trees per root (reports the fraction of the optimum kept)")
+    s.add_argument("-o", "--output", metavar="FILE", help="write the schedule")
+    s.add_argument("--format", choices=("json", "msccl-xml"),
+                   help="format of -o: json (collcomm.schedule/1) or msccl-xml (default: from the extension)")
+    s.add_argument("--plot", metavar="IMAGE", help="draw one root's trees (.png, .svg, .pdf)")
+    s.add_argument("--root", metavar="RANK_OR_ID", help="root whose trees --plot draws (default: rank 0)")
+    s.add_argument("--phase", choices=("allgather", "reduce_scatter"),
+                   help="phase of an allreduce that --plot draws (default: allgather)")
+    s.add_argument("--compare", action="store_true", help="run every algorithm and print a table")
+    s.set_defaults(func=cmd_schedule)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``collcomm`` command line; returns the exit status."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
+    except (UsageError, CollectiveError) as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandFailed as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (| head): stop quietly, without a second error on flush.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_FAILED
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"{PROG}: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
