@@ -1,5 +1,9 @@
 """collcomm: topology-aware collective communication.
 
+    import collcomm as cc
+    cc.init()                      # under `collcomm run`, torchrun, or with explicit arguments
+    cc.allreduce(x)                # NumPy arrays and CPU torch tensors, in place
+
 The schedule generator (``collcomm.schedules``) and the fabric model
 (``collcomm.topology``) are pure and importable on their own.
 """
@@ -7,9 +11,14 @@ The schedule generator (``collcomm.schedules``) and the fabric model
 from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, MismatchError,
                              PeerFailure, ScheduleError, TopologyError)
 
+from collcomm.api import (allgather, allreduce, barrier, broadcast, init, is_initialized, new_group, rank, recv,
+                          reduce, reduce_scatter, send, shutdown, world_size)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError", "CollectiveError", "CollectiveTimeout", "MismatchError", "PeerFailure",
     "ScheduleError", "TopologyError", "__version__",
+    "allgather", "allreduce", "barrier", "broadcast", "init", "is_initialized", "new_group", "rank", "recv",
+    "reduce", "reduce_scatter", "send", "shutdown", "world_size",
 ]

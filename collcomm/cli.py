@@ -563,7 +563,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phase of an allreduce that --plot draws (default: allgather)")
     s.add_argument("--compare", action="store_true", help="run every algorithm and print a table")
     s.set_defaults(func=cmd_schedule)
+
+    r = sub.add_parser("run", help="run a program as N ranks on this machine (like torchrun)",
+                       description="Start an embedded coordinator and N ranks of PROGRAM with their COLLCOMM_* "
+                                   "environment; prefix output lines with the rank; forward Ctrl-C; when a rank "
+                                   "fails, stop the others and exit with its status.")
+    r.add_argument("-n", "--nprocs", type=_positive_int, required=True, metavar="N", help="number of ranks")
+    r.add_argument("--topology", metavar="FILE", help="the job's fabric (collcomm.topology/1), for the planner")
+    r.add_argument("--timeout", type=float, metavar="SECONDS", help="default timeout of every blocking call")
+    r.add_argument("program", nargs=argparse.REMAINDER, help="the program and its arguments")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("coordinator", help="run the coordinator alone, for jobs that span machines",
+                       description="Serve rendezvous, groups and the key-value store until Ctrl-C. Ranks find it "
+                                   "through COLLCOMM_COORDINATOR=host:port and share COLLCOMM_TOKEN.")
+    c.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    c.add_argument("--port", type=int, default=29400, help="port (default 29400; 0: any free port)")
+    c.set_defaults(func=cmd_coordinator)
     return parser
+
+
+def cmd_run(args) -> int:
+    from collcomm.launcher import run
+
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        raise UsageError("run: give the program to run, e.g. collcomm run -n 4 python train.py")
+    try:
+        return run(args.nprocs, program, topology=args.topology, timeout=args.timeout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_coordinator(args) -> int:
+    from collcomm.coordinator.server import serve_forever
+
+    return serve_forever(args.host, args.port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

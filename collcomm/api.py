@@ -1,0 +1,191 @@
+"""The public collective API (see ARCHITECTURE.md): ``init``, the collectives, groups, ``shutdown``.
+
+Buffers are NumPy arrays or CPU torch tensors, used in place. Every blocking call
+takes ``timeout`` (seconds; default from ``init(timeout=...)``, ``COLLCOMM_TIMEOUT``
+or 300). With ``async_op=True`` a call returns a :class:`~collcomm.runtime.Work`
+handle with ``wait(timeout)`` and ``is_completed()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+from collcomm.errors import CollectiveError
+
+_RUNTIME = None
+_EMBEDDED = None  # a coordinator this process started (torchrun without COLLCOMM_COORDINATOR)
+_LOCK = threading.Lock()
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+def init(rank: int | None = None, world_size: int | None = None, coordinator: str | None = None,
+         token: str | None = None, *, timeout: float | None = None, topology=None, host: str | None = None,
+         algorithm: str | None = None, chunk_bytes: int | None = None) -> None:
+    """Join the job: from explicit arguments, ``COLLCOMM_*`` variables (set by ``collcomm run``),
+    or torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (rank 0 then starts
+    the coordinator on MASTER_PORT + 1 unless ``COLLCOMM_COORDINATOR`` names one)."""
+    global _RUNTIME, _EMBEDDED
+    from collcomm.runtime import Runtime
+
+    with _LOCK:
+        if _RUNTIME is not None:
+            raise CollectiveError("collcomm is already initialised in this process; call shutdown() first")
+        rank = rank if rank is not None else _env_int("COLLCOMM_RANK")
+        world_size = world_size if world_size is not None else _env_int("COLLCOMM_WORLD_SIZE")
+        coordinator = coordinator or os.environ.get("COLLCOMM_COORDINATOR") or None
+        token = token or os.environ.get("COLLCOMM_TOKEN") or None
+        if rank is None and _env_int("RANK") is not None:  # torchrun
+            rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+            master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+            port = (_env_int("MASTER_PORT") or 29500) + 1
+            token = token or _torchrun_token(master, port)
+            if coordinator is None:
+                coordinator = f"{master}:{port}"
+                if rank == 0:
+                    from collcomm.coordinator.server import CoordinatorServer
+
+                    _EMBEDDED = CoordinatorServer(token, host="0.0.0.0" if master not in (
+                        "127.0.0.1", "localhost") else "127.0.0.1", port=port)
+                    _EMBEDDED.start()
+        missing = [name for name, v in (("rank", rank), ("world_size", world_size), ("coordinator", coordinator),
+                                        ("token", token)) if v is None]
+        if missing:
+            raise CollectiveError(f"init: {', '.join(missing)} unknown; run under `collcomm run`, set COLLCOMM_* "
+                                  f"variables, run under torchrun, or pass them to init()")
+        try:
+            _RUNTIME = Runtime(rank, world_size, coordinator, token, timeout=timeout, topology=topology,
+                               host=host, algorithm=algorithm, chunk_bytes=chunk_bytes)
+        except BaseException:
+            if _EMBEDDED is not None:
+                _EMBEDDED.stop(0)
+                _EMBEDDED = None
+            raise
+
+
+def _torchrun_token(master: str, port: int) -> str:
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return hashlib.sha256(f"collcomm/{master}/{port}/{run_id}".encode()).hexdigest()
+
+
+def is_initialized() -> bool:
+    return _RUNTIME is not None
+
+
+def _rt():
+    if _RUNTIME is None:
+        raise CollectiveError("collcomm is not initialised: call collcomm.init() first")
+    return _RUNTIME
+
+
+def runtime():
+    """The process's Runtime (for integrations)."""
+    return _rt()
+
+
+def rank() -> int:
+    return _rt().rank
+
+
+def world_size() -> int:
+    return _rt().world_size
+
+
+def _group(group):
+    rt = _rt()
+    return rt.world if group is None else group
+
+
+def _timeout(timeout):
+    return _rt().timeout if timeout is None else float(timeout)
+
+
+def allreduce(x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
+    """Reduce ``x`` across the group, in place on every rank."""
+    from collcomm import runtime as r
+
+    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    return g.submit(lambda: r.allreduce(rt, g, x, op, t), "allreduce", async_op)
+
+
+def allgather(out, x, *, group=None, async_op: bool = False, timeout: float | None = None):
+    """Gather every rank's ``x`` into ``out`` (group size x x.size elements, in rank order)."""
+    from collcomm import runtime as r
+
+    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    return g.submit(lambda: r.allgather(rt, g, out, x, t), "allgather", async_op)
+
+
+def reduce_scatter(out, x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
+    """Reduce ``x`` (group size x out.size elements) and leave this rank's part in ``out``."""
+    from collcomm import runtime as r
+
+    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    return g.submit(lambda: r.reduce_scatter(rt, g, out, x, op, t), "reduce_scatter", async_op)
+
+
+def broadcast(x, root: int = 0, *, group=None, async_op: bool = False, timeout: float | None = None):
+    """Copy the root's ``x`` to every rank of the group (``root`` is a group rank)."""
+    from collcomm import runtime as r
+
+    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    return g.submit(lambda: r.broadcast(rt, g, x, root, t), "broadcast", async_op)
+
+
+def reduce(x, root: int = 0, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
+    """Reduce ``x`` across the group into the root's ``x`` (other ranks' buffers are unchanged)."""
+    from collcomm import runtime as r
+
+    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    return g.submit(lambda: r.reduce(rt, g, x, root, op, t), "reduce", async_op)
+
+
+def barrier(*, group=None, async_op: bool = False, timeout: float | None = None):
+    """Return once every member of the group has entered the barrier."""
+    from collcomm import runtime as r
+
+    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    return g.submit(lambda: r.barrier(rt, g, t), "barrier", async_op)
+
+
+def send(x, dst: int, *, tag: int = 0, timeout: float | None = None) -> None:
+    """Send ``x`` to world rank ``dst`` (matched in order with that rank's ``recv`` of the same tag)."""
+    from collcomm import runtime as r
+
+    rt = _rt()
+    r.send(rt, x, dst, tag, _timeout(timeout))
+
+
+def recv(x, src: int, *, tag: int = 0, timeout: float | None = None) -> None:
+    """Receive into ``x`` from world rank ``src``."""
+    from collcomm import runtime as r
+
+    rt = _rt()
+    r.recv(rt, x, src, tag, _timeout(timeout))
+
+
+def new_group(ranks, name: str | None = None, *, timeout: float | None = None):
+    """Form a group of world ranks; only the members call it (no world-wide barrier)."""
+    return _rt().new_group(ranks, name, timeout)
+
+
+def shutdown() -> None:
+    """Leave the job: close connections and the coordinator client (idempotent)."""
+    global _RUNTIME, _EMBEDDED
+    with _LOCK:
+        if _RUNTIME is not None:
+            _RUNTIME.close()
+            _RUNTIME = None
+        if _EMBEDDED is not None:
+            _EMBEDDED.stop(1.0)
+            _EMBEDDED = None

@@ -1,0 +1,106 @@
+"""User buffers as flat NumPy views: NumPy arrays and CPU torch tensors, contiguous or refused.
+
+The transport moves bytes and the executor reduces NumPy arrays in place, so every
+buffer becomes a 1-D NumPy view of the same memory (no copy). bfloat16 has no NumPy
+type: a bfloat16 tensor travels as uint16 and is reduced through torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from collcomm.transport.executor import REDUCTIONS, numpy_reducer
+
+SUPPORTED = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8")
+
+
+@dataclass(frozen=True)
+class Buffer:
+    array: np.ndarray  # 1-D view of the user's memory
+    dtype: str         # "float32", ..., "bfloat16"
+
+    @property
+    def count(self) -> int:
+        return self.array.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in ("float16", "bfloat16", "float32", "float64")
+
+    def reducer(self, op: str) -> Callable[[np.ndarray, np.ndarray], None]:
+        check_reduction(op, self)
+        if self.dtype != "bfloat16":
+            return numpy_reducer(op)
+        return _bfloat16_reducer(op)
+
+    def divide(self, divisor: int, part: slice = slice(None)) -> None:
+        """In-place ``/= divisor`` (for avg)."""
+        if self.dtype == "bfloat16":
+            t = _as_bf16(self.array[part])
+            t.div_(divisor)
+        else:
+            view = self.array[part]
+            np.divide(view, divisor, out=view, casting="unsafe")
+
+
+def check_reduction(op: str, buf: Buffer) -> None:
+    if op not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {op!r}; choose one of {', '.join(REDUCTIONS)}")
+    if op == "avg" and not buf.is_float:
+        raise ValueError(f"avg needs a floating-point buffer, got {buf.dtype}")
+
+
+def as_buffer(x, what: str = "buffer") -> Buffer:
+    """A flat view of ``x`` (NumPy array or CPU torch tensor); refuses what cannot be used in place."""
+    if isinstance(x, np.ndarray):
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{what} must be contiguous (C order); pass np.ascontiguousarray(...) and copy back")
+        if not x.flags.writeable:
+            raise ValueError(f"{what} is read-only")
+        name = x.dtype.name
+        if name not in SUPPORTED:
+            raise TypeError(f"{what} has dtype {name}; supported: {', '.join(SUPPORTED)}")
+        return Buffer(x.reshape(-1), name)
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise TypeError(f"{what} is on {x.device}; the TCP transport takes CPU tensors")
+        if not x.is_contiguous():
+            raise ValueError(f"{what} must be contiguous; call .contiguous() and copy back")
+        if x.dtype == torch.bfloat16:
+            return Buffer(x.detach().view(-1).view(torch.int16).numpy().view(np.uint16), "bfloat16")
+        arr = x.detach().view(-1).numpy()
+        name = arr.dtype.name
+        if name not in SUPPORTED:
+            raise TypeError(f"{what} has dtype {x.dtype}; supported: {', '.join(SUPPORTED)}")
+        return Buffer(arr, name)
+    raise TypeError(f"{what} must be a NumPy array or a CPU torch tensor, got {type(x).__name__}")
+
+
+def _torch():
+    import sys
+
+    return sys.modules.get("torch")  # only if the user's program imported it
+
+
+def _as_bf16(arr: np.ndarray):
+    torch = _torch()
+    return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+
+
+def _bfloat16_reducer(op: str) -> Callable[[np.ndarray, np.ndarray], None]:
+    torch = _torch()
+    fn = {"sum": torch.add, "avg": torch.add, "prod": torch.mul, "min": torch.minimum, "max": torch.maximum}[op]
+
+    def reduce_into(dst: np.ndarray, src: np.ndarray) -> None:
+        d = _as_bf16(dst)
+        fn(d, _as_bf16(src), out=d)
+
+    return reduce_into

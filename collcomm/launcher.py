@@ -1,0 +1,169 @@
+"""``collcomm run -n N [--topology T.json] program args...``: a job on this machine, like torchrun.
+
+Starts an embedded coordinator, spawns the ranks with their ``COLLCOMM_*``
+environment, prefixes every output line with its rank, forwards Ctrl-C / SIGTERM,
+and when a rank fails reports it to the coordinator (so every survivor raises
+PeerFailure naming it at once), gives the others a moment to report their own
+errors, stops them, and exits with the failing rank's exit code and error.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+GRACE_SECONDS = 3.0
+
+
+class _Rank:
+    def __init__(self, rank: int, proc: subprocess.Popen):
+        self.rank = rank
+        self.proc = proc
+        self.tail: deque[str] = deque(maxlen=20)  # last stderr lines, for the failure report
+
+
+def _pump(stream, out, prefix: str, keep: deque | None, lock: threading.Lock) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace").rstrip("\n")
+        if keep is not None:
+            keep.append(line)
+        with lock:
+            out.write(f"{prefix}{line}\n")
+            out.flush()
+    stream.close()
+
+
+def rank_env(rank: int, world: int, coordinator: str, token: str, topology: str | None, timeout: float | None,
+             base: dict | None = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    env.update({"COLLCOMM_RANK": str(rank), "COLLCOMM_WORLD_SIZE": str(world), "COLLCOMM_LOCAL_RANK": str(rank),
+                "COLLCOMM_COORDINATOR": coordinator, "COLLCOMM_TOKEN": token, "PYTHONUNBUFFERED": "1"})
+    if topology:
+        env["COLLCOMM_TOPOLOGY"] = topology
+    if timeout:
+        env["COLLCOMM_TIMEOUT"] = str(timeout)
+    return env
+
+
+def run(nprocs: int, command: list[str], *, topology: str | None = None, timeout: float | None = None,
+        stdout=None, stderr=None, wrap=None) -> int:
+    """Run ``command`` as ``nprocs`` ranks; return the job's exit code.
+
+    ``wrap(rank, argv) -> argv`` lets callers run each rank differently (e.g. inside a network
+    namespace)."""
+    from collcomm.coordinator.client import CoordinatorClient
+    from collcomm.coordinator.server import CoordinatorServer
+
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    if nprocs < 1:
+        raise ValueError(f"-n must be at least 1, got {nprocs}")
+    if not command:
+        raise ValueError("no program to run")
+    if topology:
+        from collcomm.topology import jsonio
+
+        topo = jsonio.load(topology)  # fail early, in the launcher, on a bad file
+        if topo.num_ranks != nprocs:
+            raise ValueError(f"topology {topology} has {topo.num_ranks} ranks but -n is {nprocs}")
+        topology = str(Path(topology).resolve())
+    token = secrets.token_hex(16)
+    server = CoordinatorServer(token, host="127.0.0.1", port=0)
+    address = server.start()
+    client = CoordinatorClient(address, token, timeout=10.0)
+    lock = threading.Lock()
+    ranks: list[_Rank] = []
+    pumps: list[threading.Thread] = []
+    interrupted = {"signal": None}
+
+    def forward(signum, frame):
+        interrupted["signal"] = signum
+        for r in ranks:
+            if r.proc.poll() is None:
+                try:
+                    r.proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for i in range(nprocs):
+            argv = wrap(i, list(command)) if wrap else list(command)
+            proc = subprocess.Popen(argv, env=rank_env(i, nprocs, address, token, topology, timeout),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            r = _Rank(i, proc)
+            ranks.append(r)
+            for stream, out, keep in ((proc.stdout, stdout, None), (proc.stderr, stderr, r.tail)):
+                t = threading.Thread(target=_pump, args=(stream, out, f"[rank {i}] ", keep, lock), daemon=True)
+                t.start()
+                pumps.append(t)
+        failed: _Rank | None = None
+        while True:
+            running = [r for r in ranks if r.proc.poll() is None]
+            if failed is None:
+                bad = [r for r in ranks if r.proc.returncode not in (None, 0)]
+                if bad:
+                    failed = bad[0]
+                    _report(client, failed)
+                    deadline = time.monotonic() + GRACE_SECONDS
+            if not running:
+                break
+            if failed is not None and time.monotonic() > deadline:
+                _stop(running)
+                break
+            time.sleep(0.05)
+        for r in ranks:
+            r.proc.wait()
+        for t in pumps:
+            t.join(timeout=2.0)
+        if interrupted["signal"] is not None:
+            return 128 + interrupted["signal"]
+        if failed is not None:
+            code = failed.proc.returncode
+            last = next((l for l in reversed(failed.tail) if l.strip()), "")
+            what = f"signal {-code}" if code < 0 else f"exit code {code}"
+            with lock:
+                stderr.write(f"collcomm run: rank {failed.rank} failed with {what}"
+                             + (f": {last.strip()}" if last else "") + "\n")
+            return code if code > 0 else 128 - code
+        return 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _stop([r for r in ranks if r.proc.poll() is None])
+        client.close()
+        server.stop(0)
+
+
+def _report(client, failed: _Rank) -> None:
+    code = failed.proc.returncode
+    reason = f"process exited with {'signal ' + str(-code) if code < 0 else 'code ' + str(code)}"
+    try:
+        client.report_failure(0, failed.rank, reason=reason, timeout=5.0)
+    except Exception:  # the ranks still learn of it from their own connections
+        pass
+
+
+def _stop(running: list[_Rank]) -> None:
+    for r in running:
+        try:
+            os.killpg(r.proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + 2.0
+    for r in running:
+        try:
+            r.proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(r.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            r.proc.wait()

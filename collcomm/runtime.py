@@ -1,0 +1,478 @@
+"""The process-wide runtime behind the public API: rendezvous, groups, collectives, waits.
+
+A :class:`Runtime` registers this rank's TCP listener with the coordinator, learns
+the peer table, and runs collectives for :class:`Group` objects. A group numbers its
+operations; every member runs them in the same order, one at a time, so an
+operation's frames are recognised by (group, epoch, sequence number). Operations
+issued with ``async_op=True`` run in the group's worker thread, in order.
+
+While an operation waits it polls the coordinator every quarter second for a dead
+member or an abort record of the same operation, so a failure seen by one rank (a
+lost connection, ranks that disagree) reaches every member within the poll period,
+with the typed error naming what happened; otherwise it raises CollectiveTimeout at
+its timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import os
+import socket
+import threading
+from typing import Callable
+
+import numpy as np
+
+from collcomm.buffers import Buffer, as_buffer
+from collcomm.errors import CollectiveError, CollectiveTimeout, MismatchError, PeerFailure
+from collcomm.planner import Planner, flat_topology, restrict
+from collcomm.schedules.ir import ALLGATHER, ALLREDUCE, REDUCE_SCATTER
+from collcomm.topology import jsonio
+from collcomm.topology.model import Topology
+from collcomm.transport import frames
+from collcomm.transport.executor import DEFAULT_CHUNK_BYTES, ExecutionPlan, Operation, shard_layout
+from collcomm.transport.frames import DATA, Header
+from collcomm.transport.tcp import P2P_BASE, TcpTransport, error_from_abort
+
+DEFAULT_TIMEOUT = 300.0
+POLL_SECONDS = 0.25
+WORLD_GROUP = 0
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {raw}")
+    return value
+
+
+class Work:
+    """The handle of an asynchronous operation."""
+
+    def __init__(self, future: concurrent.futures.Future, what: str):
+        self._future = future
+        self._what = what
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the operation completes (or ``timeout`` s pass: CollectiveTimeout); re-raise its error."""
+        try:
+            self._future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise CollectiveTimeout(f"{self._what} did not complete within {timeout:g} s") from None
+        return True
+
+    def is_completed(self) -> bool:
+        return self._future.done()
+
+    def exception(self) -> BaseException | None:
+        return self._future.exception() if self._future.done() else None
+
+
+class Group:
+    """A set of ranks that run collectives together (``new_group`` / the world)."""
+
+    def __init__(self, runtime: "Runtime", group_id: int, name: str, members: list[int], epoch: int):
+        self.runtime = runtime
+        self.id, self.name, self.epoch = group_id, name, epoch
+        self.members = list(members)
+        self.me = self.members.index(runtime.rank) if runtime.rank in self.members else None
+        self._index = {r: i for i, r in enumerate(self.members)}
+        self.size = len(self.members)
+        self._seq = itertools.count()
+        self._lock = threading.Lock()  # one operation at a time, in order
+        self._pending = 0
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._planner: Planner | None = None
+        self._plans: dict = {}
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, members={self.members})"
+
+    @property
+    def rank(self) -> int:
+        """This process's rank within the group."""
+        return self.me
+
+    # ------------------------------------------------------------------ planning
+    @property
+    def planner(self) -> Planner:
+        if self._planner is None:
+            self._planner = Planner(self.runtime.group_topology(self))
+        return self._planner
+
+    def _plan(self, schedule, shards: dict, chunk_elems: int) -> ExecutionPlan:
+        key = (id(schedule), tuple(sorted(shards.items())), chunk_elems)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 256:
+                self._plans.clear()
+            plan = self._plans[key] = ExecutionPlan(schedule, self.me, shards, chunk_elems)
+        return plan
+
+    # ------------------------------------------------------------------ running
+    def submit(self, fn: Callable[[], None], what: str, async_op: bool):
+        """Run ``fn`` after every earlier operation of this group; return a Work when asynchronous."""
+        if self.me is None:
+            raise ValueError(f"rank {self.runtime.rank} is not a member of {self}")
+        if not async_op:
+            with self._lock:
+                if self._pending == 0:
+                    fn()
+                    return None
+            self._ensure_worker().submit(fn).result()
+            return None
+        with self._lock:
+            self._pending += 1
+
+        def run():
+            try:
+                fn()
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+        return Work(self._ensure_worker().submit(run), what)
+
+    def _ensure_worker(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"collcomm-group{self.id}")
+        return self._worker
+
+    def run_schedule(self, kind: str, buf: Buffer, work: np.ndarray, shards: dict, *, reducer, chained: bool,
+                     desc_fields: tuple, timeout: float, nbytes: int, algorithm: str | None = None) -> None:
+        """Run the collective ``kind`` (allgather/reduce_scatter/allreduce schedule) on ``work``."""
+        seq = next(self._seq)
+        rt = self.runtime
+        schedule = self.planner.schedule(kind, nbytes, algorithm or rt.algorithm)
+        itemsize = work.dtype.itemsize
+        chunk_elems = max(1, rt.chunk_bytes // itemsize)
+        plan = self._plan(schedule, shards, chunk_elems)
+        describe = f"{desc_fields[0]} of {buf.count} {buf.dtype}" + (f" ({desc_fields[3]})" if desc_fields[3] else "")
+        desc = frames.describe(self.id, self.epoch, *desc_fields)
+        op = Operation(links=lambda peer: rt.transport.link(self.members[peer], self.id, self.epoch, timeout),
+                       member_of=self._index.__getitem__, me=self.me, group=self.id, epoch=self.epoch, op_seq=seq, desc=desc,
+                       describe=describe, work=work, plan=plan, reducer=reducer, chained=chained,
+                       max_chunk_bytes=chunk_elems * itemsize)
+        self._execute(op, seq, plan.peers, timeout)
+
+    def _execute(self, op, seq: int, peers, timeout: float) -> None:
+        rt = self.runtime
+        mailbox = rt.transport.mailbox(self.id)
+        mailbox.register(seq, op)
+        try:
+            for peer in sorted(peers):
+                rt.transport.link(self.members[peer], self.id, self.epoch, timeout)
+            op.start()
+            op.wait(timeout, poll=lambda: rt.outside_failure(self, seq), poll_every=POLL_SECONDS)
+        except CollectiveError as e:
+            self._failed(seq, e)
+            raise
+        finally:
+            mailbox.finish(seq)
+
+    def _failed(self, seq: int, error: CollectiveError) -> None:
+        """Tell the other members (through the coordinator) and drop this group's connections."""
+        rt = self.runtime
+        if not isinstance(error, CollectiveTimeout):
+            rt.record_abort(self, seq, error)
+        rt.transport.close_group(self.id)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+class Runtime:
+    """Everything one process needs to take part in collectives."""
+
+    def __init__(self, rank: int, world_size: int, coordinator: str, token: str, *, timeout: float | None = None,
+                 topology: str | Topology | None = None, host: str | None = None,
+                 algorithm: str | None = None, chunk_bytes: int | None = None):
+        from collcomm.coordinator.client import CoordinatorClient
+
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+        self.rank, self.world_size = rank, world_size
+        self.timeout = timeout if timeout is not None else _env_float("COLLCOMM_TIMEOUT", DEFAULT_TIMEOUT)
+        self.algorithm = algorithm or os.environ.get("COLLCOMM_ALGORITHM") or None
+        self.chunk_bytes = chunk_bytes or int(_env_float("COLLCOMM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+        listen = host or os.environ.get("COLLCOMM_HOST") or ("127.0.0.1" if coordinator.startswith(
+            ("127.", "localhost")) else "0.0.0.0")
+        advertise = None if listen not in ("0.0.0.0", "") else _own_address(coordinator)
+        self.transport = TcpTransport(rank, token, host=listen, advertise_host=advertise)
+        self.client = CoordinatorClient(coordinator, token, timeout=self.timeout)
+        try:
+            table = self.client.register(rank, world_size, self.transport.address, timeout=self.timeout)
+        except BaseException:
+            self.transport.close()
+            self.client.close()
+            raise
+        self.transport.set_peers({p.rank: p.address for p in table.peers})
+        self.hostnames = [p.hostname for p in table.peers]
+        self._topology_source = topology if topology is not None else os.environ.get("COLLCOMM_TOPOLOGY") or None
+        self._world_topology: Topology | None = None
+        self.world = Group(self, WORLD_GROUP, "world", list(range(world_size)), table.epoch)
+        self.groups: dict[int, Group] = {WORLD_GROUP: self.world}
+        self._p2p_seq: dict[tuple[int, int, int], itertools.count] = {}
+        self._p2p_lock = threading.Lock()
+        self.closed = False
+
+    # ------------------------------------------------------------------ fabric
+    def world_topology(self) -> Topology:
+        if self._world_topology is None:
+            src = self._topology_source
+            if isinstance(src, Topology):
+                topo = src
+            elif src:
+                topo = jsonio.load(src)
+            else:
+                topo = flat_topology(self.hostnames, f"flat{self.world_size}")
+            if topo.num_ranks != self.world_size:
+                raise ValueError(f"topology {topo.name!r} has {topo.num_ranks} ranks but the world has "
+                                 f"{self.world_size}")
+            self._world_topology = topo
+        return self._world_topology
+
+    def group_topology(self, group: Group) -> Topology:
+        world = self.world_topology()
+        try:
+            return restrict(world, group.members, f"{world.name}/{group.name}")
+        except CollectiveError:
+            return flat_topology([self.hostnames[r] for r in group.members], f"flat/{group.name}")
+
+    # ------------------------------------------------------------------ groups
+    def new_group(self, ranks, name: str | None = None, timeout: float | None = None) -> Group:
+        members = [int(r) for r in ranks]
+        if len(set(members)) != len(members):
+            raise ValueError(f"new_group: duplicate ranks in {members}")
+        for r in members:
+            if not 0 <= r < self.world_size:
+                raise ValueError(f"new_group: rank {r} is not in the world of {self.world_size}")
+        if self.rank not in members:
+            raise ValueError(f"new_group: only the members call it; rank {self.rank} is not in {members}")
+        name = name or "group-" + "-".join(map(str, members))
+        info = self.client.form_group(name, members, self.rank, timeout=timeout or self.timeout)
+        group = Group(self, info.group_id, name, list(info.members), info.epoch)
+        self.groups[group.id] = group
+        return group
+
+    # ------------------------------------------------------------------ failures seen elsewhere
+    def outside_failure(self, group: Group, seq: int) -> BaseException | None:
+        """A dead member or an abort of this operation recorded at the coordinator, if any."""
+        try:
+            status = self.client.group_status(group.id, timeout=5.0)
+        except CollectiveError:
+            status = None
+        if status is not None:
+            dead = [d for d in status.dead if d.rank in group.members and d.rank != self.rank]
+            if dead:
+                d = dead[0]
+                return PeerFailure(f"rank {d.rank} failed: {d.reason or 'reported dead'}", rank=d.rank)
+        try:
+            text = self.client.kv_get(_abort_key(group, seq), timeout=0.0)
+        except CollectiveError:
+            return None
+        text = text.decode(errors="replace")
+        rank_text, _, rest = text.partition("|")
+        return error_from_abort(int(rank_text), rest)
+
+    def record_abort(self, group: Group, seq: int, error: CollectiveError) -> None:
+        kind = "mismatch" if isinstance(error, MismatchError) else "failure"
+        peer = getattr(error, "rank", None)
+        who = peer if peer is not None else self.rank
+        try:
+            self.client.kv_set(_abort_key(group, seq), f"{who}|{kind}: {error}".encode(), timeout=5.0)
+        except CollectiveError:
+            pass
+
+    # ------------------------------------------------------------------ point to point
+    def p2p_seq(self, peer: int, tag: int, direction: str) -> int:
+        with self._p2p_lock:
+            key = (peer, tag, direction == "send")
+            counter = self._p2p_seq.setdefault(key, itertools.count())
+            return next(counter)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for g in self.groups.values():
+            g.close()
+        self.transport.close()
+        self.client.close()
+
+
+def _abort_key(group: Group, seq: int) -> str:
+    return f"abort/{group.id}/{group.epoch}/{seq}"
+
+
+def _own_address(coordinator: str) -> str:
+    """The local address that reaches the coordinator (what peers on other machines can use)."""
+    host, _, port = coordinator.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, int(port)))
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+# ---------------------------------------------------------------------------- collectives
+def allreduce(rt: Runtime, group: Group, x, op: str, timeout: float) -> None:
+    buf = as_buffer(x)
+    reducer = buf.reducer(op)
+    if buf.count == 0 or group.size == 1:
+        return
+    shards = dict(enumerate(shard_layout(buf.count, group.size)))
+    group.run_schedule(ALLREDUCE, buf, buf.array, shards, reducer=reducer, chained=True,
+                       desc_fields=("allreduce", buf.dtype, buf.count, op, -1), timeout=timeout, nbytes=buf.nbytes)
+    if op == "avg":
+        buf.divide(group.size)
+
+
+def allgather(rt: Runtime, group: Group, out, x, timeout: float) -> None:
+    src, dst = as_buffer(x, "input"), as_buffer(out, "output")
+    n = src.count
+    if dst.dtype != src.dtype:
+        raise TypeError(f"allgather: output dtype {dst.dtype} differs from input dtype {src.dtype}")
+    if dst.count != n * group.size:
+        raise ValueError(f"allgather: output holds {dst.count} elements, needs {group.size} x {n} = "
+                         f"{group.size * n}")
+    dst.array[group.me * n:(group.me + 1) * n] = src.array
+    if n == 0 or group.size == 1:
+        return
+    shards = {r: (r * n, n) for r in range(group.size)}
+    group.run_schedule(ALLGATHER, dst, dst.array, shards, reducer=None, chained=False,
+                       desc_fields=("allgather", dst.dtype, n, "", -1), timeout=timeout, nbytes=dst.nbytes)
+
+
+def reduce_scatter(rt: Runtime, group: Group, out, x, op: str, timeout: float) -> None:
+    src, dst = as_buffer(x, "input"), as_buffer(out, "output")
+    m = dst.count
+    if dst.dtype != src.dtype:
+        raise TypeError(f"reduce_scatter: output dtype {dst.dtype} differs from input dtype {src.dtype}")
+    if src.count != m * group.size:
+        raise ValueError(f"reduce_scatter: input holds {src.count} elements, needs {group.size} x {m} = "
+                         f"{group.size * m}")
+    reducer = src.reducer(op)
+    work = src.array.copy()  # the input stays as the caller gave it
+    if m and group.size > 1:
+        shards = {r: (r * m, m) for r in range(group.size)}
+        group.run_schedule(REDUCE_SCATTER, src, work, shards, reducer=reducer, chained=False,
+                           desc_fields=("reduce_scatter", src.dtype, m, op, -1), timeout=timeout,
+                           nbytes=src.nbytes)
+    dst.array[:] = work[group.me * m:(group.me + 1) * m]
+    if op == "avg":
+        dst.divide(group.size)
+
+
+def broadcast(rt: Runtime, group: Group, x, root: int, timeout: float) -> None:
+    buf = as_buffer(x)
+    _check_root(group, root)
+    if buf.count == 0 or group.size == 1:
+        return
+    group.run_schedule(ALLGATHER, buf, buf.array, {root: (0, buf.count)}, reducer=None, chained=False,
+                       desc_fields=("broadcast", buf.dtype, buf.count, "", root), timeout=timeout,
+                       nbytes=buf.nbytes * group.size)
+
+
+def reduce(rt: Runtime, group: Group, x, root: int, op: str, timeout: float) -> None:
+    buf = as_buffer(x)
+    _check_root(group, root)
+    reducer = buf.reducer(op)
+    if buf.count == 0 or group.size == 1:
+        return
+    work = buf.array if group.me == root else buf.array.copy()  # only the root's buffer changes
+    group.run_schedule(REDUCE_SCATTER, buf, work, {root: (0, buf.count)}, reducer=reducer, chained=False,
+                       desc_fields=("reduce", buf.dtype, buf.count, op, root), timeout=timeout,
+                       nbytes=buf.nbytes * group.size)
+    if op == "avg" and group.me == root:
+        buf.divide(group.size)
+
+
+def barrier(rt: Runtime, group: Group, timeout: float) -> None:
+    token = np.zeros(1, dtype=np.int32)
+    allreduce(rt, group, token, "sum", timeout)
+
+
+def _check_root(group: Group, root: int) -> None:
+    if not isinstance(root, (int, np.integer)) or not 0 <= root < group.size:
+        raise ValueError(f"root {root!r} is not a rank of {group} (0..{group.size - 1})")
+
+
+class _PointToPoint:
+    """One message between two ranks: the sender's k-th send with a tag meets the receiver's k-th receive."""
+
+    def __init__(self, view: memoryview, peer: int, seq: int, desc: int, what: str):
+        self.view, self.peer, self.seq, self.desc, self.what = view, peer, seq, desc, what
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    def destination(self, header: Header, peer: int) -> memoryview:
+        if header.desc != self.desc or header.length != len(self.view):
+            raise MismatchError(f"rank {peer} sent {header.length} bytes for this rank's {self.what} of "
+                                f"{len(self.view)} bytes (or a different dtype)")
+        return self.view
+
+    def delivered(self, header: Header, view: memoryview, peer: int) -> None:
+        self._done.set()
+
+    def failed(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self._done.set()
+
+    def sent(self) -> None:
+        self._done.set()
+
+    def wait(self, timeout: float) -> None:
+        if not self._done.wait(timeout):
+            raise CollectiveTimeout(f"{self.what} did not complete within {timeout:g} s")
+        if self.error is not None:
+            raise self.error
+
+
+def send(rt: Runtime, x, dst: int, tag: int, timeout: float) -> None:
+    buf = as_buffer(x)
+    _check_peer(rt, dst, tag)
+    group = P2P_BASE + tag
+    seq = rt.p2p_seq(dst, tag, "send")
+    view = memoryview(buf.array.view(np.uint8))
+    desc = frames.describe("p2p", buf.dtype)
+    msg = _PointToPoint(view, dst, seq, desc, f"send of {buf.count} {buf.dtype} to rank {dst}")
+    link = rt.transport.link(dst, group, 0, timeout)
+    link.send(Header(DATA, group, 0, seq, desc=desc, length=len(view), checksum=frames.checksum(view)), view,
+              msg.sent)
+    msg.wait(timeout)
+
+
+def recv(rt: Runtime, x, src: int, tag: int, timeout: float) -> None:
+    buf = as_buffer(x)
+    _check_peer(rt, src, tag)
+    group = P2P_BASE + tag
+    seq = rt.p2p_seq(src, tag, "recv")
+    view = memoryview(buf.array.view(np.uint8))
+    msg = _PointToPoint(view, src, seq, frames.describe("p2p", buf.dtype),
+                        f"recv of {buf.count} {buf.dtype} from rank {src}")
+    mailbox = rt.transport.mailbox(group, src)
+    mailbox.register(seq, msg)
+    try:
+        rt.transport.link(src, group, 0, timeout)
+        msg.wait(timeout)
+    finally:
+        mailbox.finish(seq)
+
+
+def _check_peer(rt: Runtime, peer: int, tag: int) -> None:
+    if not isinstance(peer, (int, np.integer)) or not 0 <= peer < rt.world_size or peer == rt.rank:
+        raise ValueError(f"peer {peer!r} must be another rank of the world (0..{rt.world_size - 1})")
+    if not isinstance(tag, (int, np.integer)) or not 0 <= tag < (1 << 31) - 1:
+        raise ValueError(f"tag {tag!r} must be an integer in [0, 2**31 - 1)")

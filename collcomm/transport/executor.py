@@ -1,0 +1,300 @@
+"""The executor: runs the phases of a schedule over the transport. It is the only code
+that walks a schedule.
+
+The work buffer is split into shards, one per root (uneven shards allowed); each
+root's shard is split among that root's trees by their exact shares, and each tree's
+part is pipelined in chunks. For every chunk this rank knows its parent and children
+in that tree, so the whole operation is a fixed set of events: frames to receive and
+frames to send. All trees and chunks run at once:
+
+* allgather (out-trees): the root sends its chunk to its children; a rank receives a
+  chunk straight into the buffer (``recv_into``) and forwards that same view to its
+  children;
+* reduce-scatter (in-trees): a rank receives each child's chunk into a per-peer
+  scratch chunk, reduces it into the buffer in place (NumPy ``out=``, GIL released),
+  and once every child has arrived sends the chunk to its parent; at the root the
+  chunk is final;
+* allreduce: reduce-scatter, and as soon as a rank's own shard is final it starts
+  the allgather of that shard.
+
+The operation completes when every expected frame has arrived and every send has
+left the buffer. Failures (a lost peer, a mismatch, a timeout) fail the operation on
+this rank and are told to the peers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+import numpy as np
+
+from collcomm.errors import CollectiveError, CollectiveTimeout, MismatchError
+from collcomm.schedules.ir import ALLGATHER, REDUCE_SCATTER, Schedule
+from collcomm.transport import frames
+from collcomm.transport.frames import DATA, Header
+
+REDUCTIONS = ("sum", "prod", "min", "max", "avg")
+_UFUNC = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum, "avg": np.add}
+DEFAULT_CHUNK_BYTES = 1 << 20
+_PHASE_SHIFT = 24
+
+
+def numpy_reducer(op: str) -> Callable[[np.ndarray, np.ndarray], None]:
+    """dst = dst (op) src, in place (NumPy releases the GIL inside)."""
+    ufunc = _UFUNC[op]
+
+    def reduce_into(dst: np.ndarray, src: np.ndarray) -> None:
+        ufunc(dst, src, out=dst)
+
+    return reduce_into
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One chunk of one tree as this rank sees it (member indices, element offsets)."""
+
+    phase: int
+    tree: int
+    chunk: int
+    start: int
+    stop: int
+    root: int
+    parent: int | None
+    children: tuple[int, ...]
+
+    @property
+    def frame_tree(self) -> int:
+        return (self.phase << _PHASE_SHIFT) | self.tree
+
+
+def shard_layout(count: int, n: int) -> list[tuple[int, int]]:
+    """(offset, size) of each member's shard of ``count`` elements: sizes differ by at most one."""
+    base, extra = divmod(count, n)
+    out, off = [], 0
+    for r in range(n):
+        size = base + (1 if r < extra else 0)
+        out.append((off, size))
+        off += size
+    return out
+
+
+class ExecutionPlan:
+    """The pieces of a schedule for one rank, one buffer layout and one chunk size."""
+
+    def __init__(self, schedule: Schedule, me: int, shards: dict[int, tuple[int, int]], chunk_elems: int):
+        index = {nid: i for i, nid in enumerate(schedule.compute_nodes)}
+        self.phases: list[list[Piece]] = []
+        self.kinds: list[str] = []
+        self.peers: set[int] = set()
+        for p, phase in enumerate(schedule.phases):
+            pieces: list[Piece] = []
+            cum: dict[int, Fraction] = {}
+            for t, tree in enumerate(phase.trees):
+                root = index[tree.root]
+                if root not in shards:
+                    continue
+                off, size = shards[root]
+                lo_frac = cum.get(root, Fraction(0))
+                hi_frac = lo_frac + tree.share
+                cum[root] = hi_frac
+                lo = off + (lo_frac.numerator * size) // lo_frac.denominator
+                hi = off + (hi_frac.numerator * size) // hi_frac.denominator
+                if hi <= lo:
+                    continue
+                parent, children = None, []
+                for e in tree.edges:
+                    a, b = index[e.src], index[e.dst]
+                    if phase.collective == ALLGATHER:
+                        if b == me:
+                            parent = a
+                        if a == me:
+                            children.append(b)
+                    else:
+                        if a == me:
+                            parent = b
+                        if b == me:
+                            children.append(a)
+                if parent is None and not children:
+                    continue  # this rank is not in the tree (cannot happen for spanning trees)
+                self.peers.update(children)
+                if parent is not None:
+                    self.peers.add(parent)
+                for c, start in enumerate(range(lo, hi, chunk_elems)):
+                    pieces.append(Piece(p, t, c, start, min(start + chunk_elems, hi), root, parent,
+                                        tuple(children)))
+            self.phases.append(pieces)
+            self.kinds.append(phase.collective)
+        self.by_key = {(pc.frame_tree, pc.chunk): pc for phase in self.phases for pc in phase}
+
+
+class Operation:
+    """One collective on one group, as a set of frame events; implements the transport's Receiver."""
+
+    def __init__(self, *, links: Callable[[int], object], member_of: Callable[[int], int], me: int, group: int,
+                 epoch: int, op_seq: int,
+                 desc: int, describe: str, work: np.ndarray, plan: ExecutionPlan,
+                 reducer: Callable[[np.ndarray, np.ndarray], None] | None,
+                 chained: bool, max_chunk_bytes: int):
+        self._links = links  # member index -> Link
+        self._member_of = member_of  # the transport's peer (world rank) -> member index
+        self.me, self.group, self.epoch, self.op_seq = me, group, epoch, op_seq
+        self.desc, self.describe = desc, describe
+        self.work = work
+        self.bytes = work.view(np.uint8)
+        self.itemsize = work.dtype.itemsize
+        self.plan = plan
+        self.reducer = reducer
+        self.chained = chained  # allreduce: allgather of a shard starts when its reduce-scatter is final
+        self._lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(64)]
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+        self._remaining_children: dict[tuple[int, int], int] = {}
+        self._scratch: dict[int, np.ndarray] = {}
+        self._max_chunk = max_chunk_bytes
+        events = 0
+        self._rs_root_left = 0
+        self._held_ag: list[Piece] = []
+        self._from_peer: dict[int, int] = {}  # frames still to receive from each peer
+
+        def expect(peer: int) -> None:
+            self._from_peer[peer] = self._from_peer.get(peer, 0) + 1
+
+        for kind, pieces in zip(plan.kinds, plan.phases):
+            for pc in pieces:
+                events += len(pc.children) + (0 if pc.parent is None else 1)
+                if kind == ALLGATHER and pc.parent is not None:
+                    expect(pc.parent)
+                if kind == REDUCE_SCATTER:
+                    for child in pc.children:
+                        expect(child)
+                if kind == REDUCE_SCATTER:
+                    if pc.children:
+                        self._remaining_children[(pc.frame_tree, pc.chunk)] = len(pc.children)
+                    if pc.parent is None:
+                        self._rs_root_left += 1
+        self._events = events
+
+    # ------------------------------------------------------------------ driving
+    def start(self) -> None:
+        """Send everything that needs no input; the rest follows from arriving frames."""
+        if self._events == 0:
+            self._done.set()
+            return
+        for kind, pieces in zip(self.plan.kinds, self.plan.phases):
+            for pc in pieces:
+                if kind == REDUCE_SCATTER and not pc.children and pc.parent is not None:
+                    self._send(pc, pc.parent)
+                elif kind == ALLGATHER and pc.parent is None:
+                    if self.chained and self._rs_root_left > 0:
+                        self._held_ag.append(pc)
+                    else:
+                        for child in pc.children:
+                            self._send(pc, child)
+
+    def _send(self, pc: Piece, peer: int) -> None:
+        view = memoryview(self.bytes[pc.start * self.itemsize:pc.stop * self.itemsize])
+        header = Header(DATA, self.group, self.epoch, self.op_seq, pc.frame_tree, pc.chunk, self.desc,
+                        len(view), frames.checksum(view))
+        try:
+            self._links(peer).send(header, view, self._event_done)
+        except CollectiveError as e:
+            self.failed(e)
+
+    def _event_done(self, from_peer: int | None = None) -> None:
+        with self._lock:
+            self._events -= 1
+            if from_peer is not None:
+                self._from_peer[from_peer] -= 1
+            finished = self._events == 0
+        if finished:
+            self._done.set()
+
+    # ------------------------------------------------------------------ receiving (transport calls these)
+    def destination(self, header: Header, world_peer: int) -> memoryview:
+        peer = self._member_of(world_peer)
+        if header.desc != self.desc:
+            raise MismatchError(f"rank {peer} runs a different operation #{self.op_seq} than this rank's "
+                                f"{self.describe}")
+        pc = self.plan.by_key.get((header.tree, header.chunk))
+        nbytes = 0 if pc is None else (pc.stop - pc.start) * self.itemsize
+        kind = None if pc is None else self.plan.kinds[pc.phase]
+        expected_from = None if pc is None else (pc.parent if kind == ALLGATHER else pc.children)
+        if pc is None or header.length != nbytes or \
+                (peer != expected_from if kind == ALLGATHER else peer not in expected_from):
+            raise MismatchError(f"rank {peer} sent an unexpected piece (tree {header.tree}, chunk {header.chunk}, "
+                                f"{header.length} bytes) for this rank's {self.describe}")
+        if kind == ALLGATHER:
+            return memoryview(self.bytes[pc.start * self.itemsize:pc.stop * self.itemsize])
+        scratch = self._scratch.get(peer)
+        if scratch is None:
+            scratch = self._scratch[peer] = np.empty(self._max_chunk, dtype=np.uint8)
+        return memoryview(scratch[:nbytes])
+
+    def delivered(self, header: Header, view: memoryview, world_peer: int) -> None:
+        pc = self.plan.by_key[(header.tree, header.chunk)]
+        if self.plan.kinds[pc.phase] == ALLGATHER:
+            for child in pc.children:
+                self._send(pc, child)
+            self._event_done(pc.parent)
+            return
+        incoming = np.frombuffer(view, dtype=self.work.dtype)
+        target = self.work[pc.start:pc.stop]
+        key = (pc.frame_tree, pc.chunk)
+        with self._stripes[hash(key) % len(self._stripes)]:
+            self.reducer(target, incoming)
+        with self._lock:
+            self._remaining_children[key] -= 1
+            complete = self._remaining_children[key] == 0
+            release = False
+            if complete and pc.parent is None:
+                self._rs_root_left -= 1
+                release = self._rs_root_left == 0
+        if complete and pc.parent is not None:
+            self._send(pc, pc.parent)
+        if release:
+            for held in self._held_ag:
+                for child in held.children:
+                    self._send(held, child)
+            self._held_ag = []
+        self._event_done(self._member_of(world_peer))
+
+    def failed(self, error: BaseException) -> None:
+        with self._lock:
+            rank = getattr(error, "rank", None)
+            if getattr(error, "while_receiving", False) and rank is not None and self.error is None:
+                try:
+                    peer = self._member_of(rank)
+                except (KeyError, IndexError, ValueError):
+                    peer = None
+                if peer is not None and self._from_peer.get(peer, 0) == 0:
+                    return  # a peer this operation expects nothing more from went away (it finished and left)
+            if self.error is None:
+                self.error = error
+        self._done.set()
+
+    # ------------------------------------------------------------------ waiting
+    def wait(self, timeout: float, poll: Callable[[], BaseException | None] | None = None,
+             poll_every: float = 0.25) -> None:
+        """Block until done; raise the operation's error, or CollectiveTimeout after ``timeout`` s.
+        ``poll`` (called every ``poll_every`` s while waiting) may report an outside failure."""
+        deadline = time.monotonic() + timeout
+        while not self._done.wait(min(poll_every, max(deadline - time.monotonic(), 0))):
+            if time.monotonic() >= deadline:
+                self.failed(CollectiveTimeout(f"{self.describe} did not complete within {timeout:g} s"))
+                break
+            if poll is not None:
+                outside = poll()
+                if outside is not None:
+                    self.failed(outside)
+                    break
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()

@@ -1,0 +1,134 @@
+"""The wire format between ranks: a fixed 64-byte frame header and the token handshake.
+
+Every frame is a header followed by ``length`` payload bytes::
+
+    magic "CCF1" | version | kind | flags | group | epoch | op | tree | chunk |
+    desc | length | checksum | header crc32 | pad
+
+``op`` is the operation's sequence number within its group, ``tree``/``chunk`` say
+which piece of which tree the payload is, ``desc`` is a hash of what the operation
+is (collective, dtype, size, reduction, root) so ranks that disagree find out at the
+first frame, and ``checksum`` is xxh3-64 of the payload. A header is checked (magic,
+version, kind, crc) before anything else, and its length must be exactly what the
+receiving rank expects for that piece: nothing is allocated on a peer's word.
+
+The handshake proves knowledge of the job token both ways (HMAC-SHA256
+challenge–response over both nonces) before a connection carries any frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+import xxhash
+
+from collcomm.errors import CollectiveError
+
+MAGIC = b"CCF1"
+VERSION = 1
+DATA = 1
+ABORT = 2
+KINDS = (DATA, ABORT)
+MAX_ABORT_BYTES = 4096
+
+_HEADER = struct.Struct("<4sBBHIIQIIQQQI4x")
+HEADER_SIZE = _HEADER.size  # 64
+assert HEADER_SIZE == 64
+
+
+class ProtocolError(CollectiveError):
+    """A peer sent bytes that are not a valid frame or handshake; the connection is closed."""
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    group: int
+    epoch: int
+    op: int
+    tree: int = 0
+    chunk: int = 0
+    desc: int = 0
+    length: int = 0
+    checksum: int = 0
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        body = _HEADER.pack(MAGIC, VERSION, self.kind, self.flags, self.group, self.epoch, self.op, self.tree,
+                            self.chunk, self.desc, self.length, self.checksum, 0)
+        crc = zlib.crc32(body[:56])
+        return body[:56] + struct.pack("<I", crc) + b"\0\0\0\0"
+
+
+def unpack_header(raw: bytes | bytearray | memoryview) -> Header:
+    """Parse and check a header; raises ProtocolError naming what is wrong."""
+    if len(raw) != HEADER_SIZE:
+        raise ProtocolError(f"frame header has {len(raw)} bytes, expected {HEADER_SIZE}")
+    magic, version, kind, flags, group, epoch, op, tree, chunk, desc, length, checksum, crc = _HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic {bytes(magic)!r}")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported frame version {version}")
+    if zlib.crc32(bytes(raw[:56])) != crc:
+        raise ProtocolError("frame header checksum mismatch")
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if kind == ABORT and length > MAX_ABORT_BYTES:
+        raise ProtocolError(f"abort frame of {length} bytes exceeds {MAX_ABORT_BYTES}")
+    return Header(kind, group, epoch, op, tree, chunk, desc, length, checksum, flags)
+
+
+def checksum(payload) -> int:
+    return xxhash.xxh3_64_intdigest(payload)
+
+
+def describe(*fields) -> int:
+    """A 64-bit hash of an operation's description (what every rank must agree on)."""
+    return xxhash.xxh3_64_intdigest(repr(fields).encode())
+
+
+# ---------------------------------------------------------------------------- handshake
+_HELLO = struct.Struct("<4sB3xIIII16s")  # magic, version, client rank, server rank, group, epoch, nonce
+HELLO_SIZE = _HELLO.size
+HANDSHAKE_MAGIC = b"CCH1"
+MAC_SIZE = 32
+CHALLENGE_SIZE = 16 + MAC_SIZE
+ACCEPTED = b"\x01"
+
+
+@dataclass(frozen=True)
+class Hello:
+    client: int
+    server: int
+    group: int
+    epoch: int
+    nonce: bytes
+
+    def pack(self) -> bytes:
+        return _HELLO.pack(HANDSHAKE_MAGIC, VERSION, self.client, self.server, self.group, self.epoch, self.nonce)
+
+
+def new_hello(client: int, server: int, group: int, epoch: int) -> Hello:
+    return Hello(client, server, group, epoch, os.urandom(16))
+
+
+def unpack_hello(raw: bytes) -> Hello:
+    if len(raw) != HELLO_SIZE:
+        raise ProtocolError("short handshake")
+    magic, version, client, server, group, epoch, nonce = _HELLO.unpack(raw)
+    if magic != HANDSHAKE_MAGIC or version != VERSION:
+        raise ProtocolError("not a collcomm handshake")
+    return Hello(client, server, group, epoch, nonce)
+
+
+def mac(token: bytes, role: bytes, hello: bytes, server_nonce: bytes) -> bytes:
+    return hmac.new(token, role + hello + server_nonce, hashlib.sha256).digest()
+
+
+def mac_ok(expected: bytes, got: bytes) -> bool:
+    return hmac.compare_digest(expected, got)
