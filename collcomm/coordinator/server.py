@@ -1,0 +1,338 @@
+"""The coordinator service: a gRPC thread-pool server around :class:`CoordinatorState`.
+
+Every handler takes one lock (a :class:`threading.Condition`), asks the state, and, when the
+answer is :class:`~collcomm.coordinator.state.Waiting`, waits on the condition until the state
+changes, the request's ``timeout_s`` or the gRPC deadline passes, the caller goes away, or the
+server shuts down (which wakes every waiter with a "shutdown" error). An interceptor refuses
+calls without the job token before any handler runs.
+
+Known limits: the state lives in memory only (a restarted coordinator knows nothing); every
+waiting call holds a server thread (``max_workers`` bounds them; beyond that calls are refused
+with RESOURCE_EXHAUSTED); the channel is not encrypted, so the token is only as private as the
+network.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import math
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from typing import Callable, TextIO
+
+import grpc
+
+from collcomm import __version__
+from collcomm.coordinator import coordinator_pb2 as pb
+from collcomm.coordinator import coordinator_pb2_grpc as pb_grpc
+from collcomm.coordinator import protocol
+from collcomm.coordinator import state as st
+from collcomm.errors import CollectiveError
+
+log = logging.getLogger("collcomm.coordinator")
+
+TOKEN_ENV = "COLLCOMM_TOKEN"
+MAX_WAIT_S = 7 * 24 * 3600.0  # a bound on any wait, whatever the request says
+
+
+class _Refused(Exception):
+    """Raised inside a handler to end the call with a refusal's status code."""
+
+    def __init__(self, kind: str, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.kind, self.message, self.rank = kind, message, rank
+
+
+class _TokenCheck(grpc.ServerInterceptor):
+    """Let a call through only if its ``collcomm-token`` metadata equals the job token."""
+
+    def __init__(self, token: str):
+        self._token = token.encode("ascii")
+        self._deny = grpc.unary_unary_rpc_method_handler(self._refuse)
+
+    def intercept_service(self, continuation, handler_call_details):
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == protocol.TOKEN_KEY:
+                given = value.encode("utf-8", "replace") if isinstance(value, str) else bytes(value)
+                if hmac.compare_digest(given, self._token):
+                    return continuation(handler_call_details)
+                break
+        return self._deny
+
+    @staticmethod
+    def _refuse(request, context):
+        log.warning("refused a call from %s: wrong or missing job token", context.peer())
+        context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                      "wrong or missing job token (metadata collcomm-token); use the job's COLLCOMM_TOKEN")
+
+
+def _handled(method):
+    """Turn a _Refused raised by ``method`` into the status code and trailing metadata."""
+
+    @functools.wraps(method)
+    def handler(self, request, context):
+        try:
+            return method(self, request, context)
+        except _Refused as refusal:
+            metadata = [(protocol.ERROR_KIND_KEY, refusal.kind)]
+            if refusal.rank is not None:
+                metadata.append((protocol.ERROR_RANK_KEY, str(refusal.rank)))
+            context.set_trailing_metadata(tuple(metadata))
+            context.abort(protocol.STATUS_OF_KIND[refusal.kind], st.one_line(refusal.message, 2000))
+
+    return handler
+
+
+class _Servicer(pb_grpc.CoordinatorServicer):
+    """The RPC handlers; all state access goes through ``owner._cond``."""
+
+    def __init__(self, owner: "CoordinatorServer"):
+        self._owner = owner
+        self._cond = owner._cond
+        self._state = owner._state
+
+    # ----------------------------------------------------------------------- plumbing
+    def _locked(self, action: Callable[[], object], notify: bool = False):
+        """Run ``action`` on the state under the lock; a Refusal result ends the call."""
+        with self._cond:
+            self._refuse_if_closed()
+            result = action()
+            if notify:
+                self._cond.notify_all()
+        if isinstance(result, st.Refusal):
+            raise _Refused(result.kind, result.message, result.rank)
+        return result
+
+    def _refuse_if_closed(self) -> None:
+        if self._owner._closed:
+            raise _Refused(protocol.SHUTDOWN, "the coordinator is shutting down")
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _await(self, context, timeout_s: float, check: Callable[[], object], what: str,
+               give_up: Callable[[], None] | None = None):
+        """Wait until ``check()`` (called under the lock) stops returning Waiting.
+
+        The wait ends at the request's ``timeout_s`` or the gRPC deadline, whichever is first;
+        then ``give_up`` runs under the same lock and the call fails with a timeout that says
+        what was still missing.
+        """
+        limit = min(max(0.0, timeout_s), MAX_WAIT_S) if not math.isnan(timeout_s) else 0.0
+        rpc_left = context.time_remaining()
+        if rpc_left is not None:
+            limit = min(limit, max(0.0, rpc_left))
+        deadline = time.monotonic() + limit
+        context.add_callback(self._wake)  # a caller that goes away wakes us
+        with self._cond:
+            while True:
+                outcome = check()
+                if not isinstance(outcome, st.Waiting):
+                    break
+                self._refuse_if_closed()
+                left = deadline - time.monotonic()
+                if left <= 0 or not context.is_active():
+                    if give_up is not None:
+                        give_up()
+                    raise _Refused(protocol.TIMEOUT,
+                                   f"{what} timed out after {st.seconds(limit)}: {outcome.reason}")
+                self._cond.wait(left)
+        if isinstance(outcome, st.Refusal):
+            raise _Refused(outcome.kind, outcome.message, outcome.rank)
+        return outcome
+
+    # ----------------------------------------------------------------------- handlers
+    @_handled
+    def Register(self, request, context):
+        self._locked(lambda: self._state.register(request.rank, request.world_size, request.address,
+                                                  request.hostname, request.pid), notify=True)
+        table = self._await(context, request.timeout_s, self._state.peer_table,
+                            f"register of rank {request.rank}")
+        return protocol.peer_table_to_pb(table)
+
+    @_handled
+    def FormGroup(self, request, context):
+        members = tuple(request.members)
+        ticket = self._locked(lambda: self._state.join_group(request.name, members, request.rank),
+                              notify=True)
+        info = self._await(context, request.timeout_s, lambda: self._state.formation_outcome(ticket),
+                           f"form_group '{request.name}' by rank {request.rank}",
+                           give_up=lambda: self._state.leave_group(ticket))
+        return pb.FormGroupResponse(group_id=info.group_id, epoch=info.epoch, members=info.members)
+
+    @_handled
+    def ReportFailure(self, request, context):
+        outcome = self._locked(lambda: self._state.report_failure(
+            request.group_id, request.failed_rank, request.reporter_rank, request.reason), notify=True)
+        if outcome.newly_dead:
+            log.warning("rank %d reported dead by %s: %s", request.failed_rank,
+                        "the launcher" if request.reporter_rank < 0 else f"rank {request.reporter_rank}",
+                        st.one_line(request.reason) or "no reason given")
+        return protocol.failure_to_pb(outcome)
+
+    @_handled
+    def GroupStatus(self, request, context):
+        return protocol.group_to_pb(self._locked(lambda: self._state.group_status(request.group_id)))
+
+    @_handled
+    def KvSet(self, request, context):
+        self._locked(lambda: self._state.kv_set(request.key, request.value), notify=True)
+        return pb.KvSetResponse()
+
+    @_handled
+    def KvGet(self, request, context):
+        value = self._await(context, request.timeout_s, lambda: self._state.kv_get(request.key),
+                            f"kv_get of key '{request.key}'")
+        return pb.KvGetResponse(value=value)
+
+    @_handled
+    def KvDelete(self, request, context):
+        return pb.KvDeleteResponse(existed=self._locked(lambda: self._state.kv_delete(request.key)))
+
+    @_handled
+    def KvAdd(self, request, context):
+        value = self._locked(lambda: self._state.kv_add(request.key, request.delta), notify=True)
+        return pb.KvAddResponse(value=value)
+
+    @_handled
+    def Ping(self, request, context):
+        summary = self._locked(self._state.summary)
+        return pb.PingResponse(world_size=summary.world_size, registered=summary.registered,
+                               pid=os.getpid(), version=__version__)
+
+    @_handled
+    def Shutdown(self, request, context):
+        reason = st.one_line(request.reason) or "no reason given"
+        log.warning("shutdown requested by %s: %s", context.peer(), reason)
+        self._owner._close()
+        threading.Thread(target=self._owner.stop, name="collcomm-coordinator-stop", daemon=True).start()
+        return pb.ShutdownResponse()
+
+
+
+class CoordinatorServer:
+    """The coordinator service on ``host:port`` (port 0: any free port).
+
+    ::
+
+        with CoordinatorServer(token) as server:   # start() on entry, stop() on exit
+            address = server.address               # "127.0.0.1:41234"
+    """
+
+    def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0, *, max_workers: int = 1024):
+        self._token = protocol.check_token(token)
+        if not 0 <= int(port) < 65536:
+            raise ValueError(f"port {port} is out of range 0-65535")
+        self._host, self._port, self._max_workers = host, int(port), max_workers
+        self._cond = threading.Condition()
+        self._state = st.CoordinatorState()
+        self._closed = False
+        self._stopped = threading.Event()
+        self._server: grpc.Server | None = None
+        self.address: str | None = None
+
+    def start(self) -> str:
+        """Bind and serve; return the bound ``host:port``."""
+        if self._server is not None:
+            raise RuntimeError("the coordinator server was already started")
+        server = grpc.server(
+            futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="collcomm-coordinator"),
+            interceptors=[_TokenCheck(self._token)],
+            options=[("grpc.so_reuseport", 0)],  # a second coordinator must not share the port
+            maximum_concurrent_rpcs=self._max_workers)
+        pb_grpc.add_CoordinatorServicer_to_server(_Servicer(self), server)
+        host = f"[{self._host}]" if ":" in self._host and not self._host.startswith("[") else self._host
+        try:
+            port = server.add_insecure_port(f"{host}:{self._port}")
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise CollectiveError(f"cannot listen on {host}:{self._port} for the coordinator "
+                                  "(port in use or address not local)")
+        server.start()
+        self._server = server
+        self.address = f"{host}:{port}"
+        log.info("coordinator listening on %s", self.address)
+        return self.address
+
+    def _close(self) -> None:
+        """Refuse new calls and wake every waiter (they end with a "shutdown" error)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Wake every waiter with an error, then stop serving (after at most ``grace`` s)."""
+        self._close()
+        server = self._server
+        if server is not None:
+            server.stop(grace).wait(grace + 5.0)
+        self._stopped.set()
+
+    def wait_stopped(self, timeout: float) -> bool:
+        """True once the server has stopped (by ``stop`` or a Shutdown call)."""
+        return self._stopped.wait(timeout)
+
+    def wait_until(self, predicate: Callable[[st.CoordinatorState], bool], timeout: float) -> bool:
+        """Wait until ``predicate(state)`` (evaluated under the lock) holds; False on timeout.
+
+        For launchers that embed the coordinator and for tests: e.g. wait until some ranks
+        have registered, without sleeping.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._state):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def __enter__(self) -> "CoordinatorServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_forever(host: str = "0.0.0.0", port: int = 29400, token: str | None = None,
+                  out: TextIO | None = None) -> int:
+    """Run the coordinator until a Shutdown call, SIGTERM or Ctrl-C; return an exit status.
+
+    The token comes from ``token``, else ``$COLLCOMM_TOKEN``, else a fresh random one that is
+    printed once. The first line printed is ``collcomm coordinator listening on HOST:PORT``.
+    """
+    out = out or sys.stdout
+    generated = False
+    if not token:
+        token = os.environ.get(TOKEN_ENV) or None
+    if not token:
+        token, generated = secrets.token_hex(16), True
+    server = CoordinatorServer(token, host, port)
+    address = server.start()
+    print(f"collcomm coordinator listening on {address}", file=out)
+    if generated:
+        print(f"{TOKEN_ENV}={token}  (generated; give it to every rank)", file=out)
+    out.flush()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
+    try:
+        while not server.wait_stopped(1.0):
+            pass
+    except KeyboardInterrupt:
+        server.stop()
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
