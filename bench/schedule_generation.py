@@ -70,7 +70,7 @@ def plot(rows: list[dict], path: Path) -> None:
            "1024 GPUs (published large-scale)": (1024, 36 * 60)}
     for label, (x, y) in ref.items():
         ax.plot([x], [y], "kx")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 3) if x < 512 else (-150, 6), fontsize=7)
     ax.axhline(600, color="grey", ls=":", lw=1)
     ax.annotate("10 min target", (1.5, 600), fontsize=7, color="grey", va="bottom")
     ax.set_xscale("log", base=2)
