@@ -152,8 +152,12 @@ def _members_text(members: Sequence[int]) -> str:
 
 
 def parse_address(address: str) -> tuple[str, int] | None:
-    """``("host", port)`` from ``host:port`` or ``[v6]:port``; None when malformed."""
-    host, sep, port = str(address).rpartition(":")
+    """``("host", port)`` from ``host:port`` or ``[v6]:port``, optionally followed by ``#extra``
+    (transport hints such as a local socket name); None when malformed."""
+    tcp, _, extra = str(address).partition("#")
+    if any(c.isspace() for c in extra):
+        return None
+    host, sep, port = tcp.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         return None
     if host.startswith("[") != host.endswith("]") or any(c.isspace() for c in host):

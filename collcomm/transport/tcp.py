@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from typing import Callable, Protocol
@@ -50,7 +51,8 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
 
 
 def _tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
@@ -145,6 +147,9 @@ class Link:
         sock.settimeout(None)
         self.mailbox = transport.mailbox(group, peer)
         self._sendq: queue.SimpleQueue = queue.SimpleQueue()
+        self._send_lock = threading.Lock()  # one frame at a time on the socket
+        self._count_lock = threading.Lock()
+        self._queued = 0  # frames handed to the sender thread and not yet sent
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         name = f"r{transport.rank}-g{group}-p{peer}"
@@ -160,10 +165,29 @@ class Link:
     # ------------------------------------------------------------------ sending
     def send(self, header: Header, payload: memoryview | None = None,
              done: Callable[[], None] | None = None) -> None:
-        """Queue a frame; ``done`` runs in the sender thread once the payload has left the buffer."""
+        """Send a frame; ``done`` runs once the payload has left the buffer.
+
+        Small frames go out at once from the calling thread when nothing is queued (no
+        thread hand-off on the latency path); the rest are queued for the sender thread."""
         if self.error is not None:
             raise self.error
-        self._sendq.put((header.pack(), payload, done))
+        raw = header.pack()
+        small = payload is None or len(payload) <= SMALL_PAYLOAD
+        if small and self._queued == 0 and self._send_lock.acquire(blocking=False):
+            try:
+                self.sock.sendall(raw if payload is None else raw + bytes(payload))
+            except OSError as e:
+                self._send_lock.release()
+                self._fail(PeerFailure(f"lost connection to rank {self.peer} while sending: "
+                                       f"{e.__class__.__name__}", rank=self.peer))
+                raise self.error from None
+            self._send_lock.release()
+            if done is not None:
+                done()
+            return
+        with self._count_lock:
+            self._queued += 1
+        self._sendq.put((raw, payload, done))
 
     def _send_loop(self) -> None:
         sock = self.sock
@@ -173,17 +197,20 @@ class Link:
                 return
             raw, payload, done = item
             try:
-                if payload is None or len(payload) == 0:
-                    sock.sendall(raw)
-                elif len(payload) <= SMALL_PAYLOAD:
-                    sock.sendall(raw + bytes(payload))
-                else:
-                    sent = sock.sendmsg([raw, payload])
-                    if sent < len(raw):
-                        sock.sendall(raw[sent:])
-                        sent = len(raw)
-                    if sent - len(raw) < len(payload):
-                        sock.sendall(payload[sent - len(raw):])
+                with self._send_lock:
+                    if payload is None or len(payload) == 0:
+                        sock.sendall(raw)
+                    elif len(payload) <= SMALL_PAYLOAD:
+                        sock.sendall(raw + bytes(payload))
+                    else:
+                        sent = sock.sendmsg([raw, payload])
+                        if sent < len(raw):
+                            sock.sendall(raw[sent:])
+                            sent = len(raw)
+                        if sent - len(raw) < len(payload):
+                            sock.sendall(payload[sent - len(raw):])
+                with self._count_lock:
+                    self._queued -= 1
                 if done is not None:
                     done()
             except OSError as e:
@@ -288,7 +315,17 @@ class TcpTransport:
         self._listener.settimeout(None)
         bound = self._listener.getsockname()
         self.address = f"{advertise_host or bound[0]}:{bound[1]}"
-        self._peers: dict[int, tuple[str, int]] = {}
+        # Ranks on the same machine (and network namespace) also meet on an abstract Unix socket:
+        # the same frames and handshake, without the TCP/IP stack on loopback.
+        self._local_listener = None
+        if sys.platform.startswith("linux") and os.environ.get("COLLCOMM_TRANSPORT", "auto") != "tcp":
+            name = "collcomm-" + os.urandom(8).hex()
+            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            local.bind("\0" + name)
+            local.listen(128)
+            self._local_listener = local
+            self.address += f"#@{name}"
+        self._peers: dict[int, tuple[str, int, str | None]] = {}
         self._cond = threading.Condition()
         self._accepted: dict[tuple[int, int], tuple[int, socket.socket]] = {}
         self._links: dict[tuple[int, int], Link] = {}
@@ -296,14 +333,17 @@ class TcpTransport:
         self._mailboxes: dict[tuple[int, int | None], GroupMailbox] = {}
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._closed = False
-        self._acceptor = threading.Thread(target=self._accept_loop, name=f"collcomm-accept-r{rank}", daemon=True)
-        self._acceptor.start()
+        for listener in filter(None, (self._listener, self._local_listener)):
+            threading.Thread(target=self._accept_loop, args=(listener,), name=f"collcomm-accept-r{rank}",
+                             daemon=True).start()
 
     # ------------------------------------------------------------------ peers and mailboxes
     def set_peers(self, table: dict[int, str]) -> None:
+        """Peer addresses as registered: "host:port", optionally followed by "#@unix-name"."""
         for r, addr in table.items():
-            host, _, port = addr.rpartition(":")
-            self._peers[int(r)] = (host, int(port))
+            tcp, _, local = addr.partition("#@")
+            host, _, port = tcp.rpartition(":")
+            self._peers[int(r)] = (host, int(port), local or None)
 
     def mailbox(self, group: int, peer: int | None = None) -> GroupMailbox:
         """The mailbox of a group; point-to-point groups (>= P2P_BASE) have one per peer, since each
@@ -358,12 +398,11 @@ class TcpTransport:
     def _connect(self, peer: int, group: int, epoch: int, deadline: float) -> socket.socket:
         if peer not in self._peers:
             raise PeerFailure(f"rank {peer} has no known address", rank=peer)
-        host, port = self._peers[peer]
+        host, port, local = self._peers[peer]
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                sock = socket.create_connection((host, port), timeout=min(HANDSHAKE_TIMEOUT,
-                                                                           max(deadline - time.monotonic(), 0.1)))
+                sock = self._open(host, port, local, deadline)
             except OSError as e:  # not listening (yet, or any more)
                 last = e
                 time.sleep(0.05)
@@ -379,6 +418,20 @@ class TcpTransport:
                 last = e
                 time.sleep(0.05)
         raise PeerFailure(f"cannot connect to rank {peer} at {host}:{port}: {last}", rank=peer)
+
+    @staticmethod
+    def _open(host: str, port: int, local: str | None, deadline: float) -> socket.socket:
+        """A socket to the peer: its Unix socket when it is reachable from here, else TCP."""
+        wait = min(HANDSHAKE_TIMEOUT, max(deadline - time.monotonic(), 0.1))
+        if local is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(wait)
+            try:
+                sock.connect("\0" + local)
+                return sock
+            except OSError:  # another machine or network namespace
+                sock.close()
+        return socket.create_connection((host, port), timeout=wait)
 
     def _client_handshake(self, sock: socket.socket, peer: int, group: int, epoch: int) -> None:
         sock.settimeout(HANDSHAKE_TIMEOUT)
@@ -408,10 +461,10 @@ class TcpTransport:
                     raise PeerFailure(f"rank {peer} did not connect for group {group} in time", rank=peer)
                 self._cond.wait(min(left, 1.0))
 
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                sock, addr = self._listener.accept()
+                sock, addr = listener.accept()
             except OSError:
                 return
             if not self._handshakes.acquire(blocking=False):
@@ -443,21 +496,23 @@ class TcpTransport:
             if old is not None:
                 old[1].close()
         except (OSError, ProtocolError, AuthenticationError) as e:
-            log.warning("rank %d: refused connection from %s: %s", self.rank, addr[0] if addr else "?", e)
+            origin = addr[0] if isinstance(addr, tuple) and addr else "a local process"
+            log.warning("rank %d: refused connection from %s: %s", self.rank, origin, e)
             sock.close()
         finally:
             self._handshakes.release()
 
     def close(self) -> None:
         self._closed = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop on Linux
-        except OSError:
-            pass
-        try:
-            self._listener.close()
-        except OSError:
-            pass
+        for listener in filter(None, (self._listener, self._local_listener)):
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop on Linux
+            except OSError:
+                pass
+            try:
+                listener.close()
+            except OSError:
+                pass
         with self._cond:
             links = list(self._links.values())
             pending = list(self._accepted.values())
