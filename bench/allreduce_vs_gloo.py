@@ -6,7 +6,7 @@
 For each world size the two libraries run alternately (gloo, then collcomm, per
 size) in separate processes on loopback: float32 sum, in place, a warm-up, then the
 median of timed iterations; time is the slowest rank's. busbw = algbw * 2(n-1)/n
-(nccl-tests). Peak memory per rank (ru_maxrss) is reported against the buffer size.
+(nccl-tests). Peak memory per rank (VmHWM) is reported against the buffer size.
 Writes bench/results/allreduce_vs_gloo.json.
 """
 
@@ -47,6 +47,15 @@ def iterations(nbytes: int) -> int:
     return 200 if nbytes <= 64 << 10 else 40 if nbytes <= 4 << 20 else 8 if nbytes <= 64 << 20 else 3
 
 
+def peak_rss_kb() -> int:
+    """VmHWM: this process's peak resident set (ru_maxrss would include the parent's, kept across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,7 +81,7 @@ def _gloo_worker(rank: int, world: int, port: int, sizes: list[int], results) ->
             dist.all_reduce(x)
             times.append(time.perf_counter() - t0)
         out.append(statistics.median(times))
-    results.put((rank, out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    results.put((rank, out, peak_rss_kb()))
     dist.destroy_process_group()
 
 
@@ -95,7 +104,7 @@ def _collcomm_worker(rank: int, world: int, coordinator: str, token: str, sizes:
             cc.allreduce(x)
             times.append(time.perf_counter() - t0)
         out.append(statistics.median(times))
-    results.put((rank, out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    results.put((rank, out, peak_rss_kb()))
     cc.shutdown()
 
 
