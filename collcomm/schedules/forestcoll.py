@@ -33,7 +33,7 @@ from collcomm.schedules.maxflow import STATS
 from collcomm.schedules.forwarding import forwardable_capacity
 from collcomm.schedules.optimum import IntFabric, Optimum, TreeBudget, allgather_optimum, fixed_k_budget, optimal_budget
 from collcomm.schedules.packing import PackingStuck, TreeClass, pack_trees
-from collcomm.schedules.splitting import LogicalGraph, _take, split_switches
+from collcomm.schedules.splitting import LogicalGraph, take_slots, split_switches
 from collcomm.topology.model import Topology
 from collcomm.topology.symmetry import SymmetryGroup, subgroups, symmetry_group
 
@@ -65,7 +65,7 @@ def _physical_trees(classes: list[TreeClass], lg: LogicalGraph, order: tuple[str
 
     trees: list[Tree] = []
     for cls in classes:
-        allocations = [(x, y, _take(bundles[(x, y)], cls.count)) for x, y in cls.edges]
+        allocations = [(x, y, take_slots(bundles[(x, y)], cls.count)) for x, y in cls.edges]
         if all(len(alloc) == 1 for _, _, alloc in allocations):  # one physical tree
             edges = tuple(TreeEdge(order[x], order[y], path_ids(alloc[0][0])) for x, y, alloc in allocations)
             trees.append(Tree(order[cls.root], Fraction(cls.count, lg.k), edges))

@@ -52,10 +52,6 @@ class TreeClass:
         self.edges.append((x, y))
         self.depth[y] = self.depth[x] + 1
 
-    @property
-    def vertices(self) -> list[int]:
-        return list(self.depth)
-
 
 class PackingStuck(ScheduleError):
     pass

@@ -47,7 +47,7 @@ class LogicalGraph:
     stats: dict = field(default_factory=dict)
 
 
-def _take(bundle: deque, m: int) -> list[tuple[Path, int]]:
+def take_slots(bundle: deque, m: int) -> list[tuple[Path, int]]:
     """Remove ``m`` slots from the front of a bundle list."""
     out = []
     while m > 0:
@@ -161,7 +161,7 @@ class _Splitter:
             self.arcs.add(u, w, -m)
             self.arcs.add(w, t, -m)
             self.arcs.add(u, t, m)
-            joined = _join(_take(self.bundles[(u, w)], m), _take(self.bundles[(w, t)], m))
+            joined = _join(take_slots(self.bundles[(u, w)], m), take_slots(self.bundles[(w, t)], m))
             self.bundles.setdefault((u, t), deque()).extend(joined)
         drop = m * len(triples)
         for v in self.lb:
