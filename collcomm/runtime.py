@@ -167,11 +167,12 @@ class Group:
         rt = self.runtime
         mailbox = rt.transport.mailbox(self.id)
         mailbox.register(seq, op)
+        check = lambda: rt.outside_failure(self, seq)  # noqa: E731
         try:
             for peer in sorted(peers):
-                rt.transport.link(self.members[peer], self.id, self.epoch, timeout)
+                rt.transport.link(self.members[peer], self.id, self.epoch, timeout, check=check)
             op.start()
-            op.wait(timeout, poll=lambda: rt.outside_failure(self, seq), poll_every=POLL_SECONDS)
+            op.wait(timeout, poll=check, poll_every=POLL_SECONDS)
         except CollectiveError as e:
             self._failed(seq, e)
             raise
@@ -426,6 +427,8 @@ class _PointToPoint:
         self._done.set()
 
     def failed(self, error: BaseException) -> None:
+        if self._done.is_set():
+            return  # the message already arrived (or left): a peer that closes afterwards changes nothing
         if self.error is None:
             self.error = error
         self._done.set()

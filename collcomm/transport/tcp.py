@@ -38,6 +38,7 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_FRAME = 1 << 31  # larger frames are refused before anything is read
 MAX_HANDSHAKES = 32
 SMALL_PAYLOAD = 64 << 10
+CHECK_EVERY = 0.25  # seconds between looks at failures known elsewhere while waiting for a peer
 P2P_BASE = 1 << 31  # group ids from here on carry point-to-point messages (tag = id - P2P_BASE)
 
 
@@ -356,8 +357,12 @@ class TcpTransport:
             return box
 
     # ------------------------------------------------------------------ links
-    def link(self, peer: int, group: int, epoch: int, timeout: float) -> Link:
-        """The connection to ``peer`` for ``group``: kept, or opened now (the lower rank connects)."""
+    def link(self, peer: int, group: int, epoch: int, timeout: float,
+             check: Callable[[], BaseException | None] | None = None) -> Link:
+        """The connection to ``peer`` for ``group``: kept, or opened now (the lower rank connects).
+
+        While it waits for the peer, ``check`` (called about every quarter second) may report a
+        failure known elsewhere (a dead member), which is then raised at once."""
         if peer == self.rank:
             raise ValueError("a rank does not link to itself")
         key = (peer, group)
@@ -372,8 +377,8 @@ class TcpTransport:
                 if existing is not None and existing.alive and existing.epoch == epoch:
                     return existing
             deadline = time.monotonic() + timeout
-            sock = self._connect(peer, group, epoch, deadline) if self.rank < peer else \
-                self._wait_accepted(peer, group, epoch, deadline)
+            sock = self._connect(peer, group, epoch, deadline, check) if self.rank < peer else \
+                self._wait_accepted(peer, group, epoch, deadline, check)
             link = Link(self, peer, group, epoch, sock)
             with self._cond:
                 old = self._links.get(key)
@@ -395,12 +400,18 @@ class TcpTransport:
             l.close()
             self._forget(l)
 
-    def _connect(self, peer: int, group: int, epoch: int, deadline: float) -> socket.socket:
+    def _connect(self, peer: int, group: int, epoch: int, deadline: float, check=None) -> socket.socket:
         if peer not in self._peers:
             raise PeerFailure(f"rank {peer} has no known address", rank=peer)
         host, port, local = self._peers[peer]
         last: Exception | None = None
+        next_check = time.monotonic() + CHECK_EVERY
         while time.monotonic() < deadline:
+            if check is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + CHECK_EVERY
+                known = check()
+                if known is not None:
+                    raise known
             try:
                 sock = self._open(host, port, local, deadline)
             except OSError as e:  # not listening (yet, or any more)
@@ -449,17 +460,22 @@ class TcpTransport:
         if bytes(ok) != frames.ACCEPTED:
             raise AuthenticationError(f"rank {peer} refused the connection")
 
-    def _wait_accepted(self, peer: int, group: int, epoch: int, deadline: float) -> socket.socket:
-        with self._cond:
-            while True:
+    def _wait_accepted(self, peer: int, group: int, epoch: int, deadline: float, check=None) -> socket.socket:
+        while True:
+            with self._cond:
                 got = self._accepted.get((peer, group))
                 if got is not None and got[0] == epoch:
                     del self._accepted[(peer, group)]
                     return got[1]
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:
-                    raise PeerFailure(f"rank {peer} did not connect for group {group} in time", rank=peer)
-                self._cond.wait(min(left, 1.0))
+                    what = f"tag {group - P2P_BASE}" if group >= P2P_BASE else f"group {group}"
+                    raise PeerFailure(f"rank {peer} did not connect for {what} in time", rank=peer)
+                self._cond.wait(min(left, CHECK_EVERY))
+            if check is not None:
+                known = check()
+                if known is not None:
+                    raise known
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while not self._closed:
