@@ -14,8 +14,8 @@ frames to send. All trees and chunks run at once:
   scratch chunk, reduces it into the buffer in place (NumPy ``out=``, GIL released),
   and once every child has arrived sends the chunk to its parent; at the root the
   chunk is final;
-* allreduce: reduce-scatter, and as soon as a rank's own shard is final it starts
-  the allgather of that shard.
+* allreduce: reduce-scatter, and as soon as a part of a rank's own shard is final
+  the allgather pieces that carry it start.
 
 The operation completes when every expected frame has arrived and every send has
 left the buffer. Failures (a lost peer, a mismatch, a timeout) fail the operation on
@@ -41,6 +41,8 @@ REDUCTIONS = ("sum", "prod", "min", "max", "avg")
 _UFUNC = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum, "avg": np.add}
 DEFAULT_CHUNK_BYTES = 1 << 20
 _PHASE_SHIFT = 24
+# Children of one piece reduce into the same slice from different receiver threads.
+_STRIPES = [threading.Lock() for _ in range(64)]
 
 
 def numpy_reducer(op: str) -> Callable[[np.ndarray, np.ndarray], None]:
@@ -129,6 +131,46 @@ class ExecutionPlan:
             self.phases.append(pieces)
             self.kinds.append(phase.collective)
         self.by_key = {(pc.frame_tree, pc.chunk): pc for phase in self.phases for pc in phase}
+        self._count_events()
+        self._link_phases()
+
+    def _count_events(self) -> None:
+        """What every operation on this plan waits for: frames in and out, per peer and per piece."""
+        self.events = 0
+        self.from_peer: dict[int, int] = {}  # frames to receive from each peer
+        self.children_left: dict[tuple[int, int], int] = {}  # reduce-scatter pieces: children to hear from
+        for kind, pieces in zip(self.kinds, self.phases):
+            for pc in pieces:
+                self.events += len(pc.children) + (0 if pc.parent is None else 1)
+                senders = ([pc.parent] if pc.parent is not None else []) if kind == ALLGATHER else pc.children
+                for peer in senders:
+                    self.from_peer[peer] = self.from_peer.get(peer, 0) + 1
+                if kind == REDUCE_SCATTER and pc.children:
+                    self.children_left[(pc.frame_tree, pc.chunk)] = len(pc.children)
+
+    def _link_phases(self) -> None:
+        """For an allreduce: which final reduce-scatter pieces of this rank's shard each of its
+        allgather pieces waits for (the two phases split the shard differently), so every
+        allgather piece starts as soon as the part of the shard it carries is final."""
+        rs = sorted((pc for kind, phase in zip(self.kinds, self.phases) if kind == REDUCE_SCATTER
+                     for pc in phase if pc.parent is None), key=lambda pc: pc.start)
+        ag = [pc for kind, phase in zip(self.kinds, self.phases) if kind == ALLGATHER
+              for pc in phase if pc.parent is None]
+        self.gates: dict[tuple[int, int], list[Piece]] = {}  # final RS piece -> AG pieces it opens
+        self.gated: dict[tuple[int, int], int] = {}  # AG piece -> RS pieces it waits for
+        starts = [pc.start for pc in rs]
+        import bisect
+
+        for a in ag:
+            i = max(bisect.bisect_right(starts, a.start) - 1, 0)
+            waits = 0
+            while i < len(rs) and rs[i].start < a.stop:
+                r = rs[i]
+                if r.stop > a.start:
+                    self.gates.setdefault((r.frame_tree, r.chunk), []).append(a)
+                    waits += 1
+                i += 1
+            self.gated[(a.frame_tree, a.chunk)] = waits
 
 
 class Operation:
@@ -150,34 +192,14 @@ class Operation:
         self.reducer = reducer
         self.chained = chained  # allreduce: allgather of a shard starts when its reduce-scatter is final
         self._lock = threading.Lock()
-        self._stripes = [threading.Lock() for _ in range(64)]
         self._done = threading.Event()
         self.error: BaseException | None = None
-        self._remaining_children: dict[tuple[int, int], int] = {}
         self._scratch: dict[int, np.ndarray] = {}
         self._max_chunk = max_chunk_bytes
-        events = 0
-        self._rs_root_left = 0
-        self._held_ag: list[Piece] = []
-        self._from_peer: dict[int, int] = {}  # frames still to receive from each peer
-
-        def expect(peer: int) -> None:
-            self._from_peer[peer] = self._from_peer.get(peer, 0) + 1
-
-        for kind, pieces in zip(plan.kinds, plan.phases):
-            for pc in pieces:
-                events += len(pc.children) + (0 if pc.parent is None else 1)
-                if kind == ALLGATHER and pc.parent is not None:
-                    expect(pc.parent)
-                if kind == REDUCE_SCATTER:
-                    for child in pc.children:
-                        expect(child)
-                if kind == REDUCE_SCATTER:
-                    if pc.children:
-                        self._remaining_children[(pc.frame_tree, pc.chunk)] = len(pc.children)
-                    if pc.parent is None:
-                        self._rs_root_left += 1
-        self._events = events
+        self._events = plan.events
+        self._from_peer = dict(plan.from_peer)
+        self._children_left = dict(plan.children_left)
+        self._gated = dict(plan.gated) if chained else {}
 
     # ------------------------------------------------------------------ driving
     def start(self) -> None:
@@ -189,12 +211,11 @@ class Operation:
             for pc in pieces:
                 if kind == REDUCE_SCATTER and not pc.children and pc.parent is not None:
                     self._send(pc, pc.parent)
-                elif kind == ALLGATHER and pc.parent is None:
-                    if self.chained and self._rs_root_left > 0:
-                        self._held_ag.append(pc)
-                    else:
-                        for child in pc.children:
-                            self._send(pc, child)
+                elif kind == ALLGATHER and pc.parent is None and not (
+                        self.chained and self.plan.gated.get((pc.frame_tree, pc.chunk))):
+                    # Gated pieces go when their data is final (see delivered), which may be before start().
+                    for child in pc.children:
+                        self._send(pc, child)
 
     def _send(self, pc: Piece, peer: int) -> None:
         view = memoryview(self.bytes[pc.start * self.itemsize:pc.stop * self.itemsize])
@@ -245,22 +266,23 @@ class Operation:
         incoming = np.frombuffer(view, dtype=self.work.dtype)
         target = self.work[pc.start:pc.stop]
         key = (pc.frame_tree, pc.chunk)
-        with self._stripes[hash(key) % len(self._stripes)]:
+        with _STRIPES[hash(key) % len(_STRIPES)]:
             self.reducer(target, incoming)
+        opened: list[Piece] = []
         with self._lock:
-            self._remaining_children[key] -= 1
-            complete = self._remaining_children[key] == 0
-            release = False
+            self._children_left[key] -= 1
+            complete = self._children_left[key] == 0
             if complete and pc.parent is None:
-                self._rs_root_left -= 1
-                release = self._rs_root_left == 0
+                for a in self.plan.gates.get(key, ()) if self._gated else ():
+                    akey = (a.frame_tree, a.chunk)
+                    self._gated[akey] -= 1
+                    if self._gated[akey] == 0:
+                        opened.append(a)
         if complete and pc.parent is not None:
             self._send(pc, pc.parent)
-        if release:
-            for held in self._held_ag:
-                for child in held.children:
-                    self._send(held, child)
-            self._held_ag = []
+        for a in opened:
+            for child in a.children:
+                self._send(a, child)
         self._event_done(self._member_of(world_peer))
 
     def failed(self, error: BaseException) -> None:

@@ -24,6 +24,7 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -45,8 +46,11 @@ class ProtocolError(CollectiveError):
     """A peer sent bytes that are not a valid frame or handshake; the connection is closed."""
 
 
-@dataclass(frozen=True)
-class Header:
+_BODY = struct.Struct("<4sBBHIIQIIQQQ")  # the first 56 bytes
+_CRC = struct.Struct("<I4x")
+
+
+class Header(NamedTuple):
     kind: int
     group: int
     epoch: int
@@ -59,10 +63,9 @@ class Header:
     flags: int = 0
 
     def pack(self) -> bytes:
-        body = _HEADER.pack(MAGIC, VERSION, self.kind, self.flags, self.group, self.epoch, self.op, self.tree,
-                            self.chunk, self.desc, self.length, self.checksum, 0)
-        crc = zlib.crc32(body[:56])
-        return body[:56] + struct.pack("<I", crc) + b"\0\0\0\0"
+        body = _BODY.pack(MAGIC, VERSION, self.kind, self.flags, self.group, self.epoch, self.op, self.tree,
+                          self.chunk, self.desc, self.length, self.checksum)
+        return body + _CRC.pack(zlib.crc32(body))
 
 
 def unpack_header(raw: bytes | bytearray | memoryview) -> Header:
