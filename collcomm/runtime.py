@@ -20,6 +20,7 @@ import itertools
 import os
 import socket
 import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -33,7 +34,7 @@ from collcomm.topology.model import Topology
 from collcomm.transport import frames
 from collcomm.transport.executor import DEFAULT_CHUNK_BYTES, ExecutionPlan, Operation, shard_layout
 from collcomm.transport.frames import DATA, Header
-from collcomm.transport.tcp import P2P_BASE, TcpTransport, error_from_abort
+from collcomm.transport.tcp import P2P_BASE, TcpTransport, abort_text, error_from_abort
 
 DEFAULT_TIMEOUT = 300.0
 POLL_SECONDS = 0.25
@@ -147,9 +148,12 @@ class Group:
         return self._worker
 
     def run_schedule(self, kind: str, buf: Buffer, work: np.ndarray, shards: dict, *, reducer, chained: bool,
-                     desc_fields: tuple, timeout: float, nbytes: int, algorithm: str | None = None) -> None:
-        """Run the collective ``kind`` (allgather/reduce_scatter/allreduce schedule) on ``work``."""
+                     desc_fields: tuple, timeout: float, nbytes: int, algorithm: str | None = None,
+                     watch_previous: bool = False) -> None:
+        """Run the collective ``kind`` (allgather/reduce_scatter/allreduce schedule) on ``work``.
+        ``watch_previous``: also fail when the previous operation was aborted elsewhere."""
         seq = next(self._seq)
+        watch = (seq - 1,) if watch_previous and seq > 0 else ()
         rt = self.runtime
         schedule = self.planner.schedule(kind, nbytes, algorithm or rt.algorithm)
         itemsize = work.dtype.itemsize
@@ -157,22 +161,26 @@ class Group:
         plan = self._plan(schedule, shards, chunk_elems)
         describe = f"{desc_fields[0]} of {buf.count} {buf.dtype}" + (f" ({desc_fields[3]})" if desc_fields[3] else "")
         desc = frames.describe(self.id, self.epoch, *desc_fields)
-        op = Operation(links=lambda peer: rt.transport.link(self.members[peer], self.id, self.epoch, timeout),
-                       member_of=self._index.__getitem__, me=self.me, group=self.id, epoch=self.epoch, op_seq=seq, desc=desc,
-                       describe=describe, work=work, plan=plan, reducer=reducer, chained=chained,
-                       max_chunk_bytes=chunk_elems * itemsize)
-        self._execute(op, seq, plan.peers, timeout)
+        links: dict[int, object] = {}
+        op = Operation(links=links.__getitem__, member_of=self._index.__getitem__, me=self.me, group=self.id,
+                       epoch=self.epoch, op_seq=seq, desc=desc, describe=describe, work=work, plan=plan,
+                       reducer=reducer, chained=chained, max_chunk_bytes=chunk_elems * itemsize)
+        self._execute(op, seq, plan.peers, links, timeout, watch)
 
-    def _execute(self, op, seq: int, peers, timeout: float) -> None:
+    def _execute(self, op, seq: int, peers, links: dict, timeout: float, watch: tuple = ()) -> None:
         rt = self.runtime
         mailbox = rt.transport.mailbox(self.id)
-        mailbox.register(seq, op)
-        check = lambda: rt.outside_failure(self, seq)  # noqa: E731
+        check = lambda: rt.outside_failure(self, seq, op.desc, op.describe, watch)  # noqa: E731
+        deadline = time.monotonic() + timeout
         try:
+            # Every connection is open before the operation takes frames (early ones wait in their
+            # sockets), so a frame's handler never has to open one.
             for peer in sorted(peers):
-                rt.transport.link(self.members[peer], self.id, self.epoch, timeout, check=check)
+                links[peer] = rt.transport.link(self.members[peer], self.id, self.epoch,
+                                                max(deadline - time.monotonic(), 0.0), check=check)
+            mailbox.register(seq, op)
             op.start()
-            op.wait(timeout, poll=check, poll_every=POLL_SECONDS)
+            op.wait(max(deadline - time.monotonic(), 0.0), poll=check, poll_every=POLL_SECONDS)
         except CollectiveError as e:
             self._failed(seq, e)
             raise
@@ -180,11 +188,11 @@ class Group:
             mailbox.finish(seq)
 
     def _failed(self, seq: int, error: CollectiveError) -> None:
-        """Tell the other members (through the coordinator) and drop this group's connections."""
+        """Tell the other members why: the coordinator's record (read by members that wait) and
+        abort frames on every connection of the group (for members that are mid-operation)."""
         rt = self.runtime
-        if not isinstance(error, CollectiveTimeout):
-            rt.record_abort(self, seq, error)
-        rt.transport.close_group(self.id)
+        rt.record_abort(self, seq, error)
+        rt.transport.abort_group(self.id, seq, error)
 
     def close(self) -> None:
         if self._worker is not None:
@@ -266,8 +274,12 @@ class Runtime:
         return group
 
     # ------------------------------------------------------------------ failures seen elsewhere
-    def outside_failure(self, group: Group, seq: int) -> BaseException | None:
-        """A dead member or an abort of this operation recorded at the coordinator, if any."""
+    def outside_failure(self, group: Group, seq: int, desc: int | None = None, describe: str = "",
+                        watch: tuple = ()) -> BaseException | None:
+        """What the coordinator knows that this waiting operation does not: a dead member, an
+        abort recorded for it (or for the operations in ``watch``), or a member waiting in an
+        operation of the same number that is not this one (ranks that disagree may exchange no
+        frame at all, e.g. two ranks that each think they are the root of a reduce)."""
         try:
             status = self.client.group_status(group.id, timeout=5.0)
         except CollectiveError:
@@ -277,20 +289,40 @@ class Runtime:
             if dead:
                 d = dead[0]
                 return PeerFailure(f"rank {d.rank} failed: {d.reason or 'reported dead'}", rank=d.rank)
+        for s_ in (seq,) + tuple(watch):
+            try:
+                text = self.client.kv_get(_abort_key(group, s_), timeout=0.0)
+            except CollectiveError:
+                continue
+            reporter, _, abort = text.decode(errors="replace").partition("#")
+            return error_from_abort(abort, int(reporter))
+        if desc is None:
+            return None
+        key = _abort_key(group, seq) + "/desc/"
         try:
-            text = self.client.kv_get(_abort_key(group, seq), timeout=0.0)
+            self.client.kv_set(key + str(self.rank), f"{desc}|{describe}".encode(), timeout=5.0)
+            for member in group.members:
+                if member == self.rank:
+                    continue
+                try:
+                    theirs = self.client.kv_get(key + str(member), timeout=0.0).decode(errors="replace")
+                except CollectiveError:
+                    continue
+                their_desc, _, their_text = theirs.partition("|")
+                if their_desc != str(desc):
+                    return MismatchError(f"rank {member} waits in {their_text} #{seq} while this rank runs "
+                                         f"{describe}")
         except CollectiveError:
             return None
-        text = text.decode(errors="replace")
-        rank_text, _, rest = text.partition("|")
-        return error_from_abort(int(rank_text), rest)
+        return None
 
     def record_abort(self, group: Group, seq: int, error: CollectiveError) -> None:
-        kind = "mismatch" if isinstance(error, MismatchError) else "failure"
-        peer = getattr(error, "rank", None)
-        who = peer if peer is not None else self.rank
+        """Record why operation ``seq`` failed, unless another member recorded it first (the first
+        failure is the cause; later ones are its echoes)."""
+        key = _abort_key(group, seq)
         try:
-            self.client.kv_set(_abort_key(group, seq), f"{who}|{kind}: {error}".encode(), timeout=5.0)
+            if self.client.kv_add(key + "/reports", 1, timeout=5.0) == 1:
+                self.client.kv_set(key, f"{self.rank}#{abort_text(error)}".encode(), timeout=5.0)
         except CollectiveError:
             pass
 
@@ -327,14 +359,15 @@ def _own_address(coordinator: str) -> str:
 
 
 # ---------------------------------------------------------------------------- collectives
-def allreduce(rt: Runtime, group: Group, x, op: str, timeout: float) -> None:
+def allreduce(rt: Runtime, group: Group, x, op: str, timeout: float, watch_previous: bool = False) -> None:
     buf = as_buffer(x)
     reducer = buf.reducer(op)
     if buf.count == 0 or group.size == 1:
         return
     shards = dict(enumerate(shard_layout(buf.count, group.size)))
     group.run_schedule(ALLREDUCE, buf, buf.array, shards, reducer=reducer, chained=True,
-                       desc_fields=("allreduce", buf.dtype, buf.count, op, -1), timeout=timeout, nbytes=buf.nbytes)
+                       desc_fields=("allreduce", buf.dtype, buf.count, op, -1), timeout=timeout, nbytes=buf.nbytes,
+                       watch_previous=watch_previous)
     if op == "avg":
         buf.divide(group.size)
 
@@ -380,9 +413,10 @@ def broadcast(rt: Runtime, group: Group, x, root: int, timeout: float) -> None:
     _check_root(group, root)
     if buf.count == 0 or group.size == 1:
         return
-    group.run_schedule(ALLGATHER, buf, buf.array, {root: (0, buf.count)}, reducer=None, chained=False,
-                       desc_fields=("broadcast", buf.dtype, buf.count, "", root), timeout=timeout,
-                       nbytes=buf.nbytes * group.size)
+    fields = ("broadcast", buf.dtype, buf.count, "", root)
+    _rooted(rt, group, fields, timeout, lambda: group.run_schedule(
+        ALLGATHER, buf, buf.array, {root: (0, buf.count)}, reducer=None, chained=False, desc_fields=fields,
+        timeout=timeout, nbytes=buf.nbytes * group.size))
 
 
 def reduce(rt: Runtime, group: Group, x, root: int, op: str, timeout: float) -> None:
@@ -392,11 +426,29 @@ def reduce(rt: Runtime, group: Group, x, root: int, op: str, timeout: float) -> 
     if buf.count == 0 or group.size == 1:
         return
     work = buf.array if group.me == root else buf.array.copy()  # only the root's buffer changes
-    group.run_schedule(REDUCE_SCATTER, buf, work, {root: (0, buf.count)}, reducer=reducer, chained=False,
-                       desc_fields=("reduce", buf.dtype, buf.count, op, root), timeout=timeout,
-                       nbytes=buf.nbytes * group.size)
+    fields = ("reduce", buf.dtype, buf.count, op, root)
+    _rooted(rt, group, fields, timeout, lambda: group.run_schedule(
+        REDUCE_SCATTER, buf, work, {root: (0, buf.count)}, reducer=reducer, chained=False, desc_fields=fields,
+        timeout=timeout, nbytes=buf.nbytes * group.size))
     if op == "avg" and group.me == root:
         buf.divide(group.size)
+
+
+def _rooted(rt: Runtime, group: Group, fields: tuple, timeout: float, run) -> None:
+    """Run a rooted collective, then agree on what it was.
+
+    In a broadcast or reduce some ranks only send, so the rank that finds a disagreement may be
+    the only one to see it while the others return. After the operation every rank allreduces
+    (max) the hash of its description and its negation; the allreduce also watches the abort
+    record of the operation itself. A rank whose operation failed does not take part: the
+    others learn of it from that record. A disagreement is a MismatchError on every rank."""
+    mine = frames.describe(*fields) >> 1  # fits int64
+    run()
+    seen = np.array([mine, -mine], dtype=np.int64)
+    allreduce(rt, group, seen, "max", timeout, watch_previous=True)
+    if int(seen[0]) != mine or int(seen[1]) != -mine:
+        raise MismatchError(f"ranks disagree on this {fields[0]} (this rank: {fields[2]} {fields[1]}, "
+                            f"root {fields[4]}{', ' + fields[3] if fields[3] else ''})")
 
 
 def barrier(rt: Runtime, group: Group, timeout: float) -> None:

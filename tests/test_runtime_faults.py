@@ -496,7 +496,7 @@ FRAMES = {
     "wrong-desc": (lambda g: data(g, desc=P2P_DESC ^ 1), "MismatchError"),
     "wrong-length": (lambda g: data(g, length=len(PAYLOAD) - 4)[:-4], "MismatchError"),
     "bad-payload-checksum": (lambda g: data(g, checksum=frames.checksum(PAYLOAD) ^ 1), "refused"),
-    "abort-frame": (lambda g: raw_header(ABORT, g, 0, 0, length=14) + b"mismatch: nope", "MismatchError"),
+    "abort-frame": (lambda g: raw_header(ABORT, g, 0, 0, length=16) + b"mismatch|-1|nope", "MismatchError"),
     "abort-garbage": (lambda g: raw_header(ABORT, g, 0, 0, length=64) + os.urandom(64), "refused"),
     "header-then-close": (lambda g: good_frame(g)[:40], "refused-on-close"),
     "truncated-held": (lambda g: good_frame(g)[:40], "timeout"),

@@ -218,6 +218,8 @@ class Operation:
                         self._send(pc, child)
 
     def _send(self, pc: Piece, peer: int) -> None:
+        if self.error is not None:
+            return  # a failed operation sends nothing more
         view = memoryview(self.bytes[pc.start * self.itemsize:pc.stop * self.itemsize])
         header = Header(DATA, self.group, self.epoch, self.op_seq, pc.frame_tree, pc.chunk, self.desc,
                         len(view), frames.checksum(view))

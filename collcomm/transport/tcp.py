@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 import queue
 import socket
 import sys
@@ -34,9 +35,10 @@ from collcomm.transport.frames import ABORT, DATA, HEADER_SIZE, Header, Protocol
 log = logging.getLogger("collcomm.transport")
 
 SOCKET_BUFFER = 4 << 20
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # client side: the peer is one of ours and may be busy
+SERVE_HANDSHAKE_TIMEOUT = 3.0  # server side: an unknown connection gets this long to prove itself
 MAX_FRAME = 1 << 31  # larger frames are refused before anything is read
-MAX_HANDSHAKES = 32
+MAX_HANDSHAKES = 64  # pending handshakes per listener; beyond, the oldest is cut off
 SMALL_PAYLOAD = 64 << 10
 CHECK_EVERY = 0.25  # seconds between looks at failures known elsewhere while waiting for a peer
 P2P_BASE = 1 << 31  # group ids from here on carry point-to-point messages (tag = id - P2P_BASE)
@@ -128,13 +130,28 @@ class GroupMailbox:
             self._cond.notify_all()
 
 
-def error_from_abort(peer: int, text: str) -> CollectiveError:
-    kind, _, reason = text.partition(":")
+def abort_text(error: BaseException) -> str:
+    """How a failure travels to other ranks: "kind|culprit rank|message" (culprit -1: unknown)."""
+    kind = "mismatch" if isinstance(error, MismatchError) else (
+        "timeout" if isinstance(error, CollectiveTimeout) else "failure")
+    culprit = getattr(error, "rank", None)
+    return f"{kind}|{-1 if culprit is None else culprit}|{error}"
+
+
+def error_from_abort(text: str, reporter: int) -> CollectiveError:
+    """The typed error a rank raises for a failure another rank (``reporter``) told it about."""
+    kind, _, rest = text.partition("|")
+    culprit_text, _, message = rest.partition("|")
+    try:
+        culprit = int(culprit_text)
+    except ValueError:
+        culprit, message = -1, rest
     if kind == "mismatch":
-        return MismatchError(reason.strip())
+        return MismatchError(message)
     if kind == "timeout":
-        return CollectiveTimeout(reason.strip())
-    return PeerFailure(reason.strip() or f"rank {peer} aborted the operation", rank=peer)
+        return CollectiveTimeout(message)
+    rank = culprit if culprit >= 0 else reporter
+    return PeerFailure(message or f"rank {rank} failed", rank=rank)
 
 
 class Link:
@@ -232,30 +249,29 @@ class Link:
             while True:
                 recv_exact(sock, view)
                 header = frames.unpack_header(view)
-                if header.group != self.group:
-                    raise ProtocolError(f"frame for group {header.group} on a connection of group {self.group}")
+                if header.group != self.group or header.epoch != self.epoch:
+                    raise ProtocolError(f"frame for group {header.group} epoch {header.epoch} on a connection of "
+                                        f"group {self.group} epoch {self.epoch}")
                 if header.length > MAX_FRAME:
                     raise ProtocolError(f"frame of {header.length} bytes exceeds {MAX_FRAME}")
                 if header.kind == ABORT:
                     text = bytearray(header.length)
                     recv_exact(sock, memoryview(text))
-                    self.mailbox.abort(header.op, error_from_abort(self.peer, text.decode(errors="replace")))
+                    self.mailbox.abort(header.op, error_from_abort(text.decode(errors="replace"), self.peer))
                     continue
                 receiver = self.mailbox.receiver_for(header.op)
                 if receiver is None:  # stale frame of a finished or failed operation
                     discard = discard or bytearray(1 << 16)
-                    left = header.length
-                    while left:
-                        part = memoryview(discard)[:min(left, len(discard))]
-                        recv_exact(sock, part)
-                        left -= len(part)
+                    self._skip(header.length, discard)
                     continue
                 try:
                     dest = receiver.destination(header, self.peer)
-                except CollectiveError as e:
+                except CollectiveError as e:  # ranks disagree: fail the operation, keep the stream whole
                     receiver.failed(e)
                     self.abort(header.op, e)
-                    raise
+                    discard = discard or bytearray(1 << 16)
+                    self._skip(header.length, discard)
+                    continue
                 recv_exact(sock, dest)
                 if frames.checksum(dest) != header.checksum:
                     raise ProtocolError(f"payload checksum mismatch from rank {self.peer} "
@@ -274,16 +290,24 @@ class Link:
             log.exception("rank %d: receiver for rank %d failed", self.transport.rank, self.peer)
             self._fail(e)
 
+    def _skip(self, length: int, scratch: bytearray) -> None:
+        """Read and drop ``length`` payload bytes (a frame nobody takes)."""
+        left = length
+        while left:
+            part = memoryview(scratch)[:min(left, len(scratch))]
+            recv_exact(self.sock, part)
+            left -= len(part)
+
     # ------------------------------------------------------------------ failure
     def abort(self, op: int, error: BaseException) -> None:
-        """Tell the peer that operation ``op`` failed here (best effort)."""
-        kind = "mismatch" if isinstance(error, MismatchError) else (
-            "timeout" if isinstance(error, CollectiveTimeout) else "failure")
-        text = f"{kind}: {error}".encode()[:frames.MAX_ABORT_BYTES]
-        try:
-            self.sock.sendall(Header(ABORT, self.group, self.epoch, op, length=len(text)).pack() + text)
-        except OSError:
-            pass
+        """Tell the peer that operation ``op`` failed here: an abort frame, queued behind whatever
+        is being sent (so the stream stays whole), never blocking the caller."""
+        if self.error is not None:
+            return
+        text = abort_text(error).encode()[:frames.MAX_ABORT_BYTES]
+        with self._count_lock:
+            self._queued += 1
+        self._sendq.put((Header(ABORT, self.group, self.epoch, op, length=len(text)).pack(), memoryview(text), None))
 
     def _fail(self, error: BaseException) -> None:
         with self._lock:
@@ -332,7 +356,6 @@ class TcpTransport:
         self._links: dict[tuple[int, int], Link] = {}
         self._opening: dict[tuple[int, int], threading.Lock] = {}
         self._mailboxes: dict[tuple[int, int | None], GroupMailbox] = {}
-        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._closed = False
         for listener in filter(None, (self._listener, self._local_listener)):
             threading.Thread(target=self._accept_loop, args=(listener,), name=f"collcomm-accept-r{rank}",
@@ -392,13 +415,13 @@ class TcpTransport:
             if self._links.get((link.peer, link.group)) is link:
                 del self._links[(link.peer, link.group)]
 
-    def close_group(self, group: int) -> None:
-        """Drop every connection of ``group`` (after a failure, so nothing stale is reused)."""
+    def abort_group(self, group: int, op: int, error: BaseException) -> None:
+        """After operation ``op`` of ``group`` failed here: tell every connected member why. The
+        connections stay: frames of the failed operation that still arrive are read and dropped."""
         with self._cond:
             links = [l for (p, g), l in self._links.items() if g == group]
         for l in links:
-            l.close()
-            self._forget(l)
+            l.abort(op, error)
 
     def _connect(self, peer: int, group: int, epoch: int, deadline: float, check=None) -> socket.socket:
         if peer not in self._peers:
@@ -414,7 +437,10 @@ class TcpTransport:
                     raise known
             try:
                 sock = self._open(host, port, local, deadline)
-            except OSError as e:  # not listening (yet, or any more)
+            except ConnectionRefusedError:
+                # Ranks listen before they register, so nobody listening means the process is gone.
+                raise PeerFailure(f"rank {peer} is gone (nothing listens at {host}:{port})", rank=peer) from None
+            except OSError as e:
                 last = e
                 time.sleep(0.05)
                 continue
@@ -468,9 +494,11 @@ class TcpTransport:
                     del self._accepted[(peer, group)]
                     return got[1]
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
+                if self._closed:
+                    raise PeerFailure(f"the transport of rank {self.rank} is closed", rank=peer)
+                if left <= 0:
                     what = f"tag {group - P2P_BASE}" if group >= P2P_BASE else f"group {group}"
-                    raise PeerFailure(f"rank {peer} did not connect for {what} in time", rank=peer)
+                    raise CollectiveTimeout(f"rank {peer} did not connect for {what} in time")
                 self._cond.wait(min(left, CHECK_EVERY))
             if check is not None:
                 known = check()
@@ -478,21 +506,31 @@ class TcpTransport:
                     raise known
 
     def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept connections and authenticate each in a thread of its own. When MAX_HANDSHAKES are
+        already pending, the oldest pending one (a port scanner, a stuck client: ours complete in
+        milliseconds) is cut off to make room, so idle connections can never lock the job out."""
+        pending: deque = deque()
+        lock = threading.Lock()
         while not self._closed:
             try:
                 sock, addr = listener.accept()
             except OSError:
                 return
-            if not self._handshakes.acquire(blocking=False):
-                log.warning("rank %d: too many handshakes in progress; refusing %s", self.rank, addr)
-                sock.close()
-                continue
-            threading.Thread(target=self._serve_handshake, args=(sock, addr), daemon=True,
+            with lock:
+                while len(pending) >= MAX_HANDSHAKES:
+                    oldest = pending.popleft()
+                    log.warning("rank %d: too many handshakes in progress; dropping the oldest", self.rank)
+                    try:
+                        oldest.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                pending.append(sock)
+            threading.Thread(target=self._serve_handshake, args=(sock, addr, pending, lock), daemon=True,
                              name=f"collcomm-handshake-r{self.rank}").start()
 
-    def _serve_handshake(self, sock: socket.socket, addr) -> None:
+    def _serve_handshake(self, sock: socket.socket, addr, pending: deque, lock: threading.Lock) -> None:
         try:
-            sock.settimeout(HANDSHAKE_TIMEOUT)
+            sock.settimeout(SERVE_HANDSHAKE_TIMEOUT)
             raw = bytearray(frames.HELLO_SIZE)
             recv_exact(sock, memoryview(raw))
             hello = frames.unpack_hello(bytes(raw))
@@ -516,7 +554,11 @@ class TcpTransport:
             log.warning("rank %d: refused connection from %s: %s", self.rank, origin, e)
             sock.close()
         finally:
-            self._handshakes.release()
+            with lock:
+                try:
+                    pending.remove(sock)
+                except ValueError:  # already cut off
+                    pass
 
     def close(self) -> None:
         self._closed = True
