@@ -44,7 +44,7 @@ def sizes_between(lo: int, hi: int) -> list[int]:
 
 
 def iterations(nbytes: int) -> int:
-    return 200 if nbytes <= 64 << 10 else 40 if nbytes <= 4 << 20 else 8 if nbytes <= 64 << 20 else 3
+    return 200 if nbytes <= 64 << 10 else 40 if nbytes <= 4 << 20 else 8 if nbytes <= 64 << 20 else 5
 
 
 def peak_rss_kb() -> int:

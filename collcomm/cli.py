@@ -571,8 +571,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-n", "--nprocs", type=_positive_int, required=True, metavar="N", help="number of ranks")
     r.add_argument("--topology", metavar="FILE", help="the job's fabric (collcomm.topology/1), for the planner")
     r.add_argument("--timeout", type=float, metavar="SECONDS", help="default timeout of every blocking call")
+    _add_emulate_arguments(r, "--emulate", "run each rank inside its network namespace of this emulated fabric "
+                                           "(built for the job unless `collcomm emulate up` built it; needs root)")
     r.add_argument("program", nargs=argparse.REMAINDER, help="the program and its arguments")
     r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("emulate", help="build or remove an emulated fabric (network namespaces, veth, tc tbf)",
+                       description="Build a topology on this machine out of network namespaces (one per node), "
+                                   "veth pairs (one per link) shaped with tc tbf to the scaled bandwidths, and "
+                                   "routes; needs root. `down` removes everything under the prefix.")
+    esub = e.add_subparsers(dest="action", metavar="ACTION", required=True)
+    eu = esub.add_parser("up", help="build the fabric of a topology file")
+    eu.add_argument("topology_file", metavar="T.json", help="collcomm.topology/1 file")
+    _add_emulate_arguments(eu, None, None)
+    eu.set_defaults(func=cmd_emulate_up)
+    ed = esub.add_parser("down", help="remove the fabric (and anything left under its prefix)")
+    ed.add_argument("--prefix", default=None, metavar="NAME", help="name prefix of the fabric (default ccemu)")
+    ed.set_defaults(func=cmd_emulate_down)
+    es = esub.add_parser("status", help="show what exists under the prefix")
+    es.add_argument("--prefix", default=None, metavar="NAME", help="name prefix of the fabric (default ccemu)")
+    es.set_defaults(func=cmd_emulate_status)
 
     c = sub.add_parser("coordinator", help="run the coordinator alone, for jobs that span machines",
                        description="Serve rendezvous, groups and the key-value store until Ctrl-C. Ranks find it "
@@ -583,6 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_emulate_arguments(p: argparse.ArgumentParser, flag: str | None, help_text: str | None) -> None:
+    if flag:
+        p.add_argument(flag, metavar="T.json", dest="emulate", help=help_text)
+    p.add_argument("--scale", default=None, metavar="BW=RATE",
+                   help="topology bandwidth to tc rate, e.g. 1GB/s=100Mbit (the default)")
+    p.add_argument("--prefix", default=None, metavar="NAME",
+                   help="name prefix of namespaces and interfaces (default ccemu)")
+
+
 def cmd_run(args) -> int:
     from collcomm.launcher import run
 
@@ -590,9 +617,48 @@ def cmd_run(args) -> int:
     if not program:
         raise UsageError("run: give the program to run, e.g. collcomm run -n 4 python train.py")
     try:
-        return run(args.nprocs, program, topology=args.topology, timeout=args.timeout)
+        return run(args.nprocs, program, topology=args.topology, timeout=args.timeout, emulate=args.emulate,
+                   scale=args.scale, prefix=args.prefix)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def cmd_emulate_up(args) -> int:
+    from collcomm.topology import emulate as emu
+    from collcomm.topology import jsonio
+
+    emu.require_root()
+    topo = jsonio.load(args.topology_file)
+    p = emu.up(emu.plan(topo, args.prefix or emu.DEFAULT_PREFIX, args.scale or emu.DEFAULT_SCALE))
+    print(f"{p.name}: {len(p.namespaces)} namespaces ({p.num_ranks} ranks), {len(p.veths)} shaped links, "
+          f"coordinator network {p.mgmt_host}/16 on {p.mgmt_bridge}; remove with "
+          f"`{PROG} emulate down --prefix {p.prefix}`")
+    for r in range(p.num_ranks):
+        print(f"  rank {r}  {p.node_ids[r]:<20} namespace {p.namespaces[r]:<12} address {p.addresses[r]}")
+    return EXIT_OK
+
+
+def cmd_emulate_down(args) -> int:
+    from collcomm.topology import emulate as emu
+
+    prefix = emu.check_prefix(args.prefix or emu.DEFAULT_PREFIX)
+    gone = emu.down(prefix)
+    print(f"removed {len(gone['namespaces'])} namespaces, {len(gone['links'])} links and "
+          f"{len(gone['pids'])} processes under prefix {prefix!r}")
+    return EXIT_OK
+
+
+def cmd_emulate_status(args) -> int:
+    from collcomm.topology import emulate as emu
+
+    prefix = emu.check_prefix(args.prefix or emu.DEFAULT_PREFIX)
+    emu.require_root()
+    left = emu.leftovers(prefix)
+    p = emu.current(prefix)
+    state = f"up: {p.name}, {p.num_ranks} ranks" if p else ("down" if not left["namespaces"] else "partial")
+    print(f"{prefix}: {state}; {len(left['namespaces'])} namespaces, {len(left['links'])} root links, "
+          f"{len(left['pids'])} processes")
+    return EXIT_OK
 
 
 def cmd_coordinator(args) -> int:

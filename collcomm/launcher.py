@@ -53,14 +53,15 @@ def rank_env(rank: int, world: int, coordinator: str, token: str, topology: str 
 
 
 def run(nprocs: int, command: list[str], *, topology: str | None = None, timeout: float | None = None,
-        stdout=None, stderr=None, wrap=None) -> int:
+        stdout=None, stderr=None, wrap=None, env: dict | None = None, emulate: str | None = None,
+        scale: str | None = None, prefix: str | None = None) -> int:
     """Run ``command`` as ``nprocs`` ranks; return the job's exit code.
 
-    ``wrap(rank, argv) -> argv`` lets callers run each rank differently (e.g. inside a network
-    namespace)."""
-    from collcomm.coordinator.client import CoordinatorClient
-    from collcomm.coordinator.server import CoordinatorServer
-
+    ``wrap(rank, argv) -> argv`` lets callers run each rank differently; ``env`` adds variables
+    to every rank's environment. ``emulate=T.json`` runs each rank inside its namespace of the
+    emulated fabric of that topology (built now and removed afterwards, unless the same fabric
+    is already up from ``collcomm emulate up``); its topology is then the planner's unless
+    ``topology`` or ``COLLCOMM_TOPOLOGY`` says otherwise."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     if nprocs < 1:
@@ -74,8 +75,45 @@ def run(nprocs: int, command: list[str], *, topology: str | None = None, timeout
         if topo.num_ranks != nprocs:
             raise ValueError(f"topology {topology} has {topo.num_ranks} ranks but -n is {nprocs}")
         topology = str(Path(topology).resolve())
+    fabric, built = None, False
+    if emulate:
+        fabric, built = _fabric(emulate, nprocs, scale, prefix)
+        if topology is None and not (env or {}).get("COLLCOMM_TOPOLOGY") and not os.environ.get("COLLCOMM_TOPOLOGY"):
+            topology = str(Path(emulate).resolve())
+    try:
+        return _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, env, fabric)
+    finally:
+        if built:
+            from collcomm.topology import emulate as emu
+
+            emu.down(fabric.prefix)
+
+
+def _fabric(path: str, nprocs: int, scale: str | None, prefix: str | None):
+    """The emulated fabric of topology file ``path``: the one already up, or a new one (built=True)."""
+    from collcomm.topology import emulate as emu
+    from collcomm.topology import jsonio
+
+    emu.require_root("collcomm run --emulate")
+    topo = jsonio.load(path)
+    if topo.num_ranks != nprocs:
+        raise ValueError(f"emulated topology {path} has {topo.num_ranks} ranks but -n is {nprocs}")
+    wanted = emu.plan(topo, prefix or emu.DEFAULT_PREFIX, scale or emu.DEFAULT_SCALE)
+    existing = emu.current(wanted.prefix)
+    if existing is not None:
+        if existing.to_json() != wanted.to_json():
+            raise ValueError(f"another fabric ({existing.name}) is up under prefix {wanted.prefix!r}: run "
+                             f"`collcomm emulate down --prefix {wanted.prefix}` or choose another --prefix")
+        return existing, False
+    return emu.up(wanted), True
+
+
+def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_env, fabric) -> int:
+    from collcomm.coordinator.client import CoordinatorClient
+    from collcomm.coordinator.server import CoordinatorServer
+
     token = secrets.token_hex(16)
-    server = CoordinatorServer(token, host="127.0.0.1", port=0)
+    server = CoordinatorServer(token, host=fabric.mgmt_host if fabric else "127.0.0.1", port=0)
     address = server.start()
     client = CoordinatorClient(address, token, timeout=10.0)
     lock = threading.Lock()
@@ -96,7 +134,14 @@ def run(nprocs: int, command: list[str], *, topology: str | None = None, timeout
     try:
         for i in range(nprocs):
             argv = wrap(i, list(command)) if wrap else list(command)
-            proc = subprocess.Popen(argv, env=rank_env(i, nprocs, address, token, topology, timeout),
+            env = rank_env(i, nprocs, address, token, topology, timeout)
+            env.update(extra_env or {})
+            if fabric is not None:
+                from collcomm.topology import emulate as emu
+
+                env.update(emu.rank_environment(fabric, i))
+                argv = emu.wrap_command(fabric, i, argv)
+            proc = subprocess.Popen(argv, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
             r = _Rank(i, proc)
             ranks.append(r)
