@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         ok = bool(np.all(x == n * (n + 1) / 2))
         wrong += not ok
         t = statistics.median(times)
-        algo = group.planner.schedule("allreduce", count * 4).algorithm
+        algo = group.planner.schedule("allreduce", count * 4, runtime().algorithm).algorithm
         if rank == 0:
             algbw = count * 4 / t / 1e9
             print(f"{human(count * 4):>8} {count:>10}  {algo:<17} {t * 1e6:>10.1f} {algbw:>11.3f} "
