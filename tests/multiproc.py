@@ -89,6 +89,11 @@ class Job:
         for r in self.ranks:
             if r.ok is not True and r.output:
                 lines.append(f"--- rank {r.rank} output (last 40 lines):\n" + "\n".join(r.output[-40:]))
+        for r in self.ranks:
+            if r.ok is None:  # died without reporting (a signal, an abort): its own last words
+                mine = [l for l in self.stderr.splitlines() if l.startswith(f"[rank {r.rank}] ")]
+                if mine:
+                    lines.append(f"--- rank {r.rank} stderr (last 20 lines):\n" + "\n".join(mine[-20:]))
         launcher = [l for l in self.stderr.splitlines() if not l.startswith("[rank ")]
         if launcher:
             lines.append("--- launcher:\n" + "\n".join(launcher[-20:]))

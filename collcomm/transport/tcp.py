@@ -40,6 +40,7 @@ SERVE_HANDSHAKE_TIMEOUT = 3.0  # server side: an unknown connection gets this lo
 MAX_FRAME = 1 << 31  # larger frames are refused before anything is read
 MAX_HANDSHAKES = 64  # pending handshakes per listener; beyond, the oldest is cut off
 SMALL_PAYLOAD = 64 << 10
+CLOSE_JOIN_SECONDS = 2.0  # close() waits this long in all for the transport's threads to end
 CHECK_EVERY = 0.25  # seconds between looks at failures known elsewhere while waiting for a peer
 P2P_BASE = 1 << 31  # group ids from here on carry point-to-point messages (tag = id - P2P_BASE)
 
@@ -328,6 +329,12 @@ class Link:
         if self.error is None:
             self.error = PeerFailure(f"connection to rank {self.peer} was closed", rank=self.peer)
 
+    def join(self, deadline: float) -> None:
+        """Wait (until the monotonic ``deadline``) for this link's threads to end after close()."""
+        for t in (self._sender, self._receiver):
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+
 
 class TcpTransport:
     """Listens for peers, authenticates them, and hands out one :class:`Link` per (peer, group)."""
@@ -357,9 +364,11 @@ class TcpTransport:
         self._opening: dict[tuple[int, int], threading.Lock] = {}
         self._mailboxes: dict[tuple[int, int | None], GroupMailbox] = {}
         self._closed = False
-        for listener in filter(None, (self._listener, self._local_listener)):
-            threading.Thread(target=self._accept_loop, args=(listener,), name=f"collcomm-accept-r{rank}",
-                             daemon=True).start()
+        self._acceptors = [threading.Thread(target=self._accept_loop, args=(listener,), daemon=True,
+                                            name=f"collcomm-accept-r{rank}")
+                           for listener in filter(None, (self._listener, self._local_listener))]
+        for t in self._acceptors:
+            t.start()
 
     # ------------------------------------------------------------------ peers and mailboxes
     def set_peers(self, table: dict[int, str]) -> None:
@@ -583,3 +592,11 @@ class TcpTransport:
             s.close()
         for b in boxes:
             b.close()
+        # Our threads must be gone before the interpreter finalizes: a daemon thread that wakes
+        # up then is unwound by pthread_exit, which aborts the process inside C++ frames (torch).
+        deadline = time.monotonic() + CLOSE_JOIN_SECONDS
+        for l in links:
+            l.join(deadline)
+        for t in self._acceptors:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
