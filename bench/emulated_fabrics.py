@@ -74,7 +74,9 @@ def rank_main() -> int:
         return statistics.median(times)
 
     count = nbytes // 4
-    for collective in ("allreduce", "allgather"):
+    algorithms = os.environ.get("BENCH_ALGORITHMS", ",".join(ALGORITHMS)).split(",")
+    with_gloo = os.environ.get("BENCH_GLOO", "1") == "1"
+    for collective in os.environ.get("BENCH_COLLECTIVES", "allreduce,allgather").split(","):
         if collective == "allreduce":
             x = np.empty(count, np.float32)
             want = np.float32(n * (n + 1) / 2)
@@ -116,13 +118,15 @@ def rank_main() -> int:
             def check_gloo():
                 assert np.array_equal(tout.numpy(), want_ag), "gloo allgather result wrong"
         size = count * 4 if collective == "allreduce" else (count // n) * n * 4
-        for algorithm in ALGORITHMS:
+        for algorithm in algorithms:
             runtime().algorithm = algorithm
             t = measure(run_cc, check)
             results.append({"collective": collective, "library": "collcomm", "algorithm": algorithm,
                             "bytes": size, "seconds": t, "algbw": size / t})
             if rank == 0:
                 print(f"{collective:10} {algorithm:17} {t * 1e3:10.1f} ms {size / t / 1e6:8.2f} MB/s", flush=True)
+        if not with_gloo:
+            continue
         t = measure(run_gloo, check_gloo)
         results.append({"collective": collective, "library": "gloo", "algorithm": "gloo",
                         "bytes": size, "seconds": t, "algbw": size / t})
@@ -188,6 +192,42 @@ def run_fabric(name: str, iters: int, chunk: str, size: int | None = None) -> di
             "ranks": topo.num_ranks, "rows": rows}
 
 
+def probed_versus_true(name: str, iters: int, chunk: str) -> dict:
+    """Probe the emulated fabric, then run ForestColl allreduce planned on the probed file and on
+    the true file, alternately, in separate jobs over the same shaped links."""
+    import subprocess
+
+    from collcomm.launcher import run as launch
+    from collcomm.topology import jsonio
+
+    file, scale, nbytes = FABRICS[name]
+    path = HERE / "topologies" / file
+    topo = jsonio.load(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        probed = Path(tmp) / "probed.json"
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "collcomm.cli", "topology", "--probe", "--emulate", str(path),
+                        "--scale", scale, "--prefix", "ccbench", "-o", str(probed)], check=True,
+                       stdout=subprocess.DEVNULL)
+        probe_seconds = time.monotonic() - t0
+        saved = json.loads(probed.read_text())
+        times = {"true": [], "probed": []}
+        for _ in range(2):
+            for which, planner_file in (("true", path), ("probed", probed)):
+                out = Path(tmp) / f"{which}.json"
+                env = {"BENCH_BYTES": str(nbytes), "BENCH_ITERS": str(iters), "BENCH_OUT": str(out),
+                       "MASTER_PORT": str(free_port()), "COLLCOMM_CHUNK_BYTES": chunk, "OMP_NUM_THREADS": "1",
+                       "BENCH_ALGORITHMS": "forestcoll", "BENCH_GLOO": "0", "BENCH_COLLECTIVES": "allreduce"}
+                code = launch(topo.num_ranks, [sys.executable, __file__, "--rank"], env=env, emulate=str(path),
+                              topology=str(planner_file), scale=scale, prefix="ccbench")
+                if code != 0:
+                    raise SystemExit(f"the {which}-topology job on {name} failed with exit code {code}")
+                times[which].append(json.loads(out.read_text())[0]["seconds"])
+    best = {k: min(v) for k, v in times.items()}
+    return {"fabric": name, "bytes": nbytes, "probe_seconds": probe_seconds, "probed_topology": saved,
+            "seconds": times, "probed_over_true_time": best["probed"] / best["true"]}
+
+
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -220,6 +260,8 @@ def main() -> int:
     ap.add_argument("--chunk", default=str(256 << 10), help="COLLCOMM_CHUNK_BYTES for the shaped links")
     ap.add_argument("--bytes", help="buffer size for every fabric instead of its default (e.g. 1M for a smoke run)")
     ap.add_argument("--plot", default=str(HERE / "emulated_fabrics.png"))
+    ap.add_argument("--probe", metavar="FABRIC", help="also probe this fabric and compare the plan built from the "
+                                                        "probed topology with the plan built from the true file")
     args = ap.parse_args()
     names = [f for f in args.fabrics.split(",") if f]
     unknown = [f for f in names if f not in FABRICS]
@@ -233,6 +275,12 @@ def main() -> int:
     runs = [run_fabric(name, args.iters, args.chunk, size) for name in names]
     doc = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "command": "python3 bench/emulated_fabrics.py " + " ".join(sys.argv[1:]), "runs": runs}
+    if args.probe:
+        doc["probe"] = probed_versus_true(args.probe, args.iters, args.chunk)
+        p = doc["probe"]
+        print(f"\nprobe of {p['fabric']}: {p['probe_seconds']:.1f} s; ForestColl allreduce planned on the probed "
+              f"topology takes {p['probed_over_true_time']:.3f}x the time of the plan on the true file "
+              f"(seconds: {p['seconds']})")
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "emulated_fabrics.json").write_text(json.dumps(doc, indent=1))
     for run in runs:
