@@ -11,14 +11,15 @@ The schedule generator (``collcomm.schedules``) and the fabric model
 from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, MismatchError,
                              PeerFailure, ScheduleError, TopologyError)
 
-from collcomm.api import (allgather, allreduce, barrier, broadcast, init, is_initialized, new_group, rank, recv,
-                          reduce, reduce_scatter, send, shutdown, world_size)
+from collcomm.api import (allgather, allreduce, alltoall, barrier, broadcast, init, is_initialized, new_group, rank,
+                          recv, reduce, reduce_scatter, send, shutdown, world_size)
+from collcomm.api import probe_topology
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError", "CollectiveError", "CollectiveTimeout", "MismatchError", "PeerFailure",
-    "ScheduleError", "TopologyError", "__version__",
-    "allgather", "allreduce", "barrier", "broadcast", "init", "is_initialized", "new_group", "rank", "recv",
-    "reduce", "reduce_scatter", "send", "shutdown", "world_size",
+    "ScheduleError", "TopologyError", "__version__", "probe_topology",
+    "allgather", "allreduce", "alltoall", "barrier", "broadcast", "init", "is_initialized", "new_group", "rank",
+    "recv", "reduce", "reduce_scatter", "send", "shutdown", "world_size",
 ]

@@ -134,6 +134,16 @@ def reduce_scatter(out, x, op: str = "sum", *, group=None, async_op: bool = Fals
     return g.submit(lambda: r.reduce_scatter(rt, g, out, x, op, t), "reduce_scatter", async_op)
 
 
+def alltoall(out, x, *, group=None, async_op: bool = False, timeout: float | None = None):
+    """Exchange blocks: ``x`` and ``out`` hold the same number of elements, a multiple of the group
+    size n; block j of ``x`` goes to group rank j and lands there as block i (this rank's group
+    rank) of ``out``. ``out`` may be ``x`` (in place)."""
+    from collcomm import runtime as r
+
+    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    return g.submit(lambda: r.alltoall(rt, g, out, x, t), "alltoall", async_op)
+
+
 def broadcast(x, root: int = 0, *, group=None, async_op: bool = False, timeout: float | None = None):
     """Copy the root's ``x`` to every rank of the group (``root`` is a group rank)."""
     from collcomm import runtime as r
@@ -172,6 +182,14 @@ def recv(x, src: int, *, tag: int = 0, timeout: float | None = None) -> None:
 
     rt = _rt()
     r.recv(rt, x, src, tag, _timeout(timeout))
+
+
+def probe_topology(*, group=None, seconds_per_pair: float | None = None, timeout: float | None = None):
+    """Measure the fabric (latency, pairwise bandwidth, shared links) and return the inferred
+    Topology; every member of the group (default: the world) calls it and gets the same one."""
+    from collcomm.topology.probe import probe_topology as probe
+
+    return probe(group=group, seconds_per_pair=seconds_per_pair, timeout=timeout)
 
 
 def new_group(ranks, name: str | None = None, *, timeout: float | None = None):

@@ -12,9 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from collcomm.transport.executor import REDUCTIONS, numpy_reducer
+from collcomm.transport.executor import BITWISE, REDUCTIONS, numpy_reducer
 
-SUPPORTED = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8")
+SUPPORTED = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32",
+             "uint64")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ def check_reduction(op: str, buf: Buffer) -> None:
         raise ValueError(f"unknown reduction {op!r}; choose one of {', '.join(REDUCTIONS)}")
     if op == "avg" and not buf.is_float:
         raise ValueError(f"avg needs a floating-point buffer, got {buf.dtype}")
+    if op in BITWISE and buf.is_float:
+        raise ValueError(f"{op} needs an integer buffer, got {buf.dtype}")
 
 
 def as_buffer(x, what: str = "buffer") -> Buffer:

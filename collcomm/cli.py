@@ -320,13 +320,106 @@ def _draw(fn, path: str, *args, **kwargs) -> None:
 
 
 # ---------------------------------------------------------------------------- topology
+def _probe_options(args) -> None:
+    """--probe and the flags that only it takes: checked before any work."""
+    only = [flag for flag, value in (("-np", args.nprocs), ("--topology-seconds", args.topology_seconds),
+                                     ("--measurements", args.measurements), ("--emulate", args.emulate),
+                                     ("--scale", args.scale), ("--prefix", args.prefix)) if value is not None]
+    if not args.probe:
+        if only:
+            raise UsageError(f"{only[0]} applies to --probe only")
+        return
+    sizing = [flag for flag, value in (("--boxes", args.boxes), ("--ranks", args.ranks), ("--param", args.param))
+              if value]
+    if sizing:
+        raise UsageError(f"{sizing[0]} sizes a --preset; --probe measures the fabric (give -np N)")
+    if args.topology_seconds is not None and not (math.isfinite(args.topology_seconds)
+                                                  and 0 < args.topology_seconds <= 60):
+        raise UsageError(f"--topology-seconds {args.topology_seconds:g}: expected a number of seconds in (0, 60]")
+    if args.emulate is not None:
+        from collcomm.topology.jsonio import load
+
+        fabric = load(args.emulate)
+        if args.nprocs is None:
+            args.nprocs = fabric.num_ranks
+        elif args.nprocs != fabric.num_ranks:
+            raise UsageError(f"--emulate {args.emulate} has {fabric.num_ranks} ranks but -np is {args.nprocs}")
+    if args.nprocs is None:
+        raise UsageError("--probe: give the number of ranks, e.g. collcomm topology --probe -np 4")
+    if args.nprocs < 2:
+        raise UsageError(f"-np {args.nprocs}: probing needs at least 2 ranks")
+    if args.measurements:
+        _check_output(args.measurements, "--measurements")
+
+
+def probe_fabric(args):
+    """Run ``python -m collcomm.topology.probe`` as -np ranks (in the emulated fabric with --emulate);
+    print what was measured; return the inferred topology."""
+    import json
+    import tempfile
+    import time
+
+    from collcomm.launcher import run
+    from collcomm.topology.jsonio import load
+
+    with tempfile.TemporaryDirectory(prefix="collcomm-probe-") as tmp:
+        out, meas = os.path.join(tmp, "probed.json"), os.path.join(tmp, "measurements.json")
+        command = [sys.executable, "-m", "collcomm.topology.probe", "--out", out, "--measurements", meas]
+        if args.topology_seconds is not None:
+            command += ["--seconds", repr(args.topology_seconds)]
+        options = {}
+        if args.emulate is not None:
+            options = {"emulate": args.emulate, "scale": args.scale, "prefix": args.prefix}
+        start = time.monotonic()
+        try:
+            code = run(args.nprocs, command, **options)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if code != 0 or not os.path.exists(out):
+            raise CommandFailed(f"the probe job of {args.nprocs} ranks failed (exit status {code})")
+        topo = load(out)
+        with open(meas) as f:
+            data = json.load(f)
+        if args.measurements:
+            _write_text(args.measurements, json.dumps(data, indent=1) + "\n")
+    print(describe_probe(data, time.monotonic() - start))
+    return topo
+
+
+def describe_probe(data: dict, elapsed: float) -> str:
+    """What a probe measured: time, pairwise bandwidth (MB/s) and latency (us)."""
+    import statistics
+
+    from collcomm.topology.probe import Measurements
+
+    m = Measurements.from_json(data)
+    lines = [f"probed     {m.n} ranks in {elapsed:.1f} s ({m.seconds:.1f} s measuring, {m.phases} transfer phases "
+             f"of {m.window:g} s)"]
+    lines += [f"note       {note}" for note in m.notes]
+    if m.n <= 16:
+        width = max([8] + [len(f"{v * 1000:.4g}") + 1 for v in m.bandwidth.values()])
+        lines.append("bandwidth  MB/s alone, row sends to column")
+        lines.append(" " * 9 + "".join(f"{c:>{width}}" for c in range(m.n)))
+        for a in range(m.n):
+            cells = []
+            for b in range(m.n):
+                cells.append("-" if a == b else f"{m.bandwidth.get((a, b), 0.0) * 1000:.4g}")
+            lines.append(f"  {a:<7}" + "".join(f"{c:>{width}}" for c in cells))
+        lat = [m.latency_us[k] for k in sorted(m.latency_us)]
+        if lat:
+            lines.append(f"latency    {min(lat):.0f}-{max(lat):.0f} us (median {statistics.median(lat):.0f})"
+                         + (f"; hops {min(m.hops.values())}-{max(m.hops.values())}" if m.hops else ""))
+    return "\n".join(lines)
+
+
 def cmd_topology(args) -> int:
+    _probe_options(args)
     if args.output:
         _check_output(args.output, "-o")
     if args.plot:
         _check_output(args.plot, "--plot", image=True)
-    topo = load_fabric(args)
-    show = args.show or not (args.output or args.plot)
+    topo = probe_fabric(args) if args.probe else load_fabric(args)
+    show = args.show or args.probe or not (args.output or args.plot)
     if show:
         print(describe_topology(topo))
     if args.output:
@@ -514,7 +607,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_fabric_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_fabric_arguments(p: argparse.ArgumentParser, required: bool):
     from collcomm.topology.presets import PRESETS
 
     src = p.add_mutually_exclusive_group(required=required)
@@ -526,6 +619,7 @@ def _add_fabric_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--ranks", type=_positive_int, metavar="N", help="total number of ranks")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="any other preset parameter (int, fraction like 25/2, decimal, true/false); repeatable")
+    return src
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -539,7 +633,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("topology", help="build, save, summarise or draw a fabric",
                        description="Build a preset (or load a file), then save it (-o), summarise it (--show, the "
                                    "default) and/or draw it (--plot).")
-    _add_fabric_arguments(t, required=True)
+    fabric = _add_fabric_arguments(t, required=True)
+    fabric.add_argument("--probe", action="store_true",
+                        help="measure the fabric: run -np N ranks on this machine that probe latency, pairwise "
+                             "bandwidth and link sharing, and infer a topology")
+    t.add_argument("-np", "--nprocs", type=_positive_int, metavar="N", help="--probe: number of ranks")
+    t.add_argument("--topology-seconds", type=float, metavar="S",
+                   help="--probe: measuring window of each transfer in seconds (default 0.5)")
+    t.add_argument("--measurements", metavar="FILE", help="--probe: also write what was measured (JSON)")
+    _add_emulate_arguments(t, "--emulate", "--probe: run the ranks in this emulated fabric (needs root)")
     t.add_argument("-o", "--output", metavar="FILE", help="write collcomm.topology/1 JSON")
     t.add_argument("--show", action="store_true", help="print a summary (default when nothing else is asked)")
     t.add_argument("--plot", metavar="IMAGE", help="draw the fabric (.png, .svg, .pdf)")
@@ -569,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "environment; prefix output lines with the rank; forward Ctrl-C; when a rank "
                                    "fails, stop the others and exit with its status.")
     r.add_argument("-n", "--nprocs", type=_positive_int, required=True, metavar="N", help="number of ranks")
-    r.add_argument("--topology", metavar="FILE", help="the job's fabric (collcomm.topology/1), for the planner")
+    r.add_argument("--topology", metavar="FILE", help="the job's fabric (collcomm.topology/1), for the planner; "
+                                                      "'probe': the ranks measure it at init")
     r.add_argument("--timeout", type=float, metavar="SECONDS", help="default timeout of every blocking call")
     _add_emulate_arguments(r, "--emulate", "run each rank inside its network namespace of this emulated fabric "
                                            "(built for the job unless `collcomm emulate up` built it; needs root)")
@@ -591,6 +694,19 @@ def build_parser() -> argparse.ArgumentParser:
     es = esub.add_parser("status", help="show what exists under the prefix")
     es.add_argument("--prefix", default=None, metavar="NAME", help="name prefix of the fabric (default ccemu)")
     es.set_defaults(func=cmd_emulate_status)
+    ef = esub.add_parser("fault", help="inject a fault on one link of the fabric: down, throttled, or back up",
+                         description="Take one link of the emulated fabric down (a black hole both ways), shape "
+                                     "one direction to a percentage of its planned rate, or restore it; needs root.")
+    ef.add_argument("--link", nargs=2, required=True, metavar=("A", "B"),
+                    help="the link's two ends: node ids of the topology or rank numbers")
+    fmode = ef.add_mutually_exclusive_group(required=True)
+    fmode.add_argument("--down", action="store_true", help="drop every packet both ways")
+    fmode.add_argument("--bandwidth", metavar="PERCENT",
+                       help="shape the direction A->B to PERCENT of its planned rate, e.g. 10%%")
+    fmode.add_argument("--up", action="store_true", help="restore the planned rates both ways")
+    ef.add_argument("--both", action="store_true", help="--bandwidth: shape B->A as well")
+    ef.add_argument("--prefix", default=None, metavar="NAME", help="name prefix of the fabric (default ccemu)")
+    ef.set_defaults(func=cmd_emulate_fault)
 
     c = sub.add_parser("coordinator", help="run the coordinator alone, for jobs that span machines",
                        description="Serve rendezvous, groups and the key-value store until Ctrl-C. Ranks find it "
@@ -658,6 +774,23 @@ def cmd_emulate_status(args) -> int:
     state = f"up: {p.name}, {p.num_ranks} ranks" if p else ("down" if not left["namespaces"] else "partial")
     print(f"{prefix}: {state}; {len(left['namespaces'])} namespaces, {len(left['links'])} root links, "
           f"{len(left['pids'])} processes")
+    return EXIT_OK
+
+
+def cmd_emulate_fault(args) -> int:
+    from collcomm.topology import emulate as emu
+
+    prefix = emu.check_prefix(args.prefix or emu.DEFAULT_PREFIX)
+    if args.both and args.bandwidth is None:
+        raise UsageError("--both applies to --bandwidth (--down and --up act on both directions)")
+    percent = emu.parse_percent(args.bandwidth) if args.bandwidth is not None else None
+    emu.require_root("collcomm emulate fault")
+    p = emu.current(prefix)
+    if p is None:
+        raise UsageError(f"no emulated fabric is up under prefix {prefix!r}; build one with "
+                         f"`{PROG} emulate up T.json --prefix {prefix}`")
+    mode = "down" if args.down else "up" if args.up else "bandwidth"
+    print(emu.fault(p, args.link[0], args.link[1], mode, percent, both=args.both))
     return EXIT_OK
 
 

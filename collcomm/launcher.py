@@ -68,7 +68,7 @@ def run(nprocs: int, command: list[str], *, topology: str | None = None, timeout
         raise ValueError(f"-n must be at least 1, got {nprocs}")
     if not command:
         raise ValueError("no program to run")
-    if topology:
+    if topology and topology != "probe":  # "probe": the ranks measure the fabric at init
         from collcomm.topology import jsonio
 
         topo = jsonio.load(topology)  # fail early, in the launcher, on a bad file

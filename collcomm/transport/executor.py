@@ -37,8 +37,10 @@ from collcomm.schedules.ir import ALLGATHER, REDUCE_SCATTER, Schedule
 from collcomm.transport import frames
 from collcomm.transport.frames import DATA, Header
 
-REDUCTIONS = ("sum", "prod", "min", "max", "avg")
-_UFUNC = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum, "avg": np.add}
+REDUCTIONS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor")
+BITWISE = ("band", "bor", "bxor")  # integer buffers only
+_UFUNC = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum, "avg": np.add,
+          "band": np.bitwise_and, "bor": np.bitwise_or, "bxor": np.bitwise_xor}
 DEFAULT_CHUNK_BYTES = 1 << 20
 _PHASE_SHIFT = 24
 # Children of one piece reduce into the same slice from different receiver threads.
