@@ -214,7 +214,7 @@ def probed_versus_true(name: str, iters: int, chunk: str) -> dict:
         times = {"true": [], "probed": []}
         for _ in range(2):
             for which, planner_file in (("true", path), ("probed", probed)):
-                out = Path(tmp) / f"{which}.json"
+                out = Path(tmp) / f"times-{which}.json"
                 env = {"BENCH_BYTES": str(nbytes), "BENCH_ITERS": str(iters), "BENCH_OUT": str(out),
                        "MASTER_PORT": str(free_port()), "COLLCOMM_CHUNK_BYTES": chunk, "OMP_NUM_THREADS": "1",
                        "BENCH_ALGORITHMS": "forestcoll", "BENCH_GLOO": "0", "BENCH_COLLECTIVES": "allreduce"}
@@ -275,14 +275,9 @@ def main() -> int:
     runs = [run_fabric(name, args.iters, args.chunk, size) for name in names]
     doc = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "command": "python3 bench/emulated_fabrics.py " + " ".join(sys.argv[1:]), "runs": runs}
-    if args.probe:
-        doc["probe"] = probed_versus_true(args.probe, args.iters, args.chunk)
-        p = doc["probe"]
-        print(f"\nprobe of {p['fabric']}: {p['probe_seconds']:.1f} s; ForestColl allreduce planned on the probed "
-              f"topology takes {p['probed_over_true_time']:.3f}x the time of the plan on the true file "
-              f"(seconds: {p['seconds']})")
+    results = HERE / "results" / "emulated_fabrics.json"
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "emulated_fabrics.json").write_text(json.dumps(doc, indent=1))
+    results.write_text(json.dumps(doc, indent=1))
     for run in runs:
         print(f"\n{run['fabric']} ({run['ranks']} ranks, {run['scale']}, {run['bytes'] >> 20} MB)")
         print(f"{'collective':10} {'algorithm':17} {'algbw MB/s':>10} {'model MB/s':>10} {'of optimum':>10}")
@@ -291,6 +286,13 @@ def main() -> int:
             print(f"{r['collective']:10} {r['algorithm']:17} {r['algbw'] / 1e6:10.2f} {m:>10} "
                   f"{r['fraction_of_optimum']:10.3f}")
     plot(runs, Path(args.plot))
+    if args.probe:
+        doc["probe"] = probed_versus_true(args.probe, args.iters, args.chunk)
+        p = doc["probe"]
+        print(f"\nprobe of {p['fabric']}: {p['probe_seconds']:.1f} s; ForestColl allreduce planned on the probed "
+              f"topology takes {p['probed_over_true_time']:.3f}x the time of the plan on the true file "
+              f"(seconds: {p['seconds']})")
+        results.write_text(json.dumps(doc, indent=1))
     return 0
 
 

@@ -101,7 +101,7 @@ def _fabric(path: str, nprocs: int, scale: str | None, prefix: str | None):
     wanted = emu.plan(topo, prefix or emu.DEFAULT_PREFIX, scale or emu.DEFAULT_SCALE)
     existing = emu.current(wanted.prefix)
     if existing is not None:
-        if existing.to_json() != wanted.to_json():
+        if not existing.same_fabric(wanted):
             raise ValueError(f"another fabric ({existing.name}) is up under prefix {wanted.prefix!r}: run "
                              f"`collcomm emulate down --prefix {wanted.prefix}` or choose another --prefix")
         return existing, False

@@ -1,1 +1,1 @@
-"""faults (later issues)."""
+"""Faults: per-link telemetry (:mod:`.telemetry`) and the link-fault detector (:mod:`.detector`)."""

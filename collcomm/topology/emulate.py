@@ -114,6 +114,14 @@ class FabricPlan:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
+    def same_fabric(self, other: "FabricPlan") -> bool:
+        """Equal but for the management network (chosen when the fabric goes up)."""
+        mine, theirs = asdict(self), asdict(other)
+        for d in (mine, theirs):
+            for key in ("mgmt_host", "mgmt_addresses"):
+                d.pop(key)
+        return mine == theirs
+
     @staticmethod
     def from_json(text: str) -> "FabricPlan":
         raw = json.loads(text)
@@ -125,8 +133,16 @@ def _address(i: int) -> str:
     return f"10.250.{i // 250}.{i % 250 + 1}"
 
 
+MGMT_OCTETS = range(200, 240)  # management networks 10.200-239.0.0/16
+
+
 def _mgmt_octet(prefix: str) -> int:
-    return 200 + zlib.crc32(prefix.encode()) % 40  # 10.200-239.0.0/16, per prefix
+    return MGMT_OCTETS[zlib.crc32(prefix.encode()) % len(MGMT_OCTETS)]  # the first choice for this prefix
+
+
+def _with_mgmt_octet(p: FabricPlan, octet: int) -> None:
+    p.mgmt_host = f"10.{octet}.255.254"
+    p.mgmt_addresses = [f"10.{octet}.{r // 250}.{r % 250 + 1}" for r in range(p.num_ranks)]
 
 
 def _tc_bits(bandwidth: Fraction, scale: Fraction) -> int:
@@ -296,12 +312,17 @@ def up(p: FabricPlan) -> FabricPlan:
 
 
 def _up(p: FabricPlan) -> None:
-    net = p.mgmt_host.rsplit(".", 2)[0] + "."
-    taken = [line.split()[1] for line in _run(["ip", "-o", "-4", "addr", "show"], check=False).stdout.splitlines()
-             if f" inet {net}" in line]
-    if taken:
-        raise EmulationError(f"the management network {net}0.0/16 of prefix {p.prefix!r} is already used by "
-                             f"{', '.join(sorted(set(taken)))} in the root namespace; choose another --prefix")
+    # The management network: the prefix's own first choice, or the next one that no address of
+    # the root namespace uses (another fabric, or anything else on this machine).
+    used = {line.split()[3].split(".")[1] for line in
+            _run(["ip", "-o", "-4", "addr", "show"], check=False).stdout.splitlines()
+            if len(line.split()) > 3 and line.split()[3].startswith("10.")}
+    first = _mgmt_octet(p.prefix)
+    octets = [o for o in list(MGMT_OCTETS)[first - MGMT_OCTETS[0]:] + list(MGMT_OCTETS) if str(o) not in used]
+    if not octets:
+        raise EmulationError("every management network 10.200-239.0.0/16 is in use in the root namespace; "
+                             "remove a fabric first (collcomm emulate down --prefix ...)")
+    _with_mgmt_octet(p, octets[0])
     for ns in p.namespaces:
         _run(["ip", "netns", "add", ns])
     for ns in p.namespaces:
