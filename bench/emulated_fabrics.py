@@ -272,12 +272,18 @@ def main() -> int:
         units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         size = int(float(args.bytes[:-1]) * units[args.bytes[-1].upper()]) if args.bytes[-1].upper() in units \
             else int(args.bytes)
-    runs = [run_fabric(name, args.iters, args.chunk, size) for name in names]
-    doc = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "command": "python3 bench/emulated_fabrics.py " + " ".join(sys.argv[1:]), "runs": runs}
     results = HERE / "results" / "emulated_fabrics.json"
-    (HERE / "results").mkdir(exist_ok=True)
-    results.write_text(json.dumps(doc, indent=1))
+    command = "python3 bench/emulated_fabrics.py " + " ".join(sys.argv[1:])
+    if names:
+        runs = [run_fabric(name, args.iters, args.chunk, size) for name in names]
+        doc = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+               "command": command, "runs": runs}
+        (HERE / "results").mkdir(exist_ok=True)
+        results.write_text(json.dumps(doc, indent=1))
+    else:  # --fabrics "" --probe F: redo only the probe comparison, keep the fabric runs on file
+        doc = json.loads(results.read_text())
+        runs = doc["runs"]
+        doc["probe_command"] = command
     for run in runs:
         print(f"\n{run['fabric']} ({run['ranks']} ranks, {run['scale']}, {run['bytes'] >> 20} MB)")
         print(f"{'collective':10} {'algorithm':17} {'algbw MB/s':>10} {'model MB/s':>10} {'of optimum':>10}")
@@ -285,7 +291,8 @@ def main() -> int:
             m = "-" if r["model_algbw"] is None else f"{r['model_algbw'] / 1e6:.2f}"
             print(f"{r['collective']:10} {r['algorithm']:17} {r['algbw'] / 1e6:10.2f} {m:>10} "
                   f"{r['fraction_of_optimum']:10.3f}")
-    plot(runs, Path(args.plot))
+    if names:
+        plot(runs, Path(args.plot))
     if args.probe:
         doc["probe"] = probed_versus_true(args.probe, args.iters, args.chunk)
         p = doc["probe"]

@@ -613,7 +613,48 @@ def infer_topology(m: Measurements, *, name: str | None = None) -> Topology:
                             uplink_down or sum(cap_down.values()), 0.0)
         if network_used:
             switches.append(Node("network", SWITCH))
-    return Topology(name, nodes + switches, links)
+    topo = Topology(name, nodes + switches, snap_bandwidth_classes(links))
+    return _with_rotation_symmetry(topo, clusters, ids)
+
+
+def _with_rotation_symmetry(topo: Topology, clusters: list[list[int]], ids: list[str]) -> Topology:
+    """Attach the rotation of every cluster's ranks as an automorphism hint when it is one.
+
+    The schedule generator exploits symmetry it is told about (and verifies every hint): on the
+    emulated two-box fabric the plan built without this hint had trees one level deeper and
+    ran ~20% slower than the plan of the true file, which lists the same rotation."""
+    from collcomm.errors import TopologyError
+    from collcomm.topology.symmetry import verify_automorphism
+
+    rotation = {ids[c[i]]: ids[c[(i + 1) % len(c)]] for c in clusters if len(c) > 1 for i in range(len(c))}
+    if not rotation:
+        return topo
+    try:
+        verify_automorphism(topo, rotation)
+    except TopologyError:
+        return topo  # the measured fabric is not that regular: no hint
+    return Topology(topo.name, topo.nodes, topo.links, [rotation])
+
+
+SNAP_RATIO = 1.10  # measured rates within 10% of a class's slowest member are one class
+
+
+def snap_bandwidth_classes(links: list[Link], ratio: float = SNAP_RATIO) -> list[Link]:
+    """Give the links of one bandwidth class the class's median rate.
+
+    Measured rates of identical links differ by a few percent; taken as they are they break the
+    fabric's symmetry, and ForestColl then packs many more trees (76 instead of 16 on the
+    emulated two-box fabric) with small shares, which pipeline worse: the plan on the raw
+    probe ran 16% slower than the plan on the true file. Snapping keeps the structure."""
+    values = sorted({float(l.bandwidth) for l in links})
+    classes: list[list[float]] = []
+    for v in values:
+        if classes and v <= classes[-1][0] * ratio:
+            classes[-1].append(v)
+        else:
+            classes.append([v])
+    snapped = {v: _q(statistics.median(c)) for c in classes for v in c}
+    return [Link(l.src, l.dst, snapped[float(l.bandwidth)], l.latency_us, l.duplex) for l in links]
 
 
 def _shared_uplink(m: Measurements, ci: int, members: list[int], clusters, cap_up: dict[int, float],
