@@ -32,9 +32,28 @@ class PeerFailure(CollectiveError):
         self.rank = rank
 
 
+class EvictedError(CollectiveError):
+    """This rank was declared failed (it hung or was cut off) and its group went on without it at a
+    new epoch: whatever it still sends carries the old epoch and is refused."""
+
+    def __init__(self, message: str, rank: int | None = None, epoch: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.epoch = epoch
+
+
 class MismatchError(CollectiveError):
     """Ranks disagree on the collective, size, dtype or reduction."""
 
 
 class AuthenticationError(CollectiveError):
     """A peer could not prove knowledge of the job token."""
+
+
+class CorruptionError(CollectiveError):
+    """A piece of an operation failed its payload checksum more often than the retransmission bound:
+    the link corrupts data. ``rank`` is the peer at the other end of the link."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank

@@ -414,7 +414,7 @@ def _rank_main() -> int:
                 kind = cmd["kind"]
                 gname = cmd.get("group")
                 group = groups[gname] if gname else None
-                ranks = members[gname]
+                ranks = list(cc.api._group(group).members)  # a shrunk group: its survivors
                 me = ranks.index(cc.rank())
                 count, dtype = cmd.get("count", 1000), cmd.get("dtype", "float32")
                 timeout = cmd.get("timeout")
@@ -440,6 +440,23 @@ def _rank_main() -> int:
                     emit({"ok": True, "correct": correct, "iters": i + 1, "t0": t0, "t1": time.monotonic()})
                 except Exception as e:  # noqa: BLE001 - reported to the test
                     emit(fail(e, t0=t0, t1=time.monotonic(), iter=i, correct_before=correct))
+            elif what == "shrink":  # re-form a group (None: the world) without its failed members
+                gname = cmd.get("group")
+                kw = {} if cmd.get("timeout") is None else {"timeout": cmd["timeout"]}
+                g = cc.shrink(groups[gname] if gname else None, **kw)
+                if gname:
+                    groups[gname] = g
+                members[gname] = list(g.members)
+                emit({"ok": True, "members": list(g.members), "epoch": g.epoch, "group_id": g.id, "t0": t0,
+                      "t1": time.monotonic()})
+            elif what == "telemetry":  # this rank's link counters, summed (fault-injection tests)
+                snap = cc.api.runtime().transport.telemetry.snapshot()
+                errors: dict = {}
+                for l in snap["links"]:
+                    for k, v in l["errors"].items():
+                        errors[k] = errors.get(k, 0) + v
+                emit({"ok": True, "retransmits": sum(l["retransmits"] for l in snap["links"]), "errors": errors,
+                      "bytes": sum(l["bytes"] for l in snap["links"]), "t0": t0, "t1": time.monotonic()})
             elif what == "shutdown":
                 cc.shutdown()
                 emit({"ok": True, "t0": t0, "t1": time.monotonic()})

@@ -302,4 +302,14 @@ def _call(spec: dict, cc, np, reported: dict):
 
 
 if __name__ == "__main__":
-    sys.exit(_rank_main(Path(sys.argv[1])))
+    code = _rank_main(Path(sys.argv[1]))
+    if "torch" in sys.modules:
+        # The rank's result is on disk and collcomm is shut down (its threads joined). About one
+        # exit in fifty of a process that imported torch and grpc aborts in C++ static
+        # destructors after the interpreter is gone ("terminate called without an active
+        # exception", main thread, no Python frame): not collcomm's code, and not this test's
+        # subject, so such ranks skip the C++ teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

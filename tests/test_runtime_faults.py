@@ -495,7 +495,11 @@ FRAMES = {
     "unknown-kind": (lambda g: raw_header(9, g, 0, 0, desc=P2P_DESC, length=len(PAYLOAD)) + PAYLOAD, "refused"),
     "wrong-desc": (lambda g: data(g, desc=P2P_DESC ^ 1), "MismatchError"),
     "wrong-length": (lambda g: data(g, length=len(PAYLOAD) - 4)[:-4], "MismatchError"),
-    "bad-payload-checksum": (lambda g: data(g, checksum=frames.checksum(PAYLOAD) ^ 1), "refused"),
+    # A payload that fails its checksum is discarded and asked for again (a NACK): from a sender
+    # that never resends, the receive times out; resent whole, it is received.
+    "bad-payload-checksum": (lambda g: data(g, checksum=frames.checksum(PAYLOAD) ^ 1), "timeout"),
+    "bad-payload-then-resent": (lambda g: data(g, checksum=frames.checksum(PAYLOAD) ^ 1)[:-1] + b"\0" + data(g),
+                                "ok"),
     "abort-frame": (lambda g: raw_header(ABORT, g, 0, 0, length=16) + b"mismatch|-1|nope", "MismatchError"),
     "abort-garbage": (lambda g: raw_header(ABORT, g, 0, 0, length=64) + os.urandom(64), "refused"),
     "header-then-close": (lambda g: good_frame(g)[:40], "refused-on-close"),

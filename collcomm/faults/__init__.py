@@ -1,1 +1,2 @@
-"""Faults: per-link telemetry (:mod:`.telemetry`) and the link-fault detector (:mod:`.detector`)."""
+"""Faults: per-link telemetry (:mod:`.telemetry`), the link-fault detector (:mod:`.detector`) and
+fault injection on the wire (:mod:`.inject`, ``COLLCOMM_FAULTS``)."""

@@ -71,6 +71,21 @@ class LinkStats:
                 self._len += 1
             self.activity_mono = now
 
+    def record_bytes(self, nbytes: int) -> None:
+        """Payload bytes of a small frame: counted, not timed (its time is mostly latency)."""
+        with self._lock:
+            self.bytes += nbytes
+            self.activity_mono = self._clock()
+
+    def record_error(self, kind: str = "error") -> None:
+        kind = _key_error(kind)
+        with self._lock:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def record_retransmit(self, count: int = 1) -> None:
+        with self._lock:
+            self.retransmits += count
+
     # ---------------------------------------------------------------- reading (lock held by the caller)
     def _samples(self) -> Iterator[tuple[float, int, float]]:
         """The ring's samples, oldest first."""

@@ -8,7 +8,9 @@ Every frame is a header followed by ``length`` payload bytes::
 ``op`` is the operation's sequence number within its group, ``tree``/``chunk`` say
 which piece of which tree the payload is, ``desc`` is a hash of what the operation
 is (collective, dtype, size, reduction, root) so ranks that disagree find out at the
-first frame, and ``checksum`` is xxh3-64 of the payload. A header is checked (magic,
+first frame, and ``checksum`` is xxh3-64 of the payload. A DATA frame is answered by
+an ACK (payload verified) or a NACK (checksum failed: send it again) carrying the same
+``op``/``tree``/``chunk``, with no payload. A header is checked (magic,
 version, kind, crc) before anything else, and its length must be exactly what the
 receiving rank expects for that piece: nothing is allocated on a peer's word.
 
@@ -34,7 +36,9 @@ MAGIC = b"CCF1"
 VERSION = 1
 DATA = 1
 ABORT = 2
-KINDS = (DATA, ABORT)
+NACK = 3  # header only: "(op, tree, chunk) failed its checksum here, send it again"
+ACK = 4   # header only: "(op, tree, chunk) arrived whole here" (the sender may let go of its source)
+KINDS = (DATA, ABORT, NACK, ACK)
 MAX_ABORT_BYTES = 4096
 
 _HEADER = struct.Struct("<4sBBHIIQIIQQQI4x")
@@ -83,6 +87,8 @@ def unpack_header(raw: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"unknown frame kind {kind}")
     if kind == ABORT and length > MAX_ABORT_BYTES:
         raise ProtocolError(f"abort frame of {length} bytes exceeds {MAX_ABORT_BYTES}")
+    if kind in (NACK, ACK) and length != 0:
+        raise ProtocolError(f"{'NACK' if kind == NACK else 'ACK'} frame with {length} payload bytes")
     return Header(kind, group, epoch, op, tree, chunk, desc, length, checksum, flags)
 
 
@@ -96,7 +102,8 @@ def describe(*fields) -> int:
 
 
 # ---------------------------------------------------------------------------- handshake
-_HELLO = struct.Struct("<4sB3xIIII16s")  # magic, version, client rank, server rank, group, epoch, nonce
+_HELLO = struct.Struct("<4sBB2xIIII16s")  # magic, version, flags, client rank, server rank, group, epoch, nonce
+HELLO_RECONNECT = 1  # flag: the client re-opens a connection that broke (the server must still hold its link)
 HELLO_SIZE = _HELLO.size
 HANDSHAKE_MAGIC = b"CCH1"
 MAC_SIZE = 32
@@ -111,22 +118,24 @@ class Hello:
     group: int
     epoch: int
     nonce: bytes
+    flags: int = 0
 
     def pack(self) -> bytes:
-        return _HELLO.pack(HANDSHAKE_MAGIC, VERSION, self.client, self.server, self.group, self.epoch, self.nonce)
+        return _HELLO.pack(HANDSHAKE_MAGIC, VERSION, self.flags, self.client, self.server, self.group, self.epoch,
+                           self.nonce)
 
 
-def new_hello(client: int, server: int, group: int, epoch: int) -> Hello:
-    return Hello(client, server, group, epoch, os.urandom(16))
+def new_hello(client: int, server: int, group: int, epoch: int, flags: int = 0) -> Hello:
+    return Hello(client, server, group, epoch, os.urandom(16), flags)
 
 
 def unpack_hello(raw: bytes) -> Hello:
     if len(raw) != HELLO_SIZE:
         raise ProtocolError("short handshake")
-    magic, version, client, server, group, epoch, nonce = _HELLO.unpack(raw)
+    magic, version, flags, client, server, group, epoch, nonce = _HELLO.unpack(raw)
     if magic != HANDSHAKE_MAGIC or version != VERSION:
         raise ProtocolError("not a collcomm handshake")
-    return Hello(client, server, group, epoch, nonce)
+    return Hello(client, server, group, epoch, nonce, flags)
 
 
 def mac(token: bytes, role: bytes, hello: bytes, server_nonce: bytes) -> bytes:

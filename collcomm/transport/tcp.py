@@ -9,6 +9,14 @@ chunk), receives straight into it with ``recv_into`` and hands it over. The GIL 
 released inside socket calls and NumPy reductions, so sending, receiving and
 reducing overlap.
 
+Every DATA frame is acknowledged (ACK) or, when its payload checksum fails, asked for again
+(NACK, at most MAX_RETRANSMITS times): a corrupted payload is never delivered (never reduced,
+never forwarded). A connection that breaks between two live ranks is opened again and what was
+not acknowledged is sent again (see :class:`Link`). Each link records its traffic, errors,
+retransmissions and the last time its peer was heard from in the transport's
+:class:`~collcomm.faults.telemetry.LinkTelemetry`, and applies the faults of
+:mod:`collcomm.faults.inject` (``COLLCOMM_FAULTS``) to what it sends.
+
 Connections are per group so that two groups with overlapping members never wait on
 each other's frames; frames of an operation a rank has not started yet stay in the
 socket (TCP flow control holds the sender) until it starts, and frames of finished
@@ -28,9 +36,12 @@ import threading
 import time
 from typing import Callable, Protocol
 
-from collcomm.errors import AuthenticationError, CollectiveError, CollectiveTimeout, MismatchError, PeerFailure
+from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, CorruptionError, MismatchError,
+                             PeerFailure)
+from collcomm.faults import inject
+from collcomm.faults.telemetry import LinkTelemetry
 from collcomm.transport import frames
-from collcomm.transport.frames import ABORT, DATA, HEADER_SIZE, Header, ProtocolError
+from collcomm.transport.frames import ABORT, ACK, DATA, HEADER_SIZE, NACK, Header, ProtocolError
 
 log = logging.getLogger("collcomm.transport")
 
@@ -43,6 +54,29 @@ SMALL_PAYLOAD = 64 << 10
 CLOSE_JOIN_SECONDS = 2.0  # close() waits this long in all for the transport's threads to end
 CHECK_EVERY = 0.25  # seconds between looks at failures known elsewhere while waiting for a peer
 P2P_BASE = 1 << 31  # group ids from here on carry point-to-point messages (tag = id - P2P_BASE)
+MAX_RETRANSMITS = int(os.environ.get("COLLCOMM_MAX_RETRANSMITS", "5"))  # per piece, after checksum failures
+RECONNECT = os.environ.get("COLLCOMM_RECONNECT", "1") != "0"  # re-open a broken connection to a live peer
+RECONNECT_SECONDS = float(os.environ.get("COLLCOMM_RECONNECT_SECONDS", "5"))  # the connecting side tries this long
+# The accepting side waits this long for the peer to come back: a live peer reconnects within
+# milliseconds of the break, so a longer silence means it is gone or is not one of ours.
+RECONNECT_ACCEPT_SECONDS = float(os.environ.get("COLLCOMM_RECONNECT_ACCEPT_SECONDS", "1"))
+
+
+class PeerClosed(ConnectionResetError):
+    """The peer closed the connection (end of stream)."""
+
+
+def error_kind(e: BaseException) -> str:
+    """The telemetry label of a socket error: eof, reset, refused, timeout or error."""
+    if isinstance(e, PeerClosed):
+        return "eof"
+    if isinstance(e, ConnectionRefusedError):
+        return "refused"
+    if isinstance(e, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return "reset"
+    if isinstance(e, (socket.timeout, TimeoutError, CollectiveTimeout)):
+        return "timeout"
+    return "error"
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -50,7 +84,7 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
     while got < n:
         r = sock.recv_into(view[got:], n - got)
         if r == 0:
-            raise ConnectionResetError("connection closed by peer")
+            raise PeerClosed("connection closed by peer")
         got += r
 
 
@@ -111,6 +145,14 @@ class GroupMailbox:
                     return r
                 self._cond.wait(1.0)
 
+    def current(self, op: int) -> Receiver | None:
+        """The receiver of ``op`` if it is registered now (never waits)."""
+        return self._receivers.get(op)
+
+    @property
+    def floor(self) -> int:
+        return self._floor
+
     def abort(self, op: int, error: BaseException) -> None:
         with self._cond:
             r = self._receivers.get(op)
@@ -134,7 +176,8 @@ class GroupMailbox:
 def abort_text(error: BaseException) -> str:
     """How a failure travels to other ranks: "kind|culprit rank|message" (culprit -1: unknown)."""
     kind = "mismatch" if isinstance(error, MismatchError) else (
-        "timeout" if isinstance(error, CollectiveTimeout) else "failure")
+        "timeout" if isinstance(error, CollectiveTimeout) else (
+            "corrupt" if isinstance(error, CorruptionError) else "failure"))
     culprit = getattr(error, "rank", None)
     return f"{kind}|{-1 if culprit is None else culprit}|{error}"
 
@@ -151,12 +194,44 @@ def error_from_abort(text: str, reporter: int) -> CollectiveError:
         return MismatchError(message)
     if kind == "timeout":
         return CollectiveTimeout(message)
+    if kind == "corrupt":
+        return CorruptionError(message, rank=culprit if culprit >= 0 else reporter)
     rank = culprit if culprit >= 0 else reporter
     return PeerFailure(message or f"rank {rank} failed", rank=rank)
 
 
+class _Pending:
+    """A DATA frame sent and not yet acknowledged: what it takes to send it again. ``payload`` is
+    a view of the operation's source region, never a copy (see :meth:`Link._nack` for why it is
+    still valid when a retransmission is asked for)."""
+
+    __slots__ = ("header", "raw", "payload", "done", "tries", "written", "eager")
+
+    def __init__(self, header: Header, raw: bytes, payload, done, eager: bool = False):
+        self.header, self.raw, self.payload, self.done = header, raw, payload, done
+        self.tries = 0
+        self.written = False  # handed to a socket at least once
+        self.eager = eager  # ``done`` runs when it first left (point-to-point), not on its ACK
+
+    def left(self) -> None:
+        """The frame went out whole: an eager frame's ``done`` runs now."""
+        if self.eager and self.done is not None:
+            done, self.done = self.done, None
+            done()
+
+
 class Link:
-    """One authenticated connection to ``peer`` for ``group``, with its sender and receiver threads."""
+    """One authenticated connection to ``peer`` for ``group``, with its sender and receiver threads.
+
+    Reliability on top of the byte stream: every DATA frame is answered by the receiver with an
+    ACK (its checksum held) or a NACK (it did not: the payload was discarded before anyone used
+    it). The sender keeps each DATA frame (header and a view of its source, no copy) until it is
+    acknowledged, resends it on a NACK (at most MAX_RETRANSMITS times, then the operation fails
+    with CorruptionError on every rank), and reports the frame's ``done`` only on its ACK. When the
+    connection breaks (reset, EOF) while both processes live, the lower rank connects again
+    (the same handshake), the higher rank accepts, and every frame not yet acknowledged is sent
+    again; the receiver drops what it already has (and acknowledges it again). A peer whose
+    listener refuses connections is dead: PeerFailure, as before."""
 
     def __init__(self, transport: "TcpTransport", peer: int, group: int, epoch: int, sock: socket.socket):
         self.transport = transport
@@ -171,6 +246,16 @@ class Link:
         self._queued = 0  # frames handed to the sender thread and not yet sent
         self.error: BaseException | None = None
         self._lock = threading.Lock()
+        self._swapped = threading.Condition(self._lock)  # a new socket replaced a broken one
+        self._closing = False
+        me = transport.rank
+        self._tx = transport.telemetry.link(me, peer)  # handles: no lookup on the hot path
+        self._rx = transport.telemetry.link(peer, me)
+        self._faults = transport.faults.for_link(me, peer) if transport.faults else None
+        self._pending: dict[tuple[int, int, int], _Pending] = {}  # (op, tree, chunk) -> unacknowledged
+        self._resume: dict[tuple[int, int, int], tuple] = {}  # pieces to receive again -> (receiver, view)
+        self._got: dict[int, set] = {}  # op -> (tree, chunk) received whole (duplicates after a reconnect)
+        self.reconnects = 0
         name = f"r{transport.rank}-g{group}-p{peer}"
         self._sender = threading.Thread(target=self._send_loop, name=f"collcomm-send-{name}", daemon=True)
         self._receiver = threading.Thread(target=self._recv_loop, name=f"collcomm-recv-{name}", daemon=True)
@@ -184,120 +269,395 @@ class Link:
     # ------------------------------------------------------------------ sending
     def send(self, header: Header, payload: memoryview | None = None,
              done: Callable[[], None] | None = None) -> None:
-        """Send a frame; ``done`` runs once the payload has left the buffer.
+        """Send a frame; for a DATA frame of a collective ``done`` runs once the peer acknowledged
+        it (its payload arrived whole: the source buffer is free again); for a point-to-point
+        message once it left (the old eager semantics: a send does not wait for the matching
+        receive to be posted; should it have to be sent again after the caller reused the buffer,
+        the checksum of the first copy fails and the message is refused, never taken wrong).
 
         Small frames go out at once from the calling thread when nothing is queued (no
         thread hand-off on the latency path); the rest are queued for the sender thread."""
         if self.error is not None:
             raise self.error
         raw = header.pack()
+        entry = None
+        if header.kind == DATA:
+            entry = _Pending(header, raw, payload, done, eager=self.group >= P2P_BASE)
+            with self._count_lock:
+                self._pending[(header.op, header.tree, header.chunk)] = entry
+            done = None
         small = payload is None or len(payload) <= SMALL_PAYLOAD
-        if small and self._queued == 0 and self._send_lock.acquire(blocking=False):
+        if small and self._faults is None and self._queued == 0 and self._send_lock.acquire(blocking=False):
+            sock = self.sock
             try:
-                self.sock.sendall(raw if payload is None else raw + bytes(payload))
+                if entry is not None:
+                    entry.written = True
+                self._write(sock, header.kind, raw, payload)
             except OSError as e:
                 self._send_lock.release()
-                self._fail(PeerFailure(f"lost connection to rank {self.peer} while sending: "
-                                       f"{e.__class__.__name__}", rank=self.peer))
-                raise self.error from None
+                self._rx_error(e)
+                self._break(sock)  # the receiver thread reconnects (or fails the link)
+                return
             self._send_lock.release()
-            if done is not None:
+            if entry is not None:
+                entry.left()
+            elif done is not None:
                 done()
             return
         with self._count_lock:
             self._queued += 1
-        self._sendq.put((raw, payload, done))
+        self._sendq.put((header.kind, raw, payload, done, entry))
+
+    def _enqueue(self, kind: int, raw: bytes, payload=None, entry: _Pending | None = None) -> None:
+        with self._count_lock:
+            self._queued += 1
+        self._sendq.put((kind, raw, payload, None, entry))
+
+    def _control(self, kind: int, header: Header) -> None:
+        """An ACK or NACK for ``header``'s piece, from the receiver thread: never blocks on a full
+        socket (two receivers blocked sending to each other would deadlock)."""
+        raw = Header(kind, self.group, self.epoch, header.op, header.tree, header.chunk).pack()
+        if self._faults is None and self._queued == 0 and self._send_lock.acquire(blocking=False):
+            try:
+                try:
+                    sent = self.sock.send(raw, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(raw):
+                    return
+                if sent:  # rare: part of 64 bytes fitted; the rest must follow at once
+                    self.sock.sendall(raw[sent:])
+                    return
+            except OSError:
+                return  # the receiver thread finds the broken socket; the peer resends what it lacks
+            finally:
+                self._send_lock.release()
+        self._enqueue(kind, raw)
+
+    def _write(self, sock: socket.socket, kind: int, raw: bytes, payload) -> None:
+        """The frame onto the socket (the send lock held), with injected faults and telemetry."""
+        n = 0 if payload is None else len(payload)
+        f = self._faults
+        if f is not None:
+            if kind == DATA:
+                action = f.before_data(n)
+                if action == "drop":
+                    return
+                if action == "corrupt":
+                    payload = memoryview(f.corrupted(payload))
+            cut = f.cut_after(HEADER_SIZE + n)
+            if cut is not None:
+                sock.sendall((raw + (bytes(payload) if n else b""))[:cut])
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                raise ConnectionResetError("connection cut by fault injection")
+        if n == 0:
+            sock.sendall(raw)
+        elif n <= SMALL_PAYLOAD:
+            sock.sendall(raw + bytes(payload))
+            self._tx.record_bytes(n)
+        else:
+            t0 = time.perf_counter()
+            sent = sock.sendmsg([raw, payload])
+            if sent < len(raw):
+                sock.sendall(raw[sent:])
+                sent = len(raw)
+            if sent - len(raw) < n:
+                sock.sendall(payload[sent - len(raw):])
+            self._tx.record_transfer(n, time.perf_counter() - t0)
 
     def _send_loop(self) -> None:
-        sock = self.sock
         while True:
             item = self._sendq.get()
             if item is None:
                 return
-            raw, payload, done = item
-            try:
-                with self._send_lock:
-                    if payload is None or len(payload) == 0:
-                        sock.sendall(raw)
-                    elif len(payload) <= SMALL_PAYLOAD:
-                        sock.sendall(raw + bytes(payload))
+            kind, raw, payload, done, entry = item
+            with self._send_lock:
+                sock = self.sock
+                try:
+                    if entry is not None:
+                        if entry.tries < 0:  # acknowledged or given up meanwhile
+                            sock = None
+                        else:
+                            entry.written = True
+                    if sock is not None:
+                        self._write(sock, kind, raw, payload)
+                    ok = True
+                except OSError as e:
+                    ok = False
+                    error = e
+            with self._count_lock:
+                self._queued -= 1
+            if not ok:
+                self._rx_error(error)
+                self._break(sock)
+                if not self._await_new_socket(sock):
+                    return
+                continue  # a DATA frame that did not make it is resent with the other unacknowledged ones
+            if done is not None or entry is not None:
+                try:
+                    if entry is not None:
+                        entry.left()
                     else:
-                        sent = sock.sendmsg([raw, payload])
-                        if sent < len(raw):
-                            sock.sendall(raw[sent:])
-                            sent = len(raw)
-                        if sent - len(raw) < len(payload):
-                            sock.sendall(payload[sent - len(raw):])
-                with self._count_lock:
-                    self._queued -= 1
-                if done is not None:
-                    done()
-            except OSError as e:
-                self._fail(PeerFailure(f"lost connection to rank {self.peer} while sending: "
-                                       f"{e.__class__.__name__}", rank=self.peer))
-                return
-            except BaseException as e:  # a callback failed: the operation reports it
-                self._fail(e)
-                return
+                        done()
+                except BaseException as e:  # a callback failed: the operation reports it
+                    self._fail(e)
+                    return
+
+    # ------------------------------------------------------------------ acknowledgements
+    def _acked(self, header: Header) -> None:
+        with self._count_lock:
+            entry = self._pending.pop((header.op, header.tree, header.chunk), None)
+        if entry is None:
+            return
+        entry.tries = -1
+        if entry.done is not None:
+            entry.done()
+
+    def _nack(self, header: Header) -> None:
+        """The peer's copy of a piece failed its checksum: send it again from the same source.
+
+        The source region is still valid: a DATA frame's ``done`` (which lets the operation finish
+        and the user reuse the buffer) waits for its ACK, and within an allreduce the region a
+        reduce-scatter piece was sent from is overwritten by the allgather only after the final
+        value arrived, which needs this piece accepted by the parent first (the parent NACKs
+        before it reduces, and reduces before it sends anything on); allgather pieces are
+        written once and then only read (forwarded)."""
+        key = (header.op, header.tree, header.chunk)
+        with self._count_lock:
+            entry = self._pending.get(key)
+            if entry is not None:
+                entry.tries += 1
+                give_up = entry.tries > MAX_RETRANSMITS
+                if give_up:
+                    del self._pending[key]
+        if entry is None:
+            return  # acknowledged or abandoned meanwhile
+        if give_up:
+            entry.tries = -1
+            error = CorruptionError(f"a piece of operation #{header.op} (tree {header.tree}, chunk {header.chunk}) "
+                                    f"sent to rank {self.peer} failed its checksum {MAX_RETRANSMITS + 1} times",
+                                    rank=self.peer)
+            receiver = self.mailbox.current(header.op)
+            if receiver is not None:
+                receiver.failed(error)
+            self.abort(header.op, error)
+            return
+        self._tx.record_retransmit()
+        self._enqueue(DATA, entry.raw, entry.payload, entry)
 
     # ------------------------------------------------------------------ receiving
     def _recv_loop(self) -> None:
-        sock = self.sock
         raw = bytearray(HEADER_SIZE)
         view = memoryview(raw)
-        discard = None
-        try:
-            while True:
-                recv_exact(sock, view)
-                header = frames.unpack_header(view)
-                if header.group != self.group or header.epoch != self.epoch:
-                    raise ProtocolError(f"frame for group {header.group} epoch {header.epoch} on a connection of "
-                                        f"group {self.group} epoch {self.epoch}")
-                if header.length > MAX_FRAME:
-                    raise ProtocolError(f"frame of {header.length} bytes exceeds {MAX_FRAME}")
-                if header.kind == ABORT:
-                    text = bytearray(header.length)
-                    recv_exact(sock, memoryview(text))
-                    self.mailbox.abort(header.op, error_from_abort(text.decode(errors="replace"), self.peer))
+        heartbeat = self.transport.telemetry.heartbeat
+        me = self.transport.rank
+        while True:
+            sock = self.sock
+            try:
+                self._receive(sock, view, raw, heartbeat, me)
+                return
+            except ProtocolError as e:
+                log.warning("rank %d: closing connection from rank %d: %s", self.transport.rank, self.peer, e)
+                self._fail(e)
+                return
+            except CollectiveError as e:
+                self._fail(e)
+                return
+            except OSError as e:
+                self._rx_error(e, receiving=True)
+                failure = self._reconnect(sock, e)
+                if failure is None:
                     continue
-                receiver = self.mailbox.receiver_for(header.op)
+                failure.while_receiving = True  # operations that expect nothing more from this peer carry on
+                self._fail(failure)
+                return
+            except BaseException as e:  # pragma: no cover - a bug in a receiver callback
+                log.exception("rank %d: receiver for rank %d failed", self.transport.rank, self.peer)
+                self._fail(e)
+                return
+
+    def _receive(self, sock: socket.socket, view: memoryview, raw: bytearray, heartbeat, me: int) -> None:
+        discard = None
+        rx = self._rx
+        while True:
+            recv_exact(sock, view)
+            header = frames.unpack_header(view)
+            if header.group != self.group or header.epoch != self.epoch:
+                raise ProtocolError(f"frame for group {header.group} epoch {header.epoch} on a connection of "
+                                    f"group {self.group} epoch {self.epoch}")
+            if header.length > MAX_FRAME:
+                raise ProtocolError(f"frame of {header.length} bytes exceeds {MAX_FRAME}")
+            heartbeat(self.peer, me)
+            kind = header.kind
+            if kind == ACK:
+                self._acked(header)
+                continue
+            if kind == NACK:
+                self._nack(header)
+                continue
+            if kind == ABORT:
+                text = bytearray(header.length)
+                recv_exact(sock, memoryview(text))
+                for key in [k for k in self._resume if k[0] == header.op]:
+                    del self._resume[key]
+                self.mailbox.abort(header.op, error_from_abort(text.decode(errors="replace"), self.peer))
+                continue
+            op = header.op
+            key = (op, header.tree, header.chunk)
+            again = self._resume.pop(key, None)
+            if again is not None and self.mailbox.current(op) is again[0] and len(again[1]) == header.length:
+                receiver, dest = again
+            else:
+                got = self._got.get(op)
+                if got is not None and (header.tree, header.chunk) in got:  # a duplicate after a reconnect
+                    discard = discard or bytearray(1 << 16)
+                    self._skip(sock, header.length, discard)
+                    self._control(ACK, header)
+                    continue
+                receiver = self.mailbox.receiver_for(op)
                 if receiver is None:  # stale frame of a finished or failed operation
                     discard = discard or bytearray(1 << 16)
-                    self._skip(header.length, discard)
+                    self._skip(sock, header.length, discard)
+                    self._control(ACK, header)
                     continue
                 try:
                     dest = receiver.destination(header, self.peer)
                 except CollectiveError as e:  # ranks disagree: fail the operation, keep the stream whole
                     receiver.failed(e)
-                    self.abort(header.op, e)
+                    self.abort(op, e)
                     discard = discard or bytearray(1 << 16)
-                    self._skip(header.length, discard)
+                    self._skip(sock, header.length, discard)
+                    self._control(ACK, header)
                     continue
-                recv_exact(sock, dest)
-                if frames.checksum(dest) != header.checksum:
-                    raise ProtocolError(f"payload checksum mismatch from rank {self.peer} "
-                                        f"(op {header.op}, tree {header.tree}, chunk {header.chunk})")
-                receiver.delivered(header, dest, self.peer)
-        except ProtocolError as e:
-            log.warning("rank %d: closing connection from rank %d: %s", self.transport.rank, self.peer, e)
-            self._fail(e)
-        except CollectiveError as e:
-            self._fail(e)
-        except OSError as e:
-            error = PeerFailure(f"lost connection to rank {self.peer}: {e.__class__.__name__}: {e}", rank=self.peer)
-            error.while_receiving = True  # operations that expect nothing more from this peer carry on
-            self._fail(error)
-        except BaseException as e:  # pragma: no cover - a bug in a receiver callback
-            log.exception("rank %d: receiver for rank %d failed", self.transport.rank, self.peer)
-            self._fail(e)
+            n = header.length
+            try:
+                if n > SMALL_PAYLOAD:
+                    t0 = time.perf_counter()
+                    recv_exact(sock, dest)
+                    rx.record_transfer(n, time.perf_counter() - t0)
+                else:
+                    recv_exact(sock, dest)
+                    rx.record_bytes(n)
+            except OSError:
+                self._resume[key] = (receiver, dest)  # the piece comes again after a reconnect
+                raise
+            if frames.checksum(dest) != header.checksum:
+                # Never used: not delivered (so never reduced, never forwarded); where it landed in
+                # the user's buffer (a copy), the retransmission overwrites it.
+                log.info("rank %d: payload checksum mismatch from rank %d (op %d, tree %d, chunk %d); "
+                         "asking for it again", me, self.peer, op, header.tree, header.chunk)
+                rx.record_error("checksum")
+                self._resume[key] = (receiver, dest)
+                self._control(NACK, header)
+                continue
+            got = self._got.get(op)
+            if got is None:
+                got = self._got[op] = set()
+                if len(self._got) > 64:  # forget finished operations
+                    floor = self.mailbox.floor
+                    for old in [o for o in self._got if o < floor]:
+                        del self._got[old]
+                    for old in [k for k in self._resume if k[0] < floor]:
+                        del self._resume[old]
+            got.add((header.tree, header.chunk))
+            self._control(ACK, header)
+            receiver.delivered(header, dest, self.peer)
 
-    def _skip(self, length: int, scratch: bytearray) -> None:
+    def _skip(self, sock: socket.socket, length: int, scratch: bytearray) -> None:
         """Read and drop ``length`` payload bytes (a frame nobody takes)."""
         left = length
         while left:
             part = memoryview(scratch)[:min(left, len(scratch))]
-            recv_exact(self.sock, part)
+            recv_exact(sock, part)
             left -= len(part)
+
+    # ------------------------------------------------------------------ broken connections
+    def _rx_error(self, e: BaseException, receiving: bool = False) -> None:
+        """Count a socket error on the link (the receiving direction when it broke while reading)."""
+        if not self._closing:
+            (self._rx if receiving else self._tx).record_error(error_kind(e))
+
+    def _break(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # the receiver thread wakes up and reconnects
+        except OSError:
+            pass
+
+    def _await_new_socket(self, old: socket.socket | None) -> bool:
+        """The sender thread after a failed write: wait until the receiver thread replaced the
+        socket (True) or gave the link up (False)."""
+        with self._swapped:
+            while self.sock is old and self.error is None and not self._closing:
+                self._swapped.wait(0.5)
+            return self.error is None and not self._closing
+
+    def _reconnect(self, old: socket.socket, cause: BaseException) -> CollectiveError | None:
+        """After the connection broke: a new one (None) or the failure to report."""
+        lost = PeerFailure(f"lost connection to rank {self.peer}: {cause.__class__.__name__}: {cause}",
+                           rank=self.peer)
+        if self._closing or self.transport._closed or not RECONNECT or self.error is not None:
+            return lost
+        with self.transport._cond:
+            if self.transport._links.get((self.peer, self.group)) is not self:
+                return lost
+        self._break(old)
+        t = self.transport
+        deadline = time.monotonic() + (RECONNECT_SECONDS if t.rank < self.peer else RECONNECT_ACCEPT_SECONDS)
+        try:
+            if t.rank < self.peer:
+                sock = t._connect(self.peer, self.group, self.epoch, deadline, reconnect=True)
+            else:
+                sock = t._wait_accepted(self.peer, self.group, self.epoch, deadline, check=self._peer_gone)
+        except CollectiveError as e:
+            if isinstance(e, CollectiveTimeout):
+                self._tx.record_error("timeout")
+            log.info("rank %d: could not reconnect to rank %d: %s", t.rank, self.peer, e)
+            return PeerFailure(f"lost connection to rank {self.peer} ({cause.__class__.__name__}) and could not "
+                               f"reconnect: {e}", rank=self.peer)
+        _tune(sock)
+        sock.settimeout(None)
+        with self._send_lock:
+            with self._lock:
+                if self._closing or self.error is not None:
+                    sock.close()
+                    return lost
+                self.sock = sock
+                self.reconnects += 1
+                self._swapped.notify_all()
+            try:
+                old.close()
+            except OSError:
+                pass
+            with self._count_lock:
+                again = [e for e in self._pending.values() if e.written and e.tries >= 0]
+        log.info("rank %d: reconnected to rank %d; sending %d unacknowledged frames again", t.rank, self.peer,
+                 len(again))
+        if again:
+            self._tx.record_retransmit(len(again))
+        for e in again:
+            self._enqueue(DATA, e.raw, e.payload, e)
+        return None
+
+    def _peer_gone(self) -> BaseException | None:
+        """While waiting to be connected again: is anything still listening where the peer did?"""
+        peer = self.transport._peers.get(self.peer)
+        if peer is None:
+            return None
+        host, port, local = peer
+        try:
+            probe = TcpTransport._open(host, port, local, time.monotonic() + 1.0)
+        except ConnectionRefusedError:
+            self._tx.record_error("refused")
+            return PeerFailure(f"rank {self.peer} is gone (nothing listens at {host}:{port})", rank=self.peer)
+        except OSError:
+            return None
+        probe.close()
+        return None
 
     # ------------------------------------------------------------------ failure
     def abort(self, op: int, error: BaseException) -> None:
@@ -307,27 +667,45 @@ class Link:
             return
         text = abort_text(error).encode()[:frames.MAX_ABORT_BYTES]
         with self._count_lock:
-            self._queued += 1
-        self._sendq.put((Header(ABORT, self.group, self.epoch, op, length=len(text)).pack(), memoryview(text), None))
+            for key in [k for k in self._pending if k[0] == op]:
+                self._pending.pop(key).tries = -1
+        self._enqueue(ABORT, Header(ABORT, self.group, self.epoch, op, length=len(text)).pack(), memoryview(text))
 
     def _fail(self, error: BaseException) -> None:
         with self._lock:
             if self.error is not None:
                 return
             self.error = error
+            self._swapped.notify_all()
         self.transport._forget(self)
+        # Frames that left in full count as sent, as they did before acknowledgements existed: a
+        # peer that finished and closed may not have had the time to acknowledge them.
+        with self._count_lock:
+            written = [e for e in self._pending.values() if e.written and e.tries >= 0]
+            self._pending.clear()
+        for e in written:
+            e.tries = -1
+            if e.done is not None:
+                try:
+                    e.done()
+                except BaseException:  # pragma: no cover - the operation fails below anyway
+                    pass
         self.mailbox.fail_all(error)
         self.close()
 
     def close(self) -> None:
+        self._closing = True
+        sock = self.sock
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.sock.close()
+        sock.close()
         self._sendq.put(None)
         if self.error is None:
             self.error = PeerFailure(f"connection to rank {self.peer} was closed", rank=self.peer)
+        with self._lock:
+            self._swapped.notify_all()
 
     def join(self, deadline: float) -> None:
         """Wait (until the monotonic ``deadline``) for this link's threads to end after close()."""
@@ -340,8 +718,12 @@ class TcpTransport:
     """Listens for peers, authenticates them, and hands out one :class:`Link` per (peer, group)."""
 
     def __init__(self, rank: int, token: bytes | str, host: str = "127.0.0.1", port: int = 0,
-                 advertise_host: str | None = None):
+                 advertise_host: str | None = None, telemetry: LinkTelemetry | None = None,
+                 faults: "inject.FaultPlan | None" = None):
         self.rank = rank
+        self.telemetry = telemetry if telemetry is not None else LinkTelemetry(rank)
+        # Injected faults (collcomm.faults.inject): the given plan, else configure()'s or COLLCOMM_FAULTS.
+        self.faults = faults if faults is not None else inject.active_plan()
         self.token = token.encode() if isinstance(token, str) else bytes(token)
         self._listener = socket.create_server((host, port), backlog=128)
         self._listener.settimeout(None)
@@ -432,13 +814,14 @@ class TcpTransport:
         for l in links:
             l.abort(op, error)
 
-    def _connect(self, peer: int, group: int, epoch: int, deadline: float, check=None) -> socket.socket:
+    def _connect(self, peer: int, group: int, epoch: int, deadline: float, check=None,
+                 reconnect: bool = False) -> socket.socket:
         if peer not in self._peers:
             raise PeerFailure(f"rank {peer} has no known address", rank=peer)
         host, port, local = self._peers[peer]
         last: Exception | None = None
         next_check = time.monotonic() + CHECK_EVERY
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._closed:
             if check is not None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + CHECK_EVERY
                 known = check()
@@ -447,6 +830,7 @@ class TcpTransport:
             try:
                 sock = self._open(host, port, local, deadline)
             except ConnectionRefusedError:
+                self.telemetry.record_error(self.rank, peer, "refused")
                 # Ranks listen before they register, so nobody listening means the process is gone.
                 raise PeerFailure(f"rank {peer} is gone (nothing listens at {host}:{port})", rank=peer) from None
             except OSError as e:
@@ -454,7 +838,7 @@ class TcpTransport:
                 time.sleep(0.05)
                 continue
             try:
-                self._client_handshake(sock, peer, group, epoch)
+                self._client_handshake(sock, peer, group, epoch, reconnect)
                 return sock
             except AuthenticationError:
                 sock.close()
@@ -479,9 +863,10 @@ class TcpTransport:
                 sock.close()
         return socket.create_connection((host, port), timeout=wait)
 
-    def _client_handshake(self, sock: socket.socket, peer: int, group: int, epoch: int) -> None:
+    def _client_handshake(self, sock: socket.socket, peer: int, group: int, epoch: int,
+                          reconnect: bool = False) -> None:
         sock.settimeout(HANDSHAKE_TIMEOUT)
-        hello = frames.new_hello(self.rank, peer, group, epoch)
+        hello = frames.new_hello(self.rank, peer, group, epoch, frames.HELLO_RECONNECT if reconnect else 0)
         raw_hello = hello.pack()
         sock.sendall(raw_hello)
         challenge = bytearray(frames.CHALLENGE_SIZE)
@@ -551,6 +936,31 @@ class TcpTransport:
             recv_exact(sock, memoryview(answer))
             if not frames.mac_ok(frames.mac(self.token, b"C", bytes(raw), server_nonce), bytes(answer)):
                 raise AuthenticationError("client could not prove knowledge of the job token")
+            if hello.flags & frames.HELLO_RECONNECT:
+                # Only a connection this rank still holds may be re-opened (not one it closed on
+                # purpose: a shrunk group's, a replaced epoch's), or one accepted and not yet taken
+                # (what was sent on it is sent again on the new one).
+                # A link being opened right now is neither: give it a moment.
+                key = (hello.client, hello.group)
+                patience = time.monotonic() + 2.0
+                with self._cond:
+                    while True:
+                        mine, waiting = self._links.get(key), self._accepted.get(key)
+                        if mine is not None and mine.epoch == hello.epoch:
+                            ok = not mine._closing and mine.error is None
+                            state = "closed" if mine._closing else f"failed: {mine.error}"
+                            break
+                        if mine is None and waiting is not None and waiting[0] == hello.epoch:
+                            ok, state = True, ""
+                            break
+                        if time.monotonic() >= patience or self._closed:
+                            ok, state = False, "no such connection"
+                            break
+                        self._cond.wait(0.05)
+                if not ok:
+                    sock.sendall(b"\x00")
+                    raise ProtocolError(f"rank {hello.client} asked to reconnect group {hello.group} epoch "
+                                        f"{hello.epoch}, which this rank no longer holds ({state})")
             sock.sendall(frames.ACCEPTED)
             with self._cond:
                 old = self._accepted.get((hello.client, hello.group))
@@ -558,6 +968,8 @@ class TcpTransport:
                 self._cond.notify_all()
             if old is not None:
                 old[1].close()
+        except PeerClosed:  # connected and left without a word: a liveness probe (Link._peer_gone)
+            sock.close()
         except (OSError, ProtocolError, AuthenticationError) as e:
             origin = addr[0] if isinstance(addr, tuple) and addr else "a local process"
             log.warning("rank %d: refused connection from %s: %s", self.rank, origin, e)
