@@ -31,10 +31,16 @@ def _env_int(name: str) -> int | None:
 
 def init(rank: int | None = None, world_size: int | None = None, coordinator: str | None = None,
          token: str | None = None, *, timeout: float | None = None, topology=None, host: str | None = None,
-         algorithm: str | None = None, chunk_bytes: int | None = None) -> None:
+         algorithm: str | None = None, chunk_bytes: int | None = None, auto_shrink: bool | None = None,
+         monitor_every: int | None = None) -> None:
     """Join the job: from explicit arguments, ``COLLCOMM_*`` variables (set by ``collcomm run``),
     or torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (rank 0 then starts
-    the coordinator on MASTER_PORT + 1 unless ``COLLCOMM_COORDINATOR`` names one)."""
+    the coordinator on MASTER_PORT + 1 unless ``COLLCOMM_COORDINATOR`` names one).
+
+    ``auto_shrink`` (or ``COLLCOMM_AUTO_SHRINK=1``): a collective that fails on a dead or hung
+    member still raises, but leaves its group (the world included) shrunk to the survivors for
+    the next call. ``monitor_every`` (or ``COLLCOMM_MONITOR_EVERY``): every that many operations
+    the members report link telemetry and the group re-plans around bad links (0: off)."""
     global _RUNTIME, _EMBEDDED
     from collcomm.runtime import Runtime
 
@@ -65,7 +71,8 @@ def init(rank: int | None = None, world_size: int | None = None, coordinator: st
                                   f"variables, run under torchrun, or pass them to init()")
         try:
             _RUNTIME = Runtime(rank, world_size, coordinator, token, timeout=timeout, topology=topology,
-                               host=host, algorithm=algorithm, chunk_bytes=chunk_bytes)
+                               host=host, algorithm=algorithm, chunk_bytes=chunk_bytes, auto_shrink=auto_shrink,
+                               monitor_every=monitor_every)
         except BaseException:
             if _EMBEDDED is not None:
                 _EMBEDDED.stop(0)
@@ -103,7 +110,10 @@ def world_size() -> int:
 
 def _group(group):
     rt = _rt()
-    return rt.world if group is None else group
+    g = rt.world if group is None else group
+    while getattr(g, "successor", None) is not None:  # a shrunk group: its survivors' group
+        g = g.successor
+    return g
 
 
 def _timeout(timeout):
@@ -195,6 +205,26 @@ def probe_topology(*, group=None, seconds_per_pair: float | None = None, timeout
 def new_group(ranks, name: str | None = None, *, timeout: float | None = None):
     """Form a group of world ranks; only the members call it (no world-wide barrier)."""
     return _rt().new_group(ranks, name, timeout)
+
+
+def shrink(group=None, *, timeout: float | None = None):
+    """After a failure (PeerFailure, CollectiveTimeout), re-form ``group`` (default: the world)
+    without its dead or hung members at a new epoch and return it; the default group of the
+    collectives becomes the shrunk world. Every survivor calls it; a member that does not
+    call within ``timeout`` is declared failed. A rank that was declared failed raises
+    :class:`~collcomm.errors.EvictedError`. Ranks keep their world numbers (``cc.rank()``);
+    ``group.rank``/``group.size`` are the ranks within the new group."""
+    rt = _rt()
+    return rt.shrink(_group(group), timeout=timeout)
+
+
+def link_health(*, group=None, format: str = "dict"):
+    """The monitor's view of the group's links (default: the world): the verdicts of the last
+    round, the current plan's epoch and fabric changes, and this rank's telemetry snapshot;
+    ``format="prometheus"``: the same as Prometheus text exposition."""
+    from collcomm.faults.monitor import link_health as health
+
+    return health(_rt(), _group(group), format=format)
 
 
 def shutdown() -> None:

@@ -714,6 +714,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     c.add_argument("--port", type=int, default=29400, help="port (default 29400; 0: any free port)")
     c.set_defaults(func=cmd_coordinator)
+
+    st = sub.add_parser("status", help="the link monitor's latest verdicts and plan changes of a running job",
+                        description="Ask the coordinator (COLLCOMM_COORDINATOR, COLLCOMM_TOKEN) for the latest "
+                                    "link-monitor report that group rank 0 published (jobs started with "
+                                    "COLLCOMM_MONITOR_EVERY or init(monitor_every=...)).")
+    st.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="default: $COLLCOMM_COORDINATOR")
+    st.add_argument("--token", default=None, help="default: $COLLCOMM_TOKEN")
+    st.add_argument("--group", type=int, default=None, metavar="ID", help="a group id (default: the latest report)")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the coordinator (default 5)")
+    st_fmt = st.add_mutually_exclusive_group()
+    st_fmt.add_argument("--json", action="store_true", help="print the report as JSON")
+    st_fmt.add_argument("--prometheus", action="store_true", help="print it in the Prometheus text format")
+    st.set_defaults(func=cmd_status)
     return parser
 
 
@@ -791,6 +804,48 @@ def cmd_emulate_fault(args) -> int:
                          f"`{PROG} emulate up T.json --prefix {prefix}`")
     mode = "down" if args.down else "up" if args.up else "bandwidth"
     print(emu.fault(p, args.link[0], args.link[1], mode, percent, both=args.both))
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from collcomm.coordinator.client import CoordinatorClient
+    from collcomm.errors import CollectiveTimeout
+    from collcomm.faults.monitor import prometheus
+
+    address = args.coordinator or os.environ.get("COLLCOMM_COORDINATOR")
+    token = args.token or os.environ.get("COLLCOMM_TOKEN")
+    if not address or not token:
+        raise UsageError("status: give --coordinator and --token (or set COLLCOMM_COORDINATOR and COLLCOMM_TOKEN)")
+    key = "monitor/latest" if args.group is None else f"monitor/latest/{args.group}"
+    with CoordinatorClient(address, token, timeout=args.timeout) as client:
+        try:
+            report = json.loads(client.kv_get(key, timeout=0))
+        except CollectiveTimeout:
+            raise CommandFailed(f"no link-monitor report at {address}" + (
+                f" for group {args.group}" if args.group is not None else "") +
+                "; is the job running with COLLCOMM_MONITOR_EVERY set?") from None
+    if args.json:
+        print(json.dumps(report, indent=1, sort_keys=True))
+        return EXIT_OK
+    if args.prometheus:
+        sys.stdout.write(prometheus({"group": report.get("group"), "verdicts": report.get("verdicts", []),
+                                     "plan_epoch": report.get("current_plan_epoch", 0),
+                                     "faults": report.get("faults", [])}))
+        return EXIT_OK
+    print(f"group {report.get('group')} ({report.get('group_name')}, members {report.get('members')}, epoch "
+          f"{report.get('epoch')}): round {report.get('round')}, plan epoch {report.get('current_plan_epoch')} "
+          f"on {report.get('topology_name')}; {report.get('healthy', 0)} healthy links")
+    if report.get("missing_reports"):
+        print(f"  missing reports from ranks {report['missing_reports']}")
+    for v in report.get("verdicts", []):
+        print(f"  {v['state']:<9} {v['reason']}")
+    for f in report.get("faults", []):
+        print(f"  fabric link {f['link'][0]} -> {f['link'][1]}: {f['state']}, planned at {f['fraction']} of its "
+              f"bandwidth")
+    if report.get("error"):
+        print(f"  error: {report['error']}")
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import json
 import os
 import socket
 import threading
@@ -26,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from collcomm.buffers import Buffer, as_buffer
-from collcomm.errors import CollectiveError, CollectiveTimeout, MismatchError, PeerFailure
+from collcomm.errors import CollectiveError, CollectiveTimeout, EvictedError, MismatchError, PeerFailure
 from collcomm.planner import Planner, flat_topology, restrict
 from collcomm.schedules.ir import ALLGATHER, ALLREDUCE, REDUCE_SCATTER
 from collcomm.topology import jsonio
@@ -92,6 +93,8 @@ class Group:
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self._planner: Planner | None = None
         self._plans: dict = {}
+        self.successor: "Group | None" = None  # set by shrink(): the survivors' group
+        self.monitor = None  # collcomm.faults.monitor.GroupMonitor, when monitoring is on
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, members={self.members})"
@@ -107,6 +110,24 @@ class Group:
         if self._planner is None:
             self._planner = Planner(self.runtime.group_topology(self))
         return self._planner
+
+    def set_topology(self, topo: Topology) -> None:
+        """Plan on ``topo`` from the next operation on (the monitor's re-planned fabric)."""
+        self._planner = Planner(topo)
+        self._plans.clear()
+
+    def next_seq(self) -> int:
+        """The number of the next operation; the monitor's round (reports, plan switch) runs first."""
+        if self.successor is not None:
+            raise CollectiveError(f"{self} was shrunk to {self.successor}; run collectives on that group")
+        seq = next(self._seq)
+        if self.monitor is None and self.runtime.monitor_every > 0 and self.size > 1:
+            from collcomm.faults.monitor import GroupMonitor
+
+            self.monitor = GroupMonitor(self, self.runtime.monitor_every)
+        if self.monitor is not None:
+            self.monitor.before_operation(seq)
+        return seq
 
     def _plan(self, schedule, shards: dict, chunk_elems: int) -> ExecutionPlan:
         key = (id(schedule), tuple(sorted(shards.items())), chunk_elems)
@@ -152,7 +173,7 @@ class Group:
                      watch_previous: bool = False) -> None:
         """Run the collective ``kind`` (allgather/reduce_scatter/allreduce schedule) on ``work``.
         ``watch_previous``: also fail when the previous operation was aborted elsewhere."""
-        seq = next(self._seq)
+        seq = self.next_seq()
         watch = (seq - 1,) if watch_previous and seq > 0 else ()
         rt = self.runtime
         schedule = self.planner.schedule(kind, nbytes, algorithm or rt.algorithm)
@@ -183,6 +204,14 @@ class Group:
             op.wait(max(deadline - time.monotonic(), 0.0), poll=check, poll_every=POLL_SECONDS)
         except CollectiveError as e:
             self._failed(seq, e)
+            evicted = rt.evicted(self)
+            if evicted is not None:
+                raise evicted from e
+            if rt.auto_shrink and isinstance(e, (PeerFailure, CollectiveTimeout)):
+                try:  # leave the group shrunk for the next call; this call still raises
+                    rt.shrink(self)
+                except CollectiveError:
+                    pass
             raise
         finally:
             mailbox.finish(seq)
@@ -204,7 +233,8 @@ class Runtime:
 
     def __init__(self, rank: int, world_size: int, coordinator: str, token: str, *, timeout: float | None = None,
                  topology: str | Topology | None = None, host: str | None = None,
-                 algorithm: str | None = None, chunk_bytes: int | None = None):
+                 algorithm: str | None = None, chunk_bytes: int | None = None, auto_shrink: bool | None = None,
+                 monitor_every: int | None = None):
         from collcomm.coordinator.client import CoordinatorClient
 
         if world_size < 1 or not 0 <= rank < world_size:
@@ -213,6 +243,12 @@ class Runtime:
         self.timeout = timeout if timeout is not None else _env_float("COLLCOMM_TIMEOUT", DEFAULT_TIMEOUT)
         self.algorithm = algorithm or os.environ.get("COLLCOMM_ALGORITHM") or None
         self.chunk_bytes = chunk_bytes or int(_env_float("COLLCOMM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+        self.auto_shrink = bool(auto_shrink) if auto_shrink is not None else \
+            os.environ.get("COLLCOMM_AUTO_SHRINK", "").strip().lower() in ("1", "true", "yes", "on")
+        self.monitor_every = int(monitor_every) if monitor_every is not None else \
+            int(os.environ.get("COLLCOMM_MONITOR_EVERY") or 0)
+        if self.monitor_every < 0:
+            raise ValueError(f"monitor_every must be >= 0, got {self.monitor_every}")
         listen = host or os.environ.get("COLLCOMM_HOST") or ("127.0.0.1" if coordinator.startswith(
             ("127.", "localhost")) else "0.0.0.0")
         advertise = None if listen not in ("0.0.0.0", "") else _own_address(coordinator)
@@ -225,6 +261,7 @@ class Runtime:
             self.client.close()
             raise
         self.transport.set_peers({p.rank: p.address for p in table.peers})
+        self.peer_addresses = {p.rank: p.address for p in table.peers}
         self.hostnames = [p.hostname for p in table.peers]
         self._topology_source = topology if topology is not None else os.environ.get("COLLCOMM_TOPOLOGY") or None
         probing = isinstance(self._topology_source, str) and self._topology_source.strip().lower() == "probe"
@@ -296,6 +333,9 @@ class Runtime:
         except CollectiveError:
             status = None
         if status is not None:
+            me = [d for d in status.dead if d.rank == self.rank]
+            if me:
+                return _evicted_error(self.rank, group, me[0].reason)
             dead = [d for d in status.dead if d.rank in group.members and d.rank != self.rank]
             if dead:
                 d = dead[0]
@@ -337,6 +377,133 @@ class Runtime:
         except CollectiveError:
             pass
 
+    # ------------------------------------------------------------------ shrinking
+    def evicted(self, group: Group) -> EvictedError | None:
+        """An EvictedError when the coordinator lists this rank among the group's dead (it hung and
+        the others went on without it), else None."""
+        try:
+            status = self.client.group_status(group.id, timeout=5.0)
+        except CollectiveError:
+            return None
+        for d in status.dead:
+            if d.rank == self.rank:
+                return _evicted_error(self.rank, group, d.reason)
+        return None
+
+    def shrink(self, group: Group | None = None, timeout: float | None = None) -> Group:
+        """Re-form ``group`` (default: the world) without its failed members, at a new epoch.
+
+        Every survivor calls it. Each checks in under ``shrink/<group>/<epoch>/``; a member that
+        the coordinator lists as dead, or whose listener refuses connections (its process is
+        gone), is out at once; one that neither checks in nor is known dead within ``timeout``
+        (a hung rank) is declared failed. The first member to see every member accounted for (or
+        its deadline pass) writes the decision (the coordinator's atomic counter elects it) and
+        reports the missing members dead; every survivor then forms the new group (a new group id
+        and epoch at the coordinator). The old group's connections are closed, so a late frame of
+        the old epoch is refused and never reaches the new group. A member left out raises
+        EvictedError."""
+        group = self.world if group is None else group
+        while group.successor is not None:
+            group = group.successor
+        if group.me is None:
+            raise ValueError(f"rank {self.rank} is not a member of {group}")
+        timeout = self.timeout if timeout is None else float(timeout)
+        prefix = f"shrink/{group.id}/{group.epoch}"
+        deadline = time.monotonic() + timeout
+        self.client.kv_set(f"{prefix}/in/{self.rank}", b"1", timeout=timeout)
+        checked_in: set[int] = {self.rank}
+        dead: dict[int, str] = {}
+        probed: dict[int, float] = {}
+        decision = None
+        while decision is None:
+            try:
+                decision = json.loads(self.client.kv_get(f"{prefix}/decision", timeout=0.0))
+                break
+            except CollectiveTimeout:
+                pass
+            try:
+                status = self.client.group_status(group.id, timeout=5.0)
+                for d in status.dead:
+                    if d.rank in group.members:
+                        dead.setdefault(d.rank, d.reason)
+            except CollectiveError:
+                pass
+            if self.rank in dead:
+                raise _evicted_error(self.rank, group, dead[self.rank])
+            for r in group.members:
+                if r in checked_in or r in dead:
+                    continue
+                try:
+                    self.client.kv_get(f"{prefix}/in/{r}", timeout=0.0)
+                    checked_in.add(r)
+                    continue
+                except CollectiveTimeout:
+                    pass
+                if time.monotonic() - probed.get(r, -1e9) >= 0.5:
+                    probed[r] = time.monotonic()
+                    if _process_gone(self.peer_addresses.get(r)):
+                        dead[r] = "its process is gone (nothing listens at its address)"
+            missing = [r for r in group.members if r not in checked_in and r not in dead]
+            expired = time.monotonic() >= deadline
+            if (not missing or expired) and self.client.kv_add(f"{prefix}/decider", 1, timeout=5.0) == 1:
+                for r in missing:
+                    dead[r] = f"did not rejoin the group within {timeout:g} s (hung?)"
+                for r, reason in sorted(dead.items()):
+                    try:
+                        self.client.report_failure(group.id, r, reporter=self.rank,
+                                                   reason=f"shrink of {group.name}: {reason}", timeout=5.0)
+                    except CollectiveError:
+                        pass
+                survivors = [r for r in group.members if r not in dead]
+                decision = {"members": survivors, "dead": {str(r): dead[r] for r in sorted(dead)},
+                            "by": self.rank}
+                self.client.kv_set(f"{prefix}/decision", json.dumps(decision).encode(), timeout=5.0)
+                break
+            if expired and time.monotonic() >= deadline + timeout:
+                raise CollectiveTimeout(f"shrink of {group}: no decision within {2 * timeout:g} s")
+            time.sleep(0.05)
+        members = [int(r) for r in decision["members"]]
+        if self.rank not in members:
+            raise _evicted_error(self.rank, group, decision["dead"].get(str(self.rank), "left out of the shrink"))
+        info = self.client.form_group(f"{prefix}/group", members, self.rank,
+                                      timeout=max(deadline + timeout - time.monotonic(), 1.0))
+        new = Group(self, info.group_id, group.name, list(info.members), info.epoch)
+        if group.monitor is not None:  # keep the monitor's re-planned fabric, cut to the survivors
+            try:
+                new._planner = Planner(restrict(group.monitor.topology, [group.members.index(r) for r in members],
+                                                f"{group.monitor.topology.name}/shrunk"))
+            except CollectiveError:
+                pass
+        self.groups[new.id] = new
+        group.successor = new
+        if self.world is group:
+            self.world = new
+        self._retire(group)
+        return new
+
+    def _retire(self, group: Group) -> None:
+        """Close the connections and the mailbox of a group that was shrunk: a frame of its old
+        epoch (from a member that wakes up late) meets a closed connection, never the new group."""
+        transport = self.transport
+        cond = getattr(transport, "_cond", None)
+        links_by_key = getattr(transport, "_links", None)
+        if cond is None or links_by_key is None:
+            return
+        with cond:
+            links = [l for (p, g), l in links_by_key.items() if g == group.id]
+            accepted = [k for k in getattr(transport, "_accepted", {}) if k[1] == group.id]
+            for k in accepted:
+                try:
+                    transport._accepted.pop(k)[-1].close()  # (epoch, socket): a connection nobody took
+                except (OSError, AttributeError, TypeError, IndexError):
+                    pass
+        for l in links:
+            l.close()
+        try:
+            transport.mailbox(group.id).fail_all(EvictedError(f"{group} was shrunk", epoch=group.epoch))
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
     # ------------------------------------------------------------------ point to point
     def p2p_seq(self, peer: int, tag: int, direction: str) -> int:
         with self._p2p_lock:
@@ -356,6 +523,39 @@ class Runtime:
 
 def _abort_key(group: Group, seq: int) -> str:
     return f"abort/{group.id}/{group.epoch}/{seq}"
+
+
+def _evicted_error(rank: int, group: Group, reason: str) -> EvictedError:
+    return EvictedError(f"rank {rank} was declared failed ({reason or 'reported dead'}) and {group.name!r} went on "
+                        f"without it; its epoch {group.epoch} is stale", rank=rank, epoch=group.epoch)
+
+
+def _process_gone(address: str | None) -> bool:
+    """True when nothing listens at a rank's registered address (connection refused): its process
+    is gone. A hung (stopped) process still accepts, so it is not "gone" here."""
+    if not address:
+        return False
+    tcp, _, local = address.partition("#@")
+    if local:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(0.5)
+        try:
+            s.connect("\0" + local)
+            return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            pass  # another machine or namespace: try TCP
+        finally:
+            s.close()
+    host, _, port = tcp.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _own_address(coordinator: str) -> str:
@@ -491,7 +691,7 @@ def alltoall(rt: Runtime, group: Group, out, x, timeout: float) -> None:
     dst.array[me * block:(me + 1) * block] = data[me * block:(me + 1) * block]
     if block == 0 or n == 1:
         return
-    seq = next(group._seq)
+    seq = group.next_seq()
     itemsize = data.dtype.itemsize
     chunk_elems = max(1, rt.chunk_bytes // itemsize)
     desc = frames.describe(group.id, group.epoch, "alltoall", dst.dtype, dst.count, "", -1)

@@ -1,0 +1,548 @@
+"""The link monitor: telemetry reports, the detector, and re-planning around bad links.
+
+Every ``every`` operations of a group (a *round*, counted by operation number, so every member
+agrees on where rounds fall) each member publishes what its telemetry saw since its last report
+(:func:`collcomm.faults.detector.observations_between` of two snapshots: rates, transfers,
+connection errors, last activity) in the coordinator's key-value store::
+
+    monitor/<group>/<epoch>/r<round>/<rank>    one member's observations of the round (JSON)
+    monitor/<group>/<epoch>/d<round>           group rank 0's decision of the round (JSON)
+    monitor/latest/<group>, monitor/latest     the last decision and verdicts (for `collcomm status`)
+
+Group rank 0 collects the round's reports, merges the observations of each rank pair
+``(src, dst)`` (both ends may report it: the lower rate, the errors of both), and runs the
+:class:`~collcomm.faults.detector.LinkDetector`. Rank pairs are compared with the pairs whose
+route has the same bottleneck bandwidth in the fabric (a slow network link is not "slow"
+next to an NVLink). Flagged pairs are mapped to the fabric's physical links along their routes
+(:func:`blame`: a physical link that only flagged pairs cross; else the links of the route
+shared by the largest fraction of flagged pairs); :func:`reroute` removes a down link and
+down-weights a degraded or flapping one to its measured fraction. When the set of faulty
+physical links changes, the decision carries the new fabric and a new plan epoch, applied at
+operation ``(round + 1) * every``: each member reads the decision of the previous round before
+its operation of that number and switches its planner there, so no operation mixes plans. A
+link that recovers (the detector's probation: ``recover_after`` good rounds) is restored the
+same way; a flapping link stays down-weighted until it has been quiet for the detector's flap
+window (no plan thrash). A fault that cuts the fabric in two raises
+:class:`~collcomm.errors.TopologyError` naming both sides, on every member, at that operation.
+
+The pure parts (:func:`merge_reports`, :func:`routes`, :func:`blame`, :func:`reroute`,
+:func:`partition`) need no process and are what the tests exercise first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections import deque
+from fractions import Fraction
+from typing import Iterable, Mapping
+
+from collcomm.errors import CollectiveError, CollectiveTimeout, PeerFailure, TopologyError
+from collcomm.faults.detector import (DEGRADED, DOWN, FLAPPING, HEALTHY, DetectorConfig, LinkDetector, Observation,
+                                      Verdict, observations_between)
+from collcomm.faults.telemetry import LinkTelemetry
+from collcomm.topology import jsonio
+from collcomm.topology.model import Link, Topology
+
+Edge = tuple[str, str]
+SEVERITY = {HEALTHY: 0, DEGRADED: 1, FLAPPING: 2, DOWN: 3}
+MIN_FRACTION = Fraction(1, 100)
+FLAPPING_FRACTION = Fraction(1, 10)
+POLL_SECONDS = 0.25  # how often a wait for a report or decision asks whether its writer died
+
+
+# ============================================================================ pure: reports
+def observation_to_json(o: Observation, expected: float | None = None, offset: float = 0.0) -> dict:
+    """An observation as JSON; ``offset`` turns its monotonic ``last_seen`` into wall time."""
+    return {"rate": o.rate, "transfers": o.transfers, "errors": o.errors, "kinds": list(o.error_kinds),
+            "last_seen": None if o.last_seen is None else o.last_seen + offset, "group": o.group,
+            "active": o.active, "expected": expected}
+
+
+def merge_reports(reports: Iterable[Mapping]) -> tuple[dict[tuple[int, int], Observation], dict]:
+    """The observations of every rank pair from the members' reports (``{"links": [{"src", "dst",
+    ...observation_to_json}]}``): where both ends report a pair, the lower rate, the errors and
+    transfers of both, the latest activity. Returns (observations, expected rates)."""
+    merged: dict[tuple[int, int], dict] = {}
+    for rep in reports:
+        for l in rep.get("links", []):
+            key = (int(l["src"]), int(l["dst"]))
+            m = merged.get(key)
+            if m is None:
+                merged[key] = dict(l, kinds=list(l.get("kinds") or []))
+                continue
+            rates = [r for r in (m.get("rate"), l.get("rate")) if r is not None]
+            m["rate"] = min(rates) if rates else None
+            m["transfers"] = max(m.get("transfers") or 0, l.get("transfers") or 0)
+            m["errors"] = (m.get("errors") or 0) + (l.get("errors") or 0)
+            m["kinds"] = sorted(set(m["kinds"]) | set(l.get("kinds") or []))
+            seen = [s for s in (m.get("last_seen"), l.get("last_seen")) if s is not None]
+            m["last_seen"] = max(seen) if seen else None
+            m["active"] = bool(m.get("active")) or bool(l.get("active"))
+            m["group"] = m.get("group") if m.get("group") is not None else l.get("group")
+            m["expected"] = m.get("expected") or l.get("expected")
+    obs = {k: Observation(rate=m.get("rate"), transfers=int(m.get("transfers") or 0), errors=int(m.get("errors") or 0),
+                          error_kinds=tuple(m.get("kinds") or ()), last_seen=m.get("last_seen"), group=m.get("group"),
+                          active=bool(m.get("active", True)))
+           for k, m in merged.items()}
+    expected = {k: float(m["expected"]) for k, m in merged.items() if m.get("expected")}
+    return obs, expected
+
+
+# ============================================================================ pure: the fabric
+def routes(topo: Topology, a: str, b: str, schedules: Iterable = ()) -> set[Edge]:
+    """The physical links that traffic from compute node ``a`` to ``b`` crosses: the paths of the
+    schedules' tree edges ``a -> b`` where they have one, else every link on a shortest path."""
+    edges: set[Edge] = set()
+    for s in schedules:
+        for phase in getattr(s, "phases", ()):
+            for tree in phase.trees:
+                for e in tree.edges:
+                    if e.src == a and e.dst == b and len(e.path) > 1:
+                        edges.update(zip(e.path, e.path[1:]))
+    if edges:
+        return edges
+    if (a, b) in topo.capacity:
+        return {(a, b)}
+    succ: dict[str, list[str]] = {}
+    for u, v in topo.capacity:
+        succ.setdefault(u, []).append(v)
+    # BFS distances from a and (on the reversed graph) to b; an edge is on a shortest path when
+    # dist_a[u] + 1 + dist_b[v] == dist_a[b].
+    pred: dict[str, list[str]] = {}
+    for u, v in topo.capacity:
+        pred.setdefault(v, []).append(u)
+
+    def bfs(start: str, adj: dict) -> dict[str, int]:
+        dist = {start: 0}
+        q = deque([start])
+        while q:
+            u = q.popleft()
+            for w in adj.get(u, ()):
+                if w not in dist and (w == b or w == a or not topo.is_compute(w)):  # ranks do not forward
+                    dist[w] = dist[u] + 1
+                    q.append(w)
+        return dist
+
+    da, db = bfs(a, succ), bfs(b, pred)
+    if b not in da:
+        return set()
+    return {(u, v) for (u, v) in topo.capacity if u in da and v in db and da[u] + 1 + db[v] == da[b]}
+
+
+def bottleneck(topo: Topology, edges: Iterable[Edge]) -> Fraction | None:
+    caps = [topo.capacity[e] for e in edges if e in topo.capacity]
+    return min(caps) if caps else None
+
+
+def measured_fraction(v: Verdict) -> Fraction:
+    """How much of its reference a degraded link still carries (from the detector's evidence)."""
+    ev = v.evidence or {}
+    for key in ("peer_ratio", "own_ratio", "normalized"):
+        x = ev.get(key)
+        if isinstance(x, (int, float)) and math.isfinite(x) and x > 0:
+            return max(MIN_FRACTION, min(Fraction(1), Fraction(round(x * 100), 100)))
+    return Fraction(1, 2)
+
+
+def blame(topo: Topology, verdicts: Mapping[Edge, Verdict], pair_routes: Mapping[Edge, set[Edge]],
+          observed: Iterable[Edge] = ()) -> dict[Edge, tuple[str, Fraction, str]]:
+    """Map the verdicts of compute-node pairs to the fabric's physical links.
+
+    ``verdicts`` and ``pair_routes`` are keyed by (src node, dst node); ``observed``: the pairs
+    that carried traffic this round (a healthy observed pair crossing a link clears it). For each
+    flagged pair, the links of its route that no healthy observed pair crosses are blamed; when
+    every link of the route also carries healthy traffic (one slow cell behind a shared switch),
+    the links shared by the largest fraction of flagged pairs are. Returns {physical link:
+    (state, fraction of its bandwidth to keep — 0 for a down link —, reason)}."""
+    flagged = {p: v for p, v in verdicts.items() if v.state != HEALTHY and p in pair_routes}
+    healthy = {p for p in observed if p in pair_routes and verdicts.get(p) is not None
+               and verdicts[p].state == HEALTHY}
+    crossing_ok: dict[Edge, int] = {}
+    crossing_bad: dict[Edge, int] = {}
+    for p in healthy:
+        for e in pair_routes[p]:
+            crossing_ok[e] = crossing_ok.get(e, 0) + 1
+    for p in flagged:
+        for e in pair_routes[p]:
+            crossing_bad[e] = crossing_bad.get(e, 0) + 1
+    out: dict[Edge, tuple[str, Fraction, str]] = {}
+    for p, v in sorted(flagged.items()):
+        route = pair_routes[p]
+        if not route:
+            continue
+        only_bad = [e for e in route if crossing_ok.get(e, 0) == 0]
+        if not only_bad:
+            score = {e: crossing_bad[e] / (crossing_bad[e] + crossing_ok.get(e, 0)) for e in route}
+            best = max(score.values())
+            only_bad = [e for e in route if score[e] == best]
+        state = v.state
+        frac = Fraction(0) if state == DOWN else (
+            FLAPPING_FRACTION if state == FLAPPING else measured_fraction(v))
+        for e in only_bad:
+            prev = out.get(e)
+            if prev is None or SEVERITY[state] > SEVERITY[prev[0]] or \
+                    (state == prev[0] and frac < prev[1]):
+                out[e] = (state, frac, f"{p[0]}->{p[1]}: {v.reason}")
+    return out
+
+
+def partition(topo: Topology, capacity: Mapping[Edge, Fraction]) -> tuple[list[str], list[str]] | None:
+    """None when every compute node of ``topo`` reaches every other over the edges of ``capacity``;
+    else (the side of the first compute node, the rest): the compute nodes that reach it and are
+    reached from it, and those that do not."""
+    succ: dict[str, list[str]] = {}
+    pred: dict[str, list[str]] = {}
+    for (u, v), bw in capacity.items():
+        if bw > 0:
+            succ.setdefault(u, []).append(v)
+            pred.setdefault(v, []).append(u)
+
+    def reach(adj) -> set[str]:
+        first = topo.compute[0]
+        seen, stack = {first}, [first]
+        while stack:
+            for w in adj.get(stack.pop(), ()):
+                if w not in seen:
+                    seen.add(w)
+                    stack.append(w)
+        return seen
+
+    both = reach(succ) & reach(pred)
+    side = [c for c in topo.compute if c in both]
+    rest = [c for c in topo.compute if c not in both]
+    return None if not rest else (side, rest)
+
+
+def reroute(topo: Topology, faults: Mapping[Edge, tuple[str, Fraction, str] | Fraction | float],
+            name: str | None = None) -> Topology:
+    """``topo`` with each faulty directed link removed (fraction 0: down) or its bandwidth scaled
+    to the fraction it still carries. A duplex link with one faulty direction becomes two one-way
+    links. Raises TopologyError naming both sides when the remaining fabric is cut in two."""
+    frac: dict[Edge, Fraction] = {}
+    for e, f in faults.items():
+        f = f[1] if isinstance(f, tuple) else f
+        frac[e] = Fraction(f).limit_denominator(1000) if not isinstance(f, Fraction) else f
+    unknown = [e for e in frac if e not in topo.capacity]
+    if unknown:
+        raise TopologyError(f"reroute: {', '.join(f'{u}->{v}' for u, v in unknown)} is not a link of {topo.name}")
+    links: list[Link] = []
+    for l in topo.links:
+        dirs = [(l.src, l.dst)] + ([(l.dst, l.src)] if l.duplex else [])
+        if not any(d in frac for d in dirs):
+            links.append(l)
+            continue
+        for u, v in dirs:
+            f = frac.get((u, v), Fraction(1))
+            if f > 0:
+                links.append(Link(u, v, l.bandwidth * f, l.latency_us, duplex=False))
+    capacity: dict[Edge, Fraction] = {}
+    for l in links:
+        for d in [(l.src, l.dst)] + ([(l.dst, l.src)] if l.duplex else []):
+            capacity[d] = capacity.get(d, Fraction(0)) + Fraction(l.bandwidth)
+    cut = partition(topo, capacity)
+    if cut is not None:
+        removed = ", ".join(sorted(f"{u}->{v}" for (u, v), f in frac.items() if f == 0)) or "the faulty links"
+        raise TopologyError(f"the fabric {topo.name} is partitioned without {removed}: "
+                            f"{{{', '.join(cut[0])}}} cannot exchange data with {{{', '.join(cut[1])}}}")
+    return Topology(name or topo.name, topo.nodes, links)
+
+
+# ============================================================================ the monitor of one group
+class GroupMonitor:
+    """Reports, decisions and plan switches of one group (see the module's docstring)."""
+
+    def __init__(self, group, every: int, config: DetectorConfig | None = None, report_timeout: float | None = None,
+                 probation_rounds: int = 10):
+        if every < 1:
+            raise ValueError(f"monitor rounds need at least one operation, got {every}")
+        self.group = group
+        self.rt = group.runtime
+        self.every = every
+        self.detector = LinkDetector(config)
+        self.base: Topology = group.planner.topo  # the group's fabric (compute nodes in group order)
+        self.topology: Topology = self.base
+        self.plan_epoch = 0
+        self.faults: dict[Edge, tuple[str, Fraction, str]] = {}
+        self.verdicts: dict[tuple[int, int], Verdict] = {}
+        self.changes: list[dict] = []  # plan switches applied here: {"at", "plan_epoch", "faults"}
+        self.report_timeout = report_timeout if report_timeout is not None else min(self.rt.timeout, 30.0)
+        self._telemetry: LinkTelemetry | None = None
+        self._own: LinkTelemetry | None = None
+        self._previous: dict | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[int, dict] = {}  # rank 0: decisions published, by round
+        self._confirmed: dict[Edge, int] = {}  # rank 0: the last round that blamed each faulty link
+        self.probation_rounds = probation_rounds
+
+    # ---------------------------------------------------------------- telemetry source
+    @property
+    def telemetry(self) -> LinkTelemetry:
+        """The registry reported from: one set explicitly (tests feed synthetic samples), else the
+        transport's, else an empty one of the monitor's own."""
+        if self._telemetry is not None:
+            return self._telemetry
+        t = getattr(self.rt.transport, "telemetry", None)
+        if t is not None:
+            return t
+        if self._own is None:
+            self._own = LinkTelemetry(self.rt.rank)
+        return self._own
+
+    @telemetry.setter
+    def telemetry(self, value: LinkTelemetry | None) -> None:
+        self._telemetry = value
+        self._previous = None
+
+    def _key(self, what: str) -> str:
+        return f"monitor/{self.group.id}/{self.group.epoch}/{what}"
+
+    # ---------------------------------------------------------------- per operation
+    def before_operation(self, seq: int) -> None:
+        if seq == 0 or seq % self.every:
+            return
+        r = seq // self.every
+        client = self.rt.client
+        client.kv_set(self._key(f"r{r}/{self.rt.rank}"), json.dumps(self._report()).encode(), timeout=5.0)
+        if self.group.me == 0:
+            decision = self._decide(r, seq + self.every)
+            client.kv_set(self._key(f"d{r}"), json.dumps(decision).encode(), timeout=5.0)
+            self._publish_latest(decision)
+            self._pending[r] = decision
+        if r >= 2:
+            decision = self._pending.pop(r - 1, None)
+            if decision is None:
+                raw = self._wait_key(self._key(f"d{r - 1}"), self.group.members[0],
+                                     time.monotonic() + self.report_timeout)
+                if raw is None:
+                    raise CollectiveTimeout(f"{self.group}: the monitor decision of round {r - 1} was not published "
+                                            f"by group rank 0 within {self.report_timeout:g} s")
+                decision = json.loads(raw)
+            self._apply(decision, seq)
+
+    def _wait_key(self, key: str, writer: int, deadline: float) -> bytes | None:
+        """The value at ``key`` once ``writer`` sets it; None at the deadline. Raises PeerFailure
+        when the coordinator learns that ``writer`` died meanwhile (no waiting out the timeout)."""
+        client = self.rt.client
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return client.kv_get(key, timeout=max(min(left, POLL_SECONDS), 0.0))
+            except CollectiveTimeout:
+                pass
+            if left <= 0:
+                return None
+            try:
+                status = client.group_status(self.group.id, timeout=5.0)
+            except CollectiveError:
+                continue
+            for d in status.dead:
+                if d.rank == writer:
+                    raise PeerFailure(f"rank {writer} failed: {d.reason or 'reported dead'}", rank=writer)
+
+    def _report(self) -> dict:
+        snap = self.telemetry.snapshot()
+        obs, expected = observations_between(self._previous, snap)
+        self._previous = snap
+        offset = snap["wall"] - snap["monotonic"]
+        return {"rank": self.rt.rank, "wall": snap["wall"],
+                "links": [dict(observation_to_json(o, expected.get(k), offset), src=k[0], dst=k[1])
+                          for k, o in obs.items()]}
+
+    # ---------------------------------------------------------------- group rank 0
+    def _decide(self, r: int, at: int) -> dict:
+        client = self.rt.client
+        reports, missing = [], []
+        deadline = time.monotonic() + self.report_timeout
+        for m in self.group.members:
+            try:
+                raw = self._wait_key(self._key(f"r{r}/{m}"), m, deadline)
+            except PeerFailure:
+                raw = None
+            if raw is None:
+                missing.append(m)
+            else:
+                reports.append(json.loads(raw))
+        for m in self.group.members:  # the previous round's reports are read: drop them
+            try:
+                client.kv_delete(self._key(f"r{r - 1}/{m}"), timeout=5.0)
+            except CollectiveError:
+                pass
+        now = time.time()
+        obs, expected = merge_reports(reports)
+        obs = self._classify_by_route(obs)
+        verdicts = self.detector.observe(obs, expected, now)
+        self.verdicts = dict(verdicts)
+        decision = {"round": r, "at": at, "plan_epoch": self.plan_epoch, "topology": None, "error": None,
+                    "faults": [], "missing_reports": missing, "wall": now,
+                    "verdicts": [v.to_dict() for v in verdicts.values() if v.state != HEALTHY],
+                    "healthy": sum(1 for v in verdicts.values() if v.state == HEALTHY)}
+        faults = self._faults(verdicts, obs, r)
+        decision["faults"] = _faults_json(faults)
+        if _fault_classes(faults) != _fault_classes(self.faults):
+            try:
+                topo = reroute(self.base, faults, f"{self.base.name}@plan{self.plan_epoch + 1}") if faults \
+                    else self.base
+            except TopologyError as e:
+                decision["error"] = str(e)
+                return decision
+            self.faults = faults
+            self.plan_epoch += 1
+            decision["plan_epoch"] = self.plan_epoch
+            decision["topology"] = jsonio.to_dict(topo)
+        return decision
+
+    def _pairs(self) -> dict[tuple[int, int], Edge]:
+        """World rank pairs of the group -> compute nodes of its fabric."""
+        c = self.base.compute
+        return {(a, b): (c[i], c[j]) for i, a in enumerate(self.group.members)
+                for j, b in enumerate(self.group.members) if i != j}
+
+    def _routes(self) -> dict[Edge, set[Edge]]:
+        planner = self.group.planner
+        chosen = list(getattr(planner, "_choice", {}).values()) or \
+            [s for s in getattr(planner, "_schedules", {}).values() if s is not None]
+        schedules = [s for s in chosen if s is not None]
+        return {p: routes(self.base, *p, schedules) for p in self._pairs().values()}
+
+    def _classify_by_route(self, obs: dict) -> dict:
+        """Pairs whose routes have the same bottleneck bandwidth are each other's peers."""
+        pairs = self._pairs()
+        rts = self._routes()
+        out = {}
+        for k, o in obs.items():
+            nodes = pairs.get(k)
+            if nodes is None:
+                continue  # a pair outside the group
+            if o.group is None:
+                bw = bottleneck(self.base, rts.get(nodes, ()))
+                o = Observation(o.rate, o.transfers, o.errors, o.error_kinds, o.last_seen,
+                                f"bw={bw}" if bw is not None else None, o.active)
+            out[k] = o
+        return out
+
+    def _faults(self, verdicts: Mapping, obs: Mapping, r: int) -> dict[Edge, tuple[str, Fraction, str]]:
+        pairs = self._pairs()
+        by_nodes = {pairs[k]: v for k, v in verdicts.items() if k in pairs}
+        observed = [pairs[k] for k, o in obs.items() if k in pairs and o.rate is not None]
+        rts = self._routes()
+        faults = blame(self.base, by_nodes, rts, observed)
+        # A link already down-weighted keeps the fraction it got (no re-plan on every wobble).
+        for e, (state, frac, why) in list(faults.items()):
+            old = self.faults.get(e)
+            if old is not None and old[0] == state:
+                faults[e] = (state, old[1], why)
+            self._confirmed[e] = r
+        # A faulty link returns when healthy traffic crosses it again (the detector's probation
+        # passed); one the plan avoids, so that nothing measures it, is re-admitted for a new
+        # measurement after ``probation_rounds`` rounds (flagged again if still bad: the detector
+        # then sees it flapping and it stays down-weighted).
+        measured_ok = {e for p in observed if by_nodes.get(p) is not None and by_nodes[p].state == HEALTHY
+                       for e in rts.get(p, ())}
+        for e, f in self.faults.items():
+            if e in faults or e in measured_ok:
+                continue
+            if r - self._confirmed.get(e, r) < self.probation_rounds:
+                faults[e] = f
+        for e in [e for e in self._confirmed if e not in faults]:
+            del self._confirmed[e]
+        return faults
+
+    def _publish_latest(self, decision: dict) -> None:
+        status = dict(decision, group=self.group.id, group_name=self.group.name, epoch=self.group.epoch,
+                      members=self.group.members, topology_name=self.topology.name,
+                      current_plan_epoch=self.plan_epoch)
+        status.pop("topology", None)
+        text = json.dumps(status).encode()
+        for key in (f"monitor/latest/{self.group.id}", "monitor/latest"):
+            try:
+                self.rt.client.kv_set(key, text, timeout=5.0)
+            except CollectiveError:
+                pass
+
+    # ---------------------------------------------------------------- every member
+    def _apply(self, decision: dict, seq: int) -> None:
+        if decision.get("error"):
+            raise TopologyError(decision["error"])
+        if decision.get("topology") is not None:
+            topo = jsonio.from_dict(decision["topology"])
+            self.topology = topo
+            self.plan_epoch = int(decision["plan_epoch"])
+            if self.group.me != 0:
+                self.faults = _faults_from_json(decision.get("faults", []))
+            self.group.set_topology(topo)
+            self.changes.append({"at": seq, "plan_epoch": self.plan_epoch, "faults": decision.get("faults", [])})
+        if self.group.me != 0:
+            self.verdicts = {tuple(v["link"]): Verdict(tuple(v["link"]), v["state"], v["reason"], v["evidence"])
+                             for v in decision.get("verdicts", [])}
+
+    def health(self) -> dict:
+        return {"group": self.group.id, "group_name": self.group.name, "epoch": self.group.epoch,
+                "plan_epoch": self.plan_epoch, "topology": self.topology.name, "every": self.every,
+                "faults": _faults_json(self.faults), "changes": list(self.changes),
+                "verdicts": [v.to_dict() for v in self.verdicts.values()],
+                "telemetry": self.telemetry.snapshot()}
+
+
+def _fault_classes(faults: Mapping[Edge, tuple]) -> dict[Edge, str]:
+    return {e: f[0] for e, f in faults.items()}
+
+
+def _faults_json(faults: Mapping[Edge, tuple]) -> list[dict]:
+    return [{"link": [e[0], e[1]], "state": s, "fraction": str(f), "reason": why}
+            for e, (s, f, why) in sorted(faults.items())]
+
+
+def _faults_from_json(items: list[dict]) -> dict[Edge, tuple[str, Fraction, str]]:
+    return {(d["link"][0], d["link"][1]): (d["state"], Fraction(d["fraction"]), d.get("reason", "")) for d in items}
+
+
+# ============================================================================ the public view
+def link_health(rt, group, format: str = "dict"):
+    """``cc.link_health()``: the monitor's verdicts, plan epoch and fabric changes of ``group`` and
+    this rank's telemetry; ``format="prometheus"`` for the text exposition format, ``"json"`` a
+    JSON string."""
+    mon = group.monitor
+    if mon is None:
+        t = getattr(rt.transport, "telemetry", None)
+        health = {"group": group.id, "group_name": group.name, "epoch": group.epoch, "plan_epoch": 0,
+                  "topology": None, "every": 0, "faults": [], "changes": [], "verdicts": [],
+                  "telemetry": t.snapshot() if t is not None else None, "monitor": False}
+    else:
+        health = dict(mon.health(), monitor=True)
+    if format in ("dict", None):
+        return health
+    if format == "json":
+        return json.dumps(health, default=str)
+    if format == "prometheus":
+        return prometheus(health, mon.telemetry if mon is not None else getattr(rt.transport, "telemetry", None))
+    raise ValueError(f"format must be 'dict', 'json' or 'prometheus', not {format!r}")
+
+
+def prometheus(health: dict, telemetry: LinkTelemetry | None = None) -> str:
+    """Link verdicts (``collcomm_link_state``, one series per state, 1 for the current one), the
+    plan epoch and the faulty physical links, followed by the telemetry's own families."""
+    from collcomm.faults.telemetry import _escape_label
+
+    g = str(health.get("group"))
+    lines = ["# HELP collcomm_link_state The monitor's verdict on a rank pair (1 for its current state).",
+             "# TYPE collcomm_link_state gauge"]
+    for v in health.get("verdicts", []):
+        link = v["link"]
+        src, dst = (link[0], link[1]) if isinstance(link, (list, tuple)) else (link, "")
+        for state in SEVERITY:
+            lines.append(f'collcomm_link_state{{group="{g}",src="{_escape_label(src)}",dst="{_escape_label(dst)}",'
+                         f'state="{state}"}} {1 if v["state"] == state else 0}')
+    lines += ["# HELP collcomm_plan_epoch Plan changes of the group since it formed.",
+              "# TYPE collcomm_plan_epoch gauge", f'collcomm_plan_epoch{{group="{g}"}} {health.get("plan_epoch", 0)}',
+              "# HELP collcomm_fabric_link_fraction Bandwidth fraction the plan gives a faulty physical link.",
+              "# TYPE collcomm_fabric_link_fraction gauge"]
+    for f in health.get("faults", []):
+        lines.append(f'collcomm_fabric_link_fraction{{group="{g}",src="{_escape_label(f["link"][0])}",'
+                     f'dst="{_escape_label(f["link"][1])}",state="{f["state"]}"}} {float(Fraction(f["fraction"]))!r}')
+    text = "\n".join(lines) + "\n"
+    if telemetry is not None:
+        text += telemetry.prometheus()
+    return text
