@@ -7,9 +7,11 @@
   both ends' reports of a pair merge to the lower rate;
 * loopback jobs (synthetic telemetry, since loopback cannot be throttled per pair): one slow
   link is flagged, every rank switches plan at the same operation, results stay exact; on a
-  healthy fabric no plan changes (200 operations in the slow version);
-* emulated (root only, and only once the transport records telemetry): two_box.json with
-  box0.gpu0 -> net shaped to 10% during an allreduce loop.
+  healthy fabric no plan changes in 200 operations;
+* emulated (root only; bench/fault_detection.py's allreduce loop on two_box.json): box0.gpu0 ->
+  net shaped to 10% (flagged within 3 operations, re-planned, the new plan's algbw), a healthy
+  fabric (nothing flagged), the link black-holed (typed errors within the timeout, then a plan
+  without it), and a partition (TopologyError naming both sides).
 """
 
 from __future__ import annotations
@@ -105,10 +107,11 @@ def test_blame_maps_rank_pair_verdicts_to_physical_links():
     pairs = [(f"r{i}", f"r{j}") for i in range(4) for j in range(4) if i != j]
     rts = {p: routes(topo, *p) for p in pairs}
     assert rts[("r0", "r1")] == {("r0", "sw"), ("sw", "r1")}
-    # Everything r0 sends is slow: its uplink, and nothing else.
+    # Everything r0 sends is slow: its uplink, and nothing else; planned at half what it measured
+    # (DEGRADED_MARGIN: over-estimating a slow link costs far more than under-estimating it).
     v = {p: verdict(p, DEGRADED if p[0] == "r0" else HEALTHY, 0.1 if p[0] == "r0" else None) for p in pairs}
     faults = blame(topo, v, rts, pairs)
-    assert set(faults) == {("r0", "sw")} and faults[("r0", "sw")][:2] == (DEGRADED, Fraction(1, 10))
+    assert set(faults) == {("r0", "sw")} and faults[("r0", "sw")][:2] == (DEGRADED, Fraction(1, 20))
     # Nothing reaches r2: its downlink is down.
     v = {p: verdict(p, DOWN if p[1] == "r2" else HEALTHY) for p in pairs}
     faults = blame(topo, v, rts, pairs)
@@ -122,6 +125,47 @@ def test_blame_maps_rank_pair_verdicts_to_physical_links():
     # Routes follow the schedule's paths where it has them.
     s = generate(topo, "allgather", "forestcoll")
     assert routes(topo, "r0", "r1", [s]) <= {("r0", "sw"), ("sw", "r1")}
+
+
+def test_a_cut_cable_between_switches_alone_is_blamed_when_nothing_else_was_measured():
+    """Every pair across the cut stalls and no healthy pair carried traffic in the round (the
+    operation stalled early): the fewest links explaining every flagged pair, the cable both ways."""
+    topo = two_clusters()
+    pairs = [(a, b) for a in ("a0", "a1", "b0", "b1") for b in ("a0", "a1", "b0", "b1") if a != b]
+    rts = {p: routes(topo, *p) for p in pairs}
+    v = {p: verdict(p, DOWN if p[0][0] != p[1][0] else HEALTHY) for p in pairs}
+    faults = blame(topo, v, rts, observed=[])
+    assert set(faults) == {("sa", "sb"), ("sb", "sa")} and all(f[:2] == (DOWN, 0) for f in faults.values()), faults
+    # One pair alone: its whole route stays suspect (nothing tells its links apart).
+    v = {p: verdict(p, DEGRADED if p == ("a0", "b0") else HEALTHY, 0.1) for p in pairs}
+    assert set(blame(topo, v, rts, observed=[])) == {("a0", "sa"), ("sa", "sb"), ("sb", "b0")}
+
+
+def test_the_senders_wire_rate_wins_over_per_chunk_times_and_shared_bottlenecks_are_credited():
+    from collcomm.faults.monitor import plan_routes, sharing
+
+    a = {"links": [{"src": 0, "dst": 1, "rate": 5e6, "source": "wire", "transfers": 4}]}
+    b = {"links": [{"src": 0, "dst": 1, "rate": 2e5, "source": "chunks", "transfers": 4}]}
+    obs, _ = merge_reports([b, a])
+    assert obs[(0, 1)].rate == 5e6 and obs[(0, 1)].source == "wire"
+    obs, _ = merge_reports([a, dict(a, links=[dict(a["links"][0], rate=None)])])  # both wire: the lower
+    assert obs[(0, 1)].rate == 5e6
+    # two_box with box0.gpu0 -> net removed: the new plan puts several pairs on each NIC; a pair
+    # crossing two NICs of equal bandwidth is split as many ways as the busier one.
+    topo = reroute(jsonio.load(TWO_BOX), {("box0.gpu0", "net"): Fraction(0)})
+    used = plan_routes([generate(topo, "allreduce", "forestcoll")])
+    flows = {}
+    for r in used.values():
+        for e in r:
+            flows[e] = flows.get(e, 0) + 1
+    inter = {p: r for p, r in used.items() if any("net" in e for e in r)}
+    assert inter and any(max(flows[e] for e in r) > 1 for r in inter.values())
+    for p, r in inter.items():
+        assert sharing(topo, used, r) == max(flows[e] for e in r), p
+    full = jsonio.load(TWO_BOX)
+    healthy = plan_routes([generate(full, "allreduce", "forestcoll")])
+    assert sharing(full, healthy, healthy[("box0.gpu0", "box1.gpu0")]) == 1  # alone on its NIC
+    assert sharing(full, healthy, healthy[("box0.gpu0", "box0.gpu1")]) == 3  # its uplink carries 3 pairs
 
 
 def test_reports_of_both_ends_merge_to_the_lower_rate():
@@ -231,7 +275,8 @@ def test_monitors_switch_plan_at_the_same_operation_and_restore_a_recovered_link
     out = run_monitors(topo, 30, feed)
     changes = [c for c, _, _ in out]
     assert all(c == changes[0] for c in changes), changes
-    assert [c["at"] for c in changes[0]] == [7, 15], changes[0]  # flagged after 2 slow rounds; back after 3 good
+    # Flagged after 2 slow rounds (5 and 6), applied at once; back after 3 good ones (12-14).
+    assert [c["at"] for c in changes[0]] == [6, 14], changes[0]
     assert changes[0][0]["faults"][0]["link"] == ["r2", "r3"] and changes[0][1]["faults"] == []
     assert all(not e for _, e, _ in out)
 
@@ -257,11 +302,11 @@ def test_monitors_raise_topology_error_naming_the_partition_on_every_rank():
 
 # ============================================================================ loopback jobs
 def synthetic_worker(ops: int, slow_from: int | None, slow_pair: list[int], fraction: float, noise: float,
-                     synthetic: bool = True):
+                     synthetic: bool = True, size: int = 1):
     """Every rank feeds its outgoing links' telemetry (1 GB/s with noise; ``slow_pair`` at
-    ``fraction`` from operation ``slow_from``), runs allreduce/allgather and checks them exactly;
-    returns the plan changes its monitor applied. ``synthetic=False``: the transport's own
-    telemetry (real loopback rates) instead."""
+    ``fraction`` from operation ``slow_from``), runs allreduce/allgather (of ``size`` times
+    1000-8000 float64) and checks them exactly; returns the plan changes its monitor applied.
+    ``synthetic=False``: the transport's own telemetry (real loopback rates) instead."""
     import collcomm as cc
     from collcomm.faults.monitor import GroupMonitor
     from collcomm.faults.telemetry import LinkTelemetry
@@ -284,7 +329,7 @@ def synthetic_worker(ops: int, slow_from: int | None, slow_pair: list[int], frac
                 rate *= fraction
             for _ in range(4):
                 tel.record_transfer(me, peer, 1 << 20, (1 << 20) / rate)
-        count = 1000 + 37 * i
+        count = (1000 + 37 * i) * size
         if i % 2 == 0:
             x = (np.arange(count) % 7 + me + 1).astype(np.float64)
             cc.allreduce(x)
@@ -299,8 +344,9 @@ def synthetic_worker(ops: int, slow_from: int | None, slow_pair: list[int], frac
     health = cc.link_health()
     text = cc.link_health(format="prometheus")
     assert "collcomm_plan_epoch" in text
+    timed = sum(l["transfers"] for l in rt.transport.telemetry.snapshot()["links"])
     return {"changes": g.monitor.changes, "wrong": wrong, "plan_epoch": health["plan_epoch"],
-            "topology": g.monitor.topology.name, "faults": health["faults"],
+            "topology": g.monitor.topology.name, "faults": health["faults"], "timed_transfers": timed,
             "capacity": {f"{u}->{v}": str(bw) for (u, v), bw in g.monitor.topology.capacity.items()}}
 
 
@@ -318,128 +364,204 @@ def test_one_slow_link_all_ranks_switch_plan_at_the_same_operation_with_exact_re
     ats = {v["changes"][0]["at"] for v in values}
     assert len(ats) == 1, f"ranks switched at different operations: {ats}"
     at = ats.pop()
-    # Flagged after two slow rounds (reports of operations 6 and 7, decided at 7), applied at 8.
+    # Flagged after two slow rounds (reports of operations 6 and 7, decided and applied at 7).
     assert slow_from < at <= slow_from + 3, at
     assert {v["plan_epoch"] for v in values} == {1}
     for v in values:
         assert [f["link"] for f in v["faults"]] == [["r0", "r1"]] and v["faults"][0]["state"] == DEGRADED
-        # Down-weighted to its measured fraction (10%, with 2% noise), the other direction untouched.
-        assert Fraction(8, 100) <= Fraction(v["capacity"]["r0->r1"]) <= Fraction(12, 100), v["capacity"]
+        # Down-weighted to half its measured fraction (10%, with 2% noise), the other direction untouched.
+        assert Fraction(4, 100) <= Fraction(v["capacity"]["r0->r1"]) <= Fraction(6, 100), v["capacity"]
         assert v["capacity"]["r1->r0"] == "1"
 
 
 def _healthy(ops: int, synthetic: bool = True):
+    """``ops`` operations, each a monitor round. With the transport's telemetry: over TCP (the
+    kernel's counters are read) and with buffers of 80 KB-1.2 MB, so that chunks are timed and the
+    real telemetry path carries the rounds (checked: timed transfers on every rank)."""
+    env = {"COLLCOMM_MONITOR_EVERY": "1"}
+    if not synthetic:
+        env["COLLCOMM_TRANSPORT"] = "tcp"
     job = multiproc.run(4, synthetic_worker, timeout=60 + ops, kwargs={"ops": ops, "slow_from": None,
                                                                         "slow_pair": [0, 1], "fraction": 1.0,
-                                                                        "noise": 0.15, "synthetic": synthetic},
-                        env={"COLLCOMM_MONITOR_EVERY": "1"})
+                                                                        "noise": 0.15, "synthetic": synthetic,
+                                                                        "size": 1 if synthetic else 10},
+                        env=env)
     for r, v in enumerate(job.values()):
         assert v["wrong"] == [] and v["changes"] == [] and v["plan_epoch"] == 0, f"rank {r}: {v}"
+        assert synthetic or v["timed_transfers"] >= ops, f"rank {r}: {v['timed_transfers']} timed transfers"
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("synthetic", [True, False], ids=["synthetic", "transport-telemetry"])
-def test_a_healthy_fabric_changes_no_plan_short(synthetic):
-    _healthy(40, synthetic)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("synthetic", [True, False], ids=["synthetic", "transport-telemetry"])
 def test_a_healthy_fabric_changes_no_plan_in_200_operations(synthetic):
-    _healthy(200, synthetic)
+    _healthy(200, synthetic)  # ~6 s each on 2 cores: in the default suite
 
 
 # ============================================================================ emulated (root)
-def _transport_records_telemetry() -> bool:
-    import inspect
-
-    from collcomm.transport import tcp
-
-    return "telemetry" in inspect.getsource(tcp)
-
-
 CAN_EMULATE = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+needs_emulation = pytest.mark.skipif(not CAN_EMULATE, reason="emulated fabrics need root and iproute2 (ip, tc)")
+# Rates low enough that the 2 cores are not the bottleneck and a 4 MB allreduce keeps every
+# inter-box link busy for ~160 ms (the kernel's TCP counters, which the telemetry reads, count in
+# jiffies); chunks of 256 KB keep the trees pipelined.
+SCALE, NBYTES, CHUNK = "1GB/s=50Mbit", 4 << 20, 256 << 10
 
 
-EMULATED_JOB = """
-import json, os, subprocess, sys, time
-import numpy as np
-import collcomm as cc
+def fault_loop():
+    """bench/fault_detection.py: the allreduce loop on an emulated fabric, faults injected by rank 0."""
+    import importlib.util
 
-cc.init()
-rt = cc.api.runtime()
-me, n = cc.rank(), cc.world_size()
-ops, fault_at, prefix = int(os.environ["T_OPS"]), int(os.environ["T_FAULT_AT"]), os.environ["T_PREFIX"]
-wrong, times = [], []
-x0 = (np.arange(1 << 18) % 11).astype(np.float32)
-for i in range(ops):
-    if i == fault_at and me == 0:
-        res = subprocess.run([sys.executable, "-m", "collcomm.cli", "emulate", "fault", "--prefix", prefix,
-                              "--link", "box0.gpu0", "net", "--bandwidth", "10%"], capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
-    t = time.monotonic()
-    x = x0 + me
-    cc.allreduce(x)
-    times.append(time.monotonic() - t)
-    if not np.array_equal(x, x0 * n + sum(range(n))):
-        wrong.append(i)
-g = rt.world
-print("RESULT " + json.dumps({"rank": me, "wrong": wrong, "times": times,
-                              "changes": g.monitor.changes if g.monitor else [],
-                              "verdicts": [v["reason"] for v in cc.link_health()["verdicts"]
-                                           if "box0.gpu0" in v["reason"] or "0->" in v["reason"]]}), flush=True)
-cc.shutdown()
-"""
+    spec = importlib.util.spec_from_file_location("fault_detection", REPO / "bench" / "fault_detection.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _prefix(tag: str) -> str:
+    return f"cm{tag}{os.getpid() % 100000}"
+
+
+def _pre_post(res: dict, fault: int, switch: int) -> tuple[list[float], list[float]]:
+    """Collective algbw of the healthy operations before the fault (the first two warm up) and of
+    those on the new plan (its first one opens connections)."""
+    return res["collective_algbw"][2:fault], res["collective_algbw"][switch + 1:]
+
+
+@needs_emulation
+@pytest.mark.timeout(240)
+def test_emulated_two_box_throttled_link_is_flagged_and_rerouted():
+    """box0.gpu0 -> net shaped to 10% right before operation 8 of a 4 MB allreduce loop: no link
+    flagged before; flagged and re-planned within 3 operations (2 so far: two throttled rounds)
+    on every rank at the same operation; only the throttled pair's route blamed; exact results throughout; the
+    new plan runs at >= 85% of the model optimum of the fabric without that link, counted at
+    the efficiency this machine reaches on the healthy fabric in the same job (the absolute
+    fraction is printed: on 2 shared cores it is CPU-bound, see bench/RESULTS.md).
+
+    Reliable since the telemetry reads the kernel's TCP counters (bytes acknowledged over time
+    with data in flight): per-chunk times measured socket buffers and scheduling, and the
+    throttled pair often looked as slow before the fault as after it."""
+    from statistics import median
+
+    fd = fault_loop()
+    fault = 8
+    ev = {"op": fault, "a": "box0.gpu0", "b": "net", "mode": "bandwidth", "percent": 10}
+    res = fd.run_job(ops=22, nbytes=NBYTES, events=[ev], scale=SCALE, chunk=CHUNK, prefix=_prefix("t"))
+    assert res["wrong"] == {} and res["errors"] == {}, (res["wrong"], res["errors"])
+    assert res["same_changes_on_every_rank"], res["changes"]
+    assert not any(res["flagged"][: fault + 1]), res["flagged"][: fault + 1]  # nothing before the fault's traffic
+    d = fd.detection(res)
+    print("detection:", {k: v for k, v in d.items() if k != "faults_after"})
+    assert d["flag_ops"] is not None and d["flag_ops"] <= 3, d
+    assert d["switch_ops"] is not None and d["switch_ops"] <= 3, d
+    links = [f["link"] for f in res["changes"][0]["faults"]]
+    # Only pair 0 -> 4 crossed the throttled link in the healthy plan: its whole route may be blamed.
+    assert ["box0.gpu0", "net"] in links and all(l in (["box0.gpu0", "net"], ["net", "box1.gpu0"]) for l in links), links
+    assert all(f["state"] == DEGRADED and Fraction(f["fraction"]) <= Fraction(1, 10) for f in res["changes"][0]["faults"])
+    opt = fd.optima(SCALE)
+    pre, post = _pre_post(res, fault, d["switch_op"])
+    healthy_eff, rerouted_eff = median(pre) / opt["healthy"], median(post) / opt["without_link"]
+    print(f"algbw: healthy {median(pre) / 1e6:.2f} MB/s = {healthy_eff:.2f} of the optimum {opt['healthy'] / 1e6:.2f}; "
+          f"rerouted {median(post) / 1e6:.2f} MB/s = {rerouted_eff:.2f} of the optimum without the link "
+          f"{opt['without_link'] / 1e6:.2f}")
+    assert rerouted_eff >= 0.85 * healthy_eff, (rerouted_eff, healthy_eff)
+    # While throttled an operation takes ~7x longer; the new plan is back near the healthy speed.
+    assert median(post) >= 4 * max(res["collective_algbw"][fault:fault + 2])
+
+
+def _healthy_emulated(ops: int, nbytes: int):
+    fd = fault_loop()
+    res = fd.run_job(ops=ops, nbytes=nbytes, events=[], scale=SCALE, chunk=CHUNK, prefix=_prefix("h"))
+    assert res["wrong"] == {} and res["errors"] == {}, (res["wrong"], res["errors"])
+    assert res["changes"] == [] and all(set(e) == {0} for e in res["plan_epochs"].values())
+    assert not any(res["flagged"]), [(i, f) for i, f in enumerate(res["flagged"]) if f]
+    # The rounds measured the inter-box links (wire rates, not "no traffic"), so the silence is not blindness.
+    measured = sum(1 for ev in res["evidence"] if (ev.get("0->4") or {}).get("rate"))
+    assert measured >= ops // 2, measured
+
+
+@needs_emulation
+@pytest.mark.timeout(180)
+def test_emulated_two_box_healthy_fabric_flags_nothing():
+    _healthy_emulated(60, 1 << 20)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(not CAN_EMULATE, reason="emulated fabrics need root and iproute2 (ip, tc)")
-def test_emulated_two_box_throttled_link_is_flagged_and_rerouted(tmp_path):
-    """box0.gpu0 -> net shaped to 10% before operation 10 of an allreduce loop: flagged and
-    re-planned by operation 13 on every rank at the same operation, exact results throughout.
+@needs_emulation
+@pytest.mark.timeout(900)
+def test_emulated_two_box_healthy_fabric_flags_nothing_in_200_operations():
+    _healthy_emulated(200, NBYTES)
 
-    Marked slow because it is not yet reliable: in about one run in five the transport's per-chunk
-    rates of pair 0 -> 4 are already as low before the fault as after it (1 MB allreduces fit in
-    the socket buffers, so what a chunk's time measures is mostly queueing), the link's own
-    history then says "normal" and nothing is flagged. Exact results hold in every run."""
+
+@needs_emulation
+@pytest.mark.timeout(240)
+def test_emulated_two_box_link_down_fails_typed_and_replans_without_it():
+    """box0.gpu0 <-> net black-holed right before operation 5 (timeout 5 s): the operation in
+    flight fails with CollectiveTimeout on every rank within the timeout; the stalled connection
+    (nothing acknowledged for a second with data in flight) marks the link down in the next
+    round, whose decision applies to that round's operation: from the next operation on, every
+    operation runs on a plan without the link, with exact results."""
+    fd = fault_loop()
+    fault, timeout = 5, 5.0
+    ev = {"op": fault, "a": "box0.gpu0", "b": "net", "mode": "down"}
+    res = fd.run_job(ops=12, nbytes=NBYTES, events=[ev], scale=SCALE, chunk=CHUNK, timeout=timeout,
+                     prefix=_prefix("d"))
+    assert res["wrong"] == {}, res["wrong"]
+    assert res["same_changes_on_every_rank"], res["changes"]
+    d = fd.detection(res)
+    print("detection:", {k: v for k, v in d.items() if k != "faults_after"})
+    assert d["switch_op"] == fault + 1, d
+    for rank, errors in res["errors"].items():
+        ops = [i for i, _ in errors]
+        assert ops == [fault], (rank, errors)
+        assert all(e.startswith("CollectiveTimeout") for _, e in errors), (rank, errors)
+        for i in ops:
+            assert res["seconds"][rank][i] <= timeout + 2.0, (rank, i, res["seconds"][rank][i])
+    assert len(res["errors"]) == 8  # raised on every member
+    faults = {tuple(f["link"]): f for f in res["changes"][0]["faults"]}
+    assert ("box0.gpu0", "net") in faults and ("net", "box0.gpu0") in faults, faults
+    assert all(f["state"] == DOWN and f["fraction"] == "0" for f in faults.values()), faults
+    assert all(epochs[-1] == 1 for epochs in res["plan_epochs"].values())
+
+
+TWO_CLUSTERS_JSON = {
+    "format": "collcomm.topology/1", "name": "two-clusters",
+    "nodes": [{"id": x, "kind": "compute"} for x in ("a0", "a1", "b0", "b1")] +
+             [{"id": "sa", "kind": "switch"}, {"id": "sb", "kind": "switch"}],
+    "links": [{"src": "a0", "dst": "sa", "bandwidth": 4}, {"src": "a1", "dst": "sa", "bandwidth": 4},
+              {"src": "b0", "dst": "sb", "bandwidth": 4}, {"src": "b1", "dst": "sb", "bandwidth": 4},
+              {"src": "sa", "dst": "sb", "bandwidth": 1}]}
+
+
+@needs_emulation
+@pytest.mark.timeout(240)
+def test_emulated_partition_raises_topology_error_naming_both_sides(tmp_path):
+    """The only link between two clusters black-holed during an allreduce loop: after the
+    operations it stalls (CollectiveTimeout within the timeout), every rank raises TopologyError
+    naming both sides at the same operation, and never returns a wrong result."""
     import json
-    import subprocess
-    import sys
 
-    if not _transport_records_telemetry():
-        pytest.skip("the TCP transport does not record link telemetry yet")
-    from collcomm.topology import emulate as emu
-
-    prefix = f"ccm{os.getpid() % 10000}"
-    job = tmp_path / "job.py"
-    job.write_text(EMULATED_JOB)
-    emu.up(emu.plan(jsonio.load(TWO_BOX), prefix, "1GB/s=200Mbit"))
-    try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COLLCOMM_")}
-        env.update(COLLCOMM_MONITOR_EVERY="1", T_OPS="30", T_FAULT_AT="10", T_PREFIX=prefix,
-                   PYTHONPATH=str(REPO))
-        res = subprocess.run([sys.executable, "-m", "collcomm.cli", "run", "-n", "8", "--emulate", str(TWO_BOX),
-                              "--prefix", prefix, "--scale", "1GB/s=200Mbit", "--timeout", "60", sys.executable,
-                              str(job)], capture_output=True, text=True, env=env, timeout=240)
-    finally:
-        emu.down(prefix)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    values = sorted((json.loads(l.split("RESULT ", 1)[1]) for l in res.stdout.splitlines() if "RESULT " in l),
-                    key=lambda v: v["rank"])
-    assert len(values) == 8, res.stdout[-3000:]
-    for v in values:
-        assert v["wrong"] == [], f"rank {v['rank']}: wrong results at {v['wrong']}"
-    ats = {v["changes"][0]["at"] if v["changes"] else None for v in values}
-    assert len(ats) == 1 and None not in ats, (ats, values[0]["verdicts"])
-    assert 10 < ats.pop() <= 13
-    first = values[0]["changes"][0]
-    print("plan changes:", json.dumps(values[0]["changes"]))
-    print("allreduce seconds, rank 0:", " ".join(f"{t:.3f}" for t in values[0]["times"]))
-    # Only pair 0 -> 4 crossed the throttled link in that plan: its whole route may be blamed.
-    links = [f["link"] for f in first["faults"]]
-    assert ["box0.gpu0", "net"] in links and all(l[0] in ("box0.gpu0", "net") for l in links), first
+    path = tmp_path / "two_clusters.json"
+    path.write_text(json.dumps(TWO_CLUSTERS_JSON))
+    fd = fault_loop()
+    fault = 4
+    ev = {"op": fault, "a": "sa", "b": "sb", "mode": "down"}
+    res = fd.run_job(ops=9, nbytes=1 << 20, events=[ev], scale=SCALE, chunk=CHUNK, timeout=4.0,
+                     prefix=_prefix("p"), topology=path)
+    assert res["wrong"] == {}, res["wrong"]
+    firsts = set()
+    for rank in range(4):
+        errors = res["errors"].get(rank) or res["errors"].get(str(rank))
+        assert errors and errors[0][0] == fault, (rank, errors)
+        topo_errors = [(i, e) for i, e in errors if e.startswith("TopologyError")]
+        assert topo_errors, (rank, errors)
+        firsts.add(topo_errors[0][0])
+        text = topo_errors[0][1]
+        # Both sides named. Which links the message lists depends on which pairs carried traffic in
+        # the stalled round (usually sa->sb and sb->sa; with little healthy traffic to clear them,
+        # sometimes the links of a stalled pair's route next to the cable as well).
+        assert "partitioned" in text and "{a0, a1}" in text and "{b0, b1}" in text, text
+        assert "sa->sb" in text or "sb->sa" in text, text
+        assert all(e.startswith(("CollectiveTimeout", "TopologyError")) for _, e in errors), errors
+    assert len(firsts) == 1 and firsts.pop() <= fault + 3, res["errors"]
 
 
 # ============================================================================ collcomm status

@@ -134,3 +134,64 @@ def test_prometheus_exposition():
 def test_prometheus_of_an_empty_registry_is_valid():
     fam = parse_prometheus(LinkTelemetry().prometheus())
     assert all(f["samples"] == [] for f in fam.values())
+
+
+def test_wire_counters_of_a_tcp_socket_and_the_observations_they_make():
+    """A transfer recorded with its socket attaches the socket: snapshots then carry the kernel's
+    bytes acknowledged and busy seconds (Linux), which observations_between turns into a "wire"
+    rate; a path with data in flight and nothing acknowledged for a second is "stalled"."""
+    import socket
+
+    from collcomm.faults.detector import STALL_SECONDS, observations_between
+    from collcomm.faults.telemetry import tcp_wire_counters
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(srv.getsockname())
+    b, _ = srv.accept()
+    try:
+        if tcp_wire_counters(a) is None:
+            pytest.skip("the kernel does not report TCP_INFO busy times here")
+        tel = LinkTelemetry(rank=0)
+        first = tel.snapshot()
+        payload = b"x" * (8 << 20)
+        def read_all(total=2 * len(payload)):
+            while total > 0:
+                got = b.recv(1 << 20)
+                if not got:
+                    return
+                total -= len(got)
+
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        a.sendall(payload)
+        tel.link(0, 1).record_transfer(len(payload), 0.001, a)
+        a.sendall(payload)
+        reader.join(10)
+        snap = tel.snapshot()
+        link = next(l for l in snap["links"] if (l["src"], l["dst"]) == (0, 1))
+        assert link["wire_bytes"] > 0 and link["wire_seconds"] >= 0 and link["wire_open_seconds"] <= link["wire_seconds"]
+        obs, _ = observations_between(first, snap)
+        assert obs[(0, 1)].source == "wire" and obs[(0, 1)].errors == 0
+        # No socket: per-chunk times, as before.
+        tel.record_transfer(0, 2, 1000, 0.5)
+        obs, _ = observations_between(None, tel.snapshot())
+        assert obs[(0, 2)].source == "chunks" and obs[(0, 2)].rate == 2000.0
+    finally:
+        for s in (a, b, srv):
+            s.close()
+    # Stalled: busy with the window open for STALL_SECONDS, nothing acknowledged.
+    base = {"src": 0, "dst": 1, "bytes": 0, "transfers": 0, "seconds": 0.0, "errors": {},
+            "wire_bytes": 100, "wire_seconds": 1.0, "wire_open_seconds": 1.0}
+    stalled = dict(base, bytes=1 << 20, transfers=2, seconds=0.01, wire_seconds=1.0 + 2 * STALL_SECONDS,
+                   wire_open_seconds=1.0 + 2 * STALL_SECONDS)
+    obs, _ = observations_between({"links": [base]}, {"links": [stalled]})
+    assert obs[(0, 1)].errors == 1 and obs[(0, 1)].error_kinds == ("stalled",) and obs[(0, 1)].rate == 0.0
+    # The same time spent waiting on a closed receive window (a receiver that does not read) is not a stall.
+    window = dict(stalled, wire_open_seconds=1.0)
+    obs, _ = observations_between({"links": [base]}, {"links": [window]})
+    assert obs[(0, 1)].errors == 0 and obs[(0, 1)].rate == 0.0
+    # Too little busy time in the round: no rate (the kernel counts in jiffies).
+    short = dict(base, bytes=1 << 20, transfers=2, seconds=0.01, wire_bytes=200, wire_seconds=1.001,
+                 wire_open_seconds=1.001)
+    obs, _ = observations_between({"links": [base]}, {"links": [short]})
+    assert obs[(0, 1)].rate is None and obs[(0, 1)].errors == 0

@@ -27,7 +27,8 @@ Rules, per link and round (an observation is one operation, or one monitoring in
   flag their tails); **degraded** after ``flag_after`` (2) low observations in a row;
   **recovered** after ``recover_after`` (3) observations in a row at or above
   ``recover_fraction`` (70%) of a reference (probation);
-* **down** at once on connection errors (reset, refused...), or when the link has been
+* **down** at once on connection errors (reset, refused..., or "stalled": the kernel's TCP
+  counters show data in flight for ``STALL_SECONDS`` and nothing acknowledged), or when the link has been
   silent (no traffic, no heartbeat) for longer than ``liveness_timeout`` while other links of
   its group progress (only links marked ``active``: used by the plan or watched by
   heartbeats); back to healthy after ``recover_after`` live observations without errors (with
@@ -48,9 +49,11 @@ STATES = (HEALTHY, DEGRADED, DOWN, FLAPPING)
 MAD_TO_SIGMA = 1.4826
 # Error kinds (as recorded by the transport) that mean the connection itself failed.
 CONNECTION_ERRORS = frozenset({"reset", "refused", "unreachable", "eof", "closed", "broken_pipe", "timeout",
-                               "connection"})
+                               "connection", "stalled"})
 
 Link = Hashable
+MIN_WIRE_SECONDS = 0.02  # a wire rate needs this much busy time in the round (the kernel counts in jiffies)
+STALL_SECONDS = 1.0  # data in flight this long, window open, not one byte acknowledged: a black hole ("stalled")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class Observation:
     last_seen: float | None = None     # monotonic time of the last traffic or heartbeat
     group: Hashable = None             # traffic class: links of one group are each other's peers
     active: bool = True                # the plan uses it or heartbeats watch it: silence means something
+    source: str | None = None          # "wire": from the kernel's TCP counters; "chunks": per-chunk times
 
 
 @dataclass(frozen=True)
@@ -500,11 +504,33 @@ def observations_between(previous: Mapping | None, snapshot: Mapping,
         perr = p.get("errors", {})
         kinds = tuple(k for k, n in l["errors"].items() if k in fatal and n > perr.get(k, 0))
         nerr = sum(n - perr.get(k, 0) for k, n in l["errors"].items() if k in fatal)
-        rate = dbytes / dsec if dtransfers > 0 and dsec > 0 else None
+        if l.get("wire_seconds") is not None:
+            # The kernel's view of the path (see collcomm.faults.telemetry): bytes the peer
+            # acknowledged over the seconds the connection had data in flight. A round that kept
+            # it busy for less than MIN_WIRE_SECONDS says nothing (timer granularity); one that
+            # sent chunks and got nothing acknowledged is a rate of 0.
+            dwire = l["wire_seconds"] - (p.get("wire_seconds") or 0.0)
+            dacked = l["wire_bytes"] - (p.get("wire_bytes") or 0)
+            rate = dacked / dwire if dtransfers > 0 and dwire >= MIN_WIRE_SECONDS else None
+            source = "wire"
+            # Not one byte through in STALL_SECONDS with data waiting and the receiver's window
+            # open (within the round, or a connection stuck in retransmission timeouts that long
+            # across rounds): the path drops everything (a cut cable behind a live port; TCP only
+            # retransmits). A connection error. (A receiver that does not read closes its
+            # window: that is not the path.)
+            dopen = (l.get("wire_open_seconds") or 0.0) - (p.get("wire_open_seconds") or 0.0)
+            if (dacked <= 0 and dopen >= STALL_SECONDS) or (l.get("wire_stalled_seconds") or 0.0) >= STALL_SECONDS:
+                nerr += 1
+                kinds += ("stalled",)
+                rate = 0.0 if rate is None else rate
+        else:
+            rate = dbytes / dsec if dtransfers > 0 and dsec > 0 else None
+            source = "chunks"
         # Silence only means something on a link that the plan uses or that heartbeats watch.
         active = l.get("expected_bytes_per_second") is not None or l.get("last_heartbeat_age") is not None
         obs[key] = Observation(rate=rate, transfers=dtransfers, errors=nerr, error_kinds=kinds,
-                               last_seen=l.get("last_activity_mono"), group=l.get("group"), active=active)
+                               last_seen=l.get("last_activity_mono"), group=l.get("group"), active=active,
+                               source=source)
         if l.get("expected_bytes_per_second"):
             expected[key] = l["expected_bytes_per_second"]
     return obs, expected

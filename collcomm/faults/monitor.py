@@ -10,18 +10,23 @@ connection errors, last activity) in the coordinator's key-value store::
     monitor/latest/<group>, monitor/latest     the last decision and verdicts (for `collcomm status`)
 
 Group rank 0 collects the round's reports, merges the observations of each rank pair
-``(src, dst)`` (both ends may report it: the lower rate, the errors of both), and runs the
+``(src, dst)`` (both ends may report it: the sender's rate from the kernel's TCP counters where
+it has one, else the lower rate; the errors of both), and runs the
 :class:`~collcomm.faults.detector.LinkDetector`. Rank pairs are compared with the pairs whose
 route has the same bottleneck bandwidth in the fabric (a slow network link is not "slow"
-next to an NVLink). Flagged pairs are mapped to the fabric's physical links along their routes
-(:func:`blame`: a physical link that only flagged pairs cross; else the links of the route
-shared by the largest fraction of flagged pairs); :func:`reroute` removes a down link and
-down-weights a degraded or flapping one to its measured fraction. When the set of faulty
+next to an NVLink), each credited with what its path carries (its rate times the number of the
+plan's pairs sharing its bottleneck, :func:`sharing`). Flagged pairs are mapped to the fabric's
+physical links along their routes (:func:`blame`: the fewest links, not crossed by healthy
+traffic, that explain every flagged pair); :func:`reroute` removes a down link and
+down-weights a degraded or flapping one (to half its measured fraction: over-estimating a slow
+link costs far more than under-estimating it). When the set of faulty
 physical links changes, the decision carries the new fabric and a new plan epoch, applied at
-operation ``(round + 1) * every``: each member reads the decision of the previous round before
-its operation of that number and switches its planner there, so no operation mixes plans. A
+the round's own operation ``round * every``: each member waits for the round's decision before
+that operation (which cannot start without group rank 0 anyway) and switches its planner
+there, so no operation mixes plans. A
 link that recovers (the detector's probation: ``recover_after`` good rounds) is restored the
-same way; a flapping link stays down-weighted until it has been quiet for the detector's flap
+same way, and one that nothing measured bad for ``probation_rounds`` rounds is re-admitted for a
+new measurement; a flapping link stays down-weighted until it has been quiet for the detector's flap
 window (no plan thrash). A fault that cuts the fabric in two raises
 :class:`~collcomm.errors.TopologyError` naming both sides, on every member, at that operation.
 
@@ -49,6 +54,12 @@ from collcomm.topology.model import Link, Topology
 Edge = tuple[str, str]
 SEVERITY = {HEALTHY: 0, DEGRADED: 1, FLAPPING: 2, DOWN: 3}
 MIN_FRACTION = Fraction(1, 100)
+# A degraded link is planned at this part of its measured fraction. Over-estimating what a slow
+# link carries is expensive and under-estimating it is cheap: on two_box.json with one NIC at 10%,
+# ForestColl planned for 12% runs at 2.6 GB/s on the real fabric (87% of the 3.0 of the fabric
+# without that link), planned for 15% at 2.1 (70%), while planned for 5% it runs at 3.05. One
+# round's measurement is easily 20-50% off, hence the margin.
+DEGRADED_MARGIN = Fraction(1, 2)
 FLAPPING_FRACTION = Fraction(1, 10)
 POLL_SECONDS = 0.25  # how often a wait for a report or decision asks whether its writer died
 
@@ -58,13 +69,15 @@ def observation_to_json(o: Observation, expected: float | None = None, offset: f
     """An observation as JSON; ``offset`` turns its monotonic ``last_seen`` into wall time."""
     return {"rate": o.rate, "transfers": o.transfers, "errors": o.errors, "kinds": list(o.error_kinds),
             "last_seen": None if o.last_seen is None else o.last_seen + offset, "group": o.group,
-            "active": o.active, "expected": expected}
+            "active": o.active, "expected": expected, "source": o.source}
 
 
 def merge_reports(reports: Iterable[Mapping]) -> tuple[dict[tuple[int, int], Observation], dict]:
     """The observations of every rank pair from the members' reports (``{"links": [{"src", "dst",
     ...observation_to_json}]}``): where both ends report a pair, the lower rate, the errors and
-    transfers of both, the latest activity. Returns (observations, expected rates)."""
+    transfers of both, the latest activity; but a rate from the kernel's counters of the path
+    (``source: "wire"``, the sender's end) wins over one from per-chunk times (whose lows are
+    often the receiver's scheduling). Returns (observations, expected rates)."""
     merged: dict[tuple[int, int], dict] = {}
     for rep in reports:
         for l in rep.get("links", []):
@@ -73,8 +86,12 @@ def merge_reports(reports: Iterable[Mapping]) -> tuple[dict[tuple[int, int], Obs
             if m is None:
                 merged[key] = dict(l, kinds=list(l.get("kinds") or []))
                 continue
-            rates = [r for r in (m.get("rate"), l.get("rate")) if r is not None]
-            m["rate"] = min(rates) if rates else None
+            wire = [x for x in (m, l) if x.get("source") == "wire"]
+            if len(wire) == 1:
+                m["rate"], m["source"] = wire[0].get("rate"), "wire"
+            else:
+                rates = [r for r in (m.get("rate"), l.get("rate")) if r is not None]
+                m["rate"] = min(rates) if rates else None
             m["transfers"] = max(m.get("transfers") or 0, l.get("transfers") or 0)
             m["errors"] = (m.get("errors") or 0) + (l.get("errors") or 0)
             m["kinds"] = sorted(set(m["kinds"]) | set(l.get("kinds") or []))
@@ -85,7 +102,7 @@ def merge_reports(reports: Iterable[Mapping]) -> tuple[dict[tuple[int, int], Obs
             m["expected"] = m.get("expected") or l.get("expected")
     obs = {k: Observation(rate=m.get("rate"), transfers=int(m.get("transfers") or 0), errors=int(m.get("errors") or 0),
                           error_kinds=tuple(m.get("kinds") or ()), last_seen=m.get("last_seen"), group=m.get("group"),
-                          active=bool(m.get("active", True)))
+                          active=bool(m.get("active", True)), source=m.get("source"))
            for k, m in merged.items()}
     expected = {k: float(m["expected"]) for k, m in merged.items() if m.get("expected")}
     return obs, expected
@@ -132,13 +149,45 @@ def routes(topo: Topology, a: str, b: str, schedules: Iterable = ()) -> set[Edge
     return {(u, v) for (u, v) in topo.capacity if u in da and v in db and da[u] + 1 + db[v] == da[b]}
 
 
+def plan_routes(schedules: Iterable) -> dict[Edge, set[Edge]]:
+    """Per compute-node pair that a tree edge of the schedules joins: the physical links of its paths."""
+    out: dict[Edge, set[Edge]] = {}
+    for s in schedules:
+        for phase in getattr(s, "phases", ()):
+            for tree in phase.trees:
+                for e in tree.edges:
+                    if len(e.path) > 1:
+                        out.setdefault((e.src, e.dst), set()).update(zip(e.path, e.path[1:]))
+    return out
+
+
+def sharing(topo: Topology, used: Mapping[Edge, set[Edge]], route: Iterable[Edge]) -> Fraction:
+    """How many ways the plan splits the bottleneck of ``route``: the route's bottleneck bandwidth
+    over the pair's fair share of it (the least, over the route's links, of the link's bandwidth
+    over the number of the plan's pairs, ``used``, that cross it, this one included). 1 for a
+    pair alone on its bottleneck. One TCP connection per pair shares a link fairly with the
+    others, so the pair's rate times this is what the path carries."""
+    route = [e for e in route if e in topo.capacity]
+    if not route:
+        return Fraction(1)
+    flows: dict[Edge, int] = {}
+    for edges in used.values():
+        for e in edges:
+            flows[e] = flows.get(e, 0) + 1
+    mine = set(route)
+    on = any(edges == mine for edges in used.values())  # the pair is one of the plan's flows
+    fair = min(topo.capacity[e] / max(1, flows.get(e, 0) + (0 if on else 1)) for e in route)
+    return max(Fraction(1), min(topo.capacity[e] for e in route) / fair)
+
+
 def bottleneck(topo: Topology, edges: Iterable[Edge]) -> Fraction | None:
     caps = [topo.capacity[e] for e in edges if e in topo.capacity]
     return min(caps) if caps else None
 
 
 def measured_fraction(v: Verdict) -> Fraction:
-    """How much of its reference a degraded link still carries (from the detector's evidence)."""
+    """How much of its reference a degraded link still carries (from the detector's evidence; the
+    plan gives it :data:`DEGRADED_MARGIN` of this)."""
     ev = v.evidence or {}
     for key in ("peer_ratio", "own_ratio", "normalized"):
         x = ev.get(key)
@@ -148,15 +197,20 @@ def measured_fraction(v: Verdict) -> Fraction:
 
 
 def blame(topo: Topology, verdicts: Mapping[Edge, Verdict], pair_routes: Mapping[Edge, set[Edge]],
-          observed: Iterable[Edge] = ()) -> dict[Edge, tuple[str, Fraction, str]]:
+          observed: Iterable[Edge] = (), alive: Iterable[Edge] = ()) -> dict[Edge, tuple[str, Fraction, str]]:
     """Map the verdicts of compute-node pairs to the fabric's physical links.
 
     ``verdicts`` and ``pair_routes`` are keyed by (src node, dst node); ``observed``: the pairs
-    that carried traffic this round (a healthy observed pair crossing a link clears it). For each
-    flagged pair, the links of its route that no healthy observed pair crosses are blamed; when
-    every link of the route also carries healthy traffic (one slow cell behind a shared switch),
-    the links shared by the largest fraction of flagged pairs are. Returns {physical link:
-    (state, fraction of its bandwidth to keep — 0 for a down link —, reason)}."""
+    that carried traffic this round (a healthy observed pair crossing a link clears it). A flagged
+    pair's suspects are the links of its route that no healthy observed pair crosses; when every
+    link of the route also carries healthy traffic (one slow cell behind a shared switch), the
+    links shared by the largest fraction of flagged pairs. Of the suspects, the fewest links that
+    explain every flagged pair are blamed (greedy cover: the links that most flagged pairs share
+    first, ties all blamed): one cut cable between two switches stalls every pair across it, and
+    it alone is blamed, not the uplinks of the ranks behind it. ``alive``: pairs that carried
+    traffic without errors this round, too little to measure a rate: a link they cross is not
+    suspected of being down (it may still be slow). Returns {physical link: (state, fraction of
+    its bandwidth to keep — 0 for a down link —, reason)}."""
     flagged = {p: v for p, v in verdicts.items() if v.state != HEALTHY and p in pair_routes}
     healthy = {p for p in observed if p in pair_routes and verdicts.get(p) is not None
                and verdicts[p].state == HEALTHY}
@@ -168,20 +222,37 @@ def blame(topo: Topology, verdicts: Mapping[Edge, Verdict], pair_routes: Mapping
     for p in flagged:
         for e in pair_routes[p]:
             crossing_bad[e] = crossing_bad.get(e, 0) + 1
-    out: dict[Edge, tuple[str, Fraction, str]] = {}
-    for p, v in sorted(flagged.items()):
+    carries = {e for p in alive if p in pair_routes and (verdicts.get(p) is None or verdicts[p].state == HEALTHY)
+               for e in pair_routes[p]}
+    suspects: dict[Edge, set[Edge]] = {}
+    for p in flagged:
         route = pair_routes[p]
         if not route:
             continue
-        only_bad = [e for e in route if crossing_ok.get(e, 0) == 0]
+        only_bad = [e for e in route if crossing_ok.get(e, 0) == 0 and
+                    not (flagged[p].state == DOWN and e in carries)]
         if not only_bad:
             score = {e: crossing_bad[e] / (crossing_bad[e] + crossing_ok.get(e, 0)) for e in route}
             best = max(score.values())
             only_bad = [e for e in route if score[e] == best]
+        suspects[p] = set(only_bad)
+    chosen: set[Edge] = set()
+    uncovered = set(suspects)
+    while uncovered:
+        count: dict[Edge, int] = {}
+        for p in uncovered:
+            for e in suspects[p]:
+                count[e] = count.get(e, 0) + 1
+        most = max(count.values())
+        pick = {e for e, c in count.items() if c == most}
+        chosen |= pick
+        uncovered = {p for p in uncovered if not suspects[p] & pick}
+    out: dict[Edge, tuple[str, Fraction, str]] = {}
+    for p, v in sorted(flagged.items()):
         state = v.state
         frac = Fraction(0) if state == DOWN else (
-            FLAPPING_FRACTION if state == FLAPPING else measured_fraction(v))
-        for e in only_bad:
+            FLAPPING_FRACTION if state == FLAPPING else max(MIN_FRACTION, measured_fraction(v) * DEGRADED_MARGIN))
+        for e in sorted(suspects.get(p, set()) & chosen):
             prev = out.get(e)
             if prev is None or SEVERITY[state] > SEVERITY[prev[0]] or \
                     (state == prev[0] and frac < prev[1]):
@@ -273,7 +344,10 @@ class GroupMonitor:
         self._own: LinkTelemetry | None = None
         self._previous: dict | None = None
         self._lock = threading.Lock()
-        self._pending: dict[int, dict] = {}  # rank 0: decisions published, by round
+        self._view: tuple | None = None  # (schedules, (routes, sharing)) of the current plan
+        self._jobs: dict = {}  # slot -> (fn, args): writes for the writer thread (see _background)
+        self._writer: threading.Thread | None = None
+        self._wake = threading.Condition(self._lock)
         self._confirmed: dict[Edge, int] = {}  # rank 0: the last round that blamed each faulty link
         self.probation_rounds = probation_rounds
 
@@ -306,21 +380,28 @@ class GroupMonitor:
         r = seq // self.every
         client = self.rt.client
         client.kv_set(self._key(f"r{r}/{self.rt.rank}"), json.dumps(self._report()).encode(), timeout=5.0)
+        if r >= 3:
+            # This member's report of round r - 2 was read: group rank 0 decided that round before
+            # the operations that brought this member here. Each member deletes its own, in the
+            # background, so that the round, which every member waits for, stays short.
+            self._background(("delete", r), client.kv_delete, self._key(f"r{r - 2}/{self.rt.rank}"))
         if self.group.me == 0:
-            decision = self._decide(r, seq + self.every)
+            decision = self._decide(r, seq)
             client.kv_set(self._key(f"d{r}"), json.dumps(decision).encode(), timeout=5.0)
             self._publish_latest(decision)
-            self._pending[r] = decision
-        if r >= 2:
-            decision = self._pending.pop(r - 1, None)
-            if decision is None:
-                raw = self._wait_key(self._key(f"d{r - 1}"), self.group.members[0],
-                                     time.monotonic() + self.report_timeout)
-                if raw is None:
-                    raise CollectiveTimeout(f"{self.group}: the monitor decision of round {r - 1} was not published "
-                                            f"by group rank 0 within {self.report_timeout:g} s")
-                decision = json.loads(raw)
-            self._apply(decision, seq)
+            if r >= 2:  # every member read it before sending its report of this round
+                self._background(("delete-decision", r), client.kv_delete, self._key(f"d{r - 1}"))
+        else:
+            # The operation cannot start before group rank 0 has decided anyway (it takes part in
+            # it), so waiting for the decision here costs one notification, and the new plan
+            # applies to this very operation: one operation sooner than a decision read a round
+            # later, and after a failed operation the next one already avoids the fault.
+            raw = self._wait_key(self._key(f"d{r}"), self.group.members[0], time.monotonic() + self.report_timeout)
+            if raw is None:
+                raise CollectiveTimeout(f"{self.group}: the monitor decision of round {r} was not published "
+                                        f"by group rank 0 within {self.report_timeout:g} s")
+            decision = json.loads(raw)
+        self._apply(decision, seq)
 
     def _wait_key(self, key: str, writer: int, deadline: float) -> bytes | None:
         """The value at ``key`` once ``writer`` sets it; None at the deadline. Raises PeerFailure
@@ -365,11 +446,6 @@ class GroupMonitor:
                 missing.append(m)
             else:
                 reports.append(json.loads(raw))
-        for m in self.group.members:  # the previous round's reports are read: drop them
-            try:
-                client.kv_delete(self._key(f"r{r - 1}/{m}"), timeout=5.0)
-            except CollectiveError:
-                pass
         now = time.time()
         obs, expected = merge_reports(reports)
         obs = self._classify_by_route(obs)
@@ -400,66 +476,133 @@ class GroupMonitor:
         return {(a, b): (c[i], c[j]) for i, a in enumerate(self.group.members)
                 for j, b in enumerate(self.group.members) if i != j}
 
-    def _routes(self) -> dict[Edge, set[Edge]]:
+    def _schedules(self) -> list:
         planner = self.group.planner
         chosen = list(getattr(planner, "_choice", {}).values()) or \
             [s for s in getattr(planner, "_schedules", {}).values() if s is not None]
-        schedules = [s for s in chosen if s is not None]
-        return {p: routes(self.base, *p, schedules) for p in self._pairs().values()}
+        return [s for s in chosen if s is not None]
+
+    def _routes(self) -> dict[Edge, set[Edge]]:
+        return self._plan_view()[0]
+
+    def _plan_view(self) -> tuple[dict[Edge, set[Edge]], dict[Edge, float]]:
+        """Per compute-node pair of the group: its route and :func:`sharing` factor under the
+        current plan (cached while the planner's chosen schedules stay the same)."""
+        schedules = tuple(self._schedules())
+        cached = self._view
+        if cached is not None and len(cached[0]) == len(schedules) and \
+                all(x is y for x, y in zip(cached[0], schedules)):
+            return cached[1]
+        rts = {p: routes(self.base, *p, schedules) for p in self._pairs().values()}
+        used = plan_routes(schedules)
+        share = {p: float(sharing(self.base, used, rt)) for p, rt in rts.items()}
+        self._view = (schedules, (rts, share))  # holds the schedules: identity stays meaningful
+        return rts, share
 
     def _classify_by_route(self, obs: dict) -> dict:
-        """Pairs whose routes have the same bottleneck bandwidth are each other's peers."""
+        """Pairs whose routes have the same bottleneck bandwidth are each other's peers; a pair
+        that shares its bottleneck with others of the plan (:func:`sharing`) is credited the rate
+        of its path (its own times the number of ways the link is split), so that a plan which
+        puts two pairs on one link does not make them look slow next to pairs alone on theirs."""
         pairs = self._pairs()
-        rts = self._routes()
+        rts, share = self._plan_view()
         out = {}
         for k, o in obs.items():
             nodes = pairs.get(k)
             if nodes is None:
                 continue  # a pair outside the group
-            if o.group is None:
-                bw = bottleneck(self.base, rts.get(nodes, ()))
-                o = Observation(o.rate, o.transfers, o.errors, o.error_kinds, o.last_seen,
-                                f"bw={bw}" if bw is not None else None, o.active)
-            out[k] = o
+            route = rts.get(nodes, ())
+            group = o.group
+            if group is None:
+                bw = bottleneck(self.base, route)
+                group = f"bw={bw}" if bw is not None else None
+            rate = o.rate
+            if rate is not None and route:
+                rate *= share[nodes]
+            out[k] = Observation(rate, o.transfers, o.errors, o.error_kinds, o.last_seen, group, o.active, o.source)
         return out
 
     def _faults(self, verdicts: Mapping, obs: Mapping, r: int) -> dict[Edge, tuple[str, Fraction, str]]:
         pairs = self._pairs()
         by_nodes = {pairs[k]: v for k, v in verdicts.items() if k in pairs}
         observed = [pairs[k] for k, o in obs.items() if k in pairs and o.rate is not None]
+        # Pairs measured this round (a rate or errors): a verdict without them is the state the
+        # detector kept from earlier rounds, not new evidence.
+        fresh = {pairs[k] for k, o in obs.items() if k in pairs and (o.rate is not None or o.errors)}
+        alive = [pairs[k] for k, o in obs.items() if k in pairs and o.transfers > 0 and not o.errors]
         rts = self._routes()
-        faults = blame(self.base, by_nodes, rts, observed)
-        # A link already down-weighted keeps the fraction it got (no re-plan on every wobble).
+        faults = blame(self.base, by_nodes, rts, observed, alive)
         for e, (state, frac, why) in list(faults.items()):
             old = self.faults.get(e)
-            if old is not None and old[0] == state:
+            if old is not None and old[0] == state:  # keeps the fraction it got (no re-plan on every wobble)
                 faults[e] = (state, old[1], why)
-            self._confirmed[e] = r
+            if old is None or any(p in fresh for p, v in by_nodes.items()
+                                  if v.state != HEALTHY and e in rts.get(p, ())):
+                self._confirmed[e] = r
         # A faulty link returns when healthy traffic crosses it again (the detector's probation
-        # passed); one the plan avoids, so that nothing measures it, is re-admitted for a new
-        # measurement after ``probation_rounds`` rounds (flagged again if still bad: the detector
-        # then sees it flapping and it stays down-weighted).
+        # passed); one that nothing has measured bad for ``probation_rounds`` rounds (the plan
+        # avoids it, or gives it too little to measure) is re-admitted for a new measurement: the
+        # detector forgets the verdicts of the pairs that blamed it (keeping their healthy
+        # history and state changes), so it is flagged again within two rounds if still bad (and
+        # seen flapping if that keeps happening: then it stays down-weighted), and otherwise stays.
         measured_ok = {e for p in observed if by_nodes.get(p) is not None and by_nodes[p].state == HEALTHY
                        for e in rts.get(p, ())}
         for e, f in self.faults.items():
-            if e in faults or e in measured_ok:
-                continue
-            if r - self._confirmed.get(e, r) < self.probation_rounds:
+            if e not in faults and e not in measured_ok:
                 faults[e] = f
+        for e in [e for e in faults if e in self.faults and r - self._confirmed.get(e, r) >= self.probation_rounds]:
+            del faults[e]
+            self._readmit(e, rts)
         for e in [e for e in self._confirmed if e not in faults]:
             del self._confirmed[e]
         return faults
 
+    def _readmit(self, e: Edge, rts: Mapping[Edge, set[Edge]]) -> None:
+        """Forget the detector's verdicts of the rank pairs whose routes cross ``e`` (see _faults)."""
+        from dataclasses import replace
+
+        state = self.detector.state
+        links = dict(state.links)
+        for k, nodes in self._pairs().items():
+            st = links.get(k)
+            if st is not None and st.base != HEALTHY and e in rts.get(nodes, ()):
+                links[k] = replace(st, base=HEALTHY, low_run=0, good_run=0, cusum_lo=0.0, cusum_hi=0.0)
+        self.detector.state = replace(state, links=links)
+
     def _publish_latest(self, decision: dict) -> None:
+        """Hand the round's status to the publisher thread (the latest one wins): the round, which
+        every member waits for, does not wait for these two writes."""
         status = dict(decision, group=self.group.id, group_name=self.group.name, epoch=self.group.epoch,
                       members=self.group.members, topology_name=self.topology.name,
                       current_plan_epoch=self.plan_epoch)
         status.pop("topology", None)
         text = json.dumps(status).encode()
         for key in (f"monitor/latest/{self.group.id}", "monitor/latest"):
+            self._background(("latest", key), self.rt.client.kv_set, key, text)
+
+    def _background(self, slot, fn, *args) -> None:
+        """Run ``fn(*args, timeout=5)`` in the monitor's writer thread, best effort (the status for
+        `collcomm status`, deleting read reports); a newer job for the same ``slot`` replaces one
+        not yet run."""
+        with self._lock:
+            self._jobs[slot] = (fn, args)
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                                name=f"collcomm-monitor-writer-g{self.group.id}")
+                self._writer.start()
+            self._wake.notify()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs and not self._wake.wait_for(lambda: bool(self._jobs), timeout=5.0):
+                    self._writer = None  # idle: the next job starts another
+                    return
+                slot = next(iter(self._jobs))
+                fn, args = self._jobs.pop(slot)
             try:
-                self.rt.client.kv_set(key, text, timeout=5.0)
-            except CollectiveError:
+                fn(*args, timeout=5.0)
+            except Exception:  # noqa: BLE001 - best effort: the coordinator may be gone (shutdown)
                 pass
 
     # ---------------------------------------------------------------- every member

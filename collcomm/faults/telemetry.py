@@ -11,6 +11,20 @@ registry, a dictionary lookup (or none: :meth:`LinkTelemetry.link` hands out the
 :class:`LinkStats` of a pair to keep), a few additions, and three slots of a preallocated
 ring written in place; nothing is allocated per call.
 
+What a chunk's own time measures is mostly the sender's socket buffer and the receiver's
+scheduling, not the link (a chunk copied into an empty socket buffer "takes" microseconds; one
+whose receiver was descheduled looks slow). So where the transport passes the socket with a
+transfer (:meth:`LinkStats.record_transfer`, ``sock=``), the registry also keeps *wire*
+counters of the link, read from the kernel's ``TCP_INFO`` of its sockets when a snapshot is
+taken: bytes the peer acknowledged and the seconds the connection had data in flight, less
+those it was held back by its own send buffer (``tcpi_busy_time - tcpi_sndbuf_limited``). Their
+ratio is the rate the path delivered while it had something to deliver: queueing behind earlier
+chunks in the socket buffer and a sender with nothing to send do not count. (The receiver-window
+limited time stays in: on a shaped or congested path a full-window flow is "rwnd limited" while
+the path is busy, and the kernel acknowledges what reaches the peer's buffer whether or not the
+peer reads it.) Per socket, not per call: nothing is added to the hot path but one identity
+test.
+
 Reading is for the monitor and for people: :meth:`LinkTelemetry.snapshot` returns a JSON-able
 dictionary (``collcomm.telemetry/1``) that :mod:`collcomm.faults.detector` turns into
 observations, and :meth:`LinkTelemetry.prometheus` the Prometheus text exposition format 0.0.4.
@@ -19,6 +33,8 @@ observations, and :meth:`LinkTelemetry.prometheus` the Prometheus text expositio
 from __future__ import annotations
 
 import math
+import socket
+import struct
 import threading
 import time
 from typing import Callable, Hashable, Iterator
@@ -26,13 +42,54 @@ from typing import Callable, Hashable, Iterator
 FORMAT = "collcomm.telemetry/1"
 DEFAULT_RING = 64
 
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked at 120, tcpi_busy_time, tcpi_rwnd_limited and
+# tcpi_sndbuf_limited (microseconds, counted in jiffies) at 168 (Linux 4.10 and later).
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_INFO_LEN = 192
+_ACKED = struct.Struct("=Q")
+_CHRONO = struct.Struct("=QQQ")
+# tcpi_backoff (u8) at 4, tcpi_unacked (u32) at 24, tcpi_last_ack_recv (u32, ms) at 56.
+_U32 = struct.Struct("=I")
+
+
+def tcp_stalled_seconds(sock) -> float:
+    """How long the connection has had unacknowledged data out with no ACK at all (two or more
+    retransmission timeouts in a row, the last ACK this long ago); 0 when it is not stuck (or the
+    kernel does not tell)."""
+    if _TCP_INFO is None:
+        return 0.0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    if len(info) < _TCP_INFO_LEN or info[4] < 2 or _U32.unpack_from(info, 24)[0] == 0:
+        return 0.0
+    return _U32.unpack_from(info, 56)[0] / 1e3
+
+
+def tcp_wire_counters(sock) -> tuple[int, float, float] | None:
+    """(bytes acknowledged by the peer, seconds the connection had data in flight and was not
+    limited by its send buffer, of those the seconds not limited by the receiver's window either)
+    of a TCP socket; None where the kernel does not tell (not Linux, not TCP, an old kernel, a
+    closed socket)."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    busy, rwnd, sndbuf = _CHRONO.unpack_from(info, 168)
+    return _ACKED.unpack_from(info, 120)[0], max(0, busy - sndbuf) / 1e6, max(0, busy - sndbuf - rwnd) / 1e6
+
 
 class LinkStats:
     """The counters of one directed link; written under its registry's lock."""
 
     __slots__ = ("src", "dst", "physical", "group", "bytes", "transfers", "seconds", "errors", "retransmits",
                  "heartbeat_mono", "activity_mono", "expected", "_t", "_n", "_s", "_pos", "_len", "_lock",
-                 "_clock")
+                 "_clock", "wire_bytes", "wire_seconds", "wire_open_seconds", "wire_stalled", "_sock", "_socks")
 
     def __init__(self, src: int, dst: int, ring: int, lock: threading.Lock, clock: Callable[[], float]):
         self.src, self.dst = src, dst
@@ -46,6 +103,12 @@ class LinkStats:
         self.heartbeat_mono: float | None = None  # monotonic; the registry converts to wall time
         self.activity_mono: float | None = None   # last transfer or heartbeat
         self.expected: float | None = None  # bytes/s the plan expects; None: unknown
+        self.wire_bytes: int | None = None  # TCP_INFO of the link's sockets (None: none attached)
+        self.wire_seconds: float | None = None
+        self.wire_open_seconds: float | None = None  # ... of those, the receiver's window open
+        self.wire_stalled: float | None = None  # seconds a socket has been stuck (tcp_stalled_seconds)
+        self._sock = None  # the socket of the last transfer (one identity test per call)
+        self._socks: dict[int, list] = {}  # id -> [socket, acked, busy, open seconds at the last reading]
         self._t = [0.0] * ring  # monotonic end time of each sample
         self._n = [0] * ring    # bytes
         self._s = [0.0] * ring  # seconds
@@ -54,9 +117,13 @@ class LinkStats:
         self._lock = lock
         self._clock = clock
 
-    def record_transfer(self, nbytes: int, seconds: float) -> None:
-        """One transfer (a chunk) of ``nbytes`` that kept the link busy ``seconds``."""
+    def record_transfer(self, nbytes: int, seconds: float, sock=None) -> None:
+        """One transfer (a chunk) of ``nbytes`` that kept the link busy ``seconds``; ``sock``: the
+        TCP socket it was written to (the sender's side), whose kernel counters are then read at
+        every snapshot (see the module's docstring)."""
         now = self._clock()
+        if sock is not None and sock is not self._sock:
+            self._attach(sock)
         with self._lock:
             self.bytes += nbytes
             self.transfers += 1
@@ -70,6 +137,31 @@ class LinkStats:
             if self._len < len(self._t):
                 self._len += 1
             self.activity_mono = now
+
+    def _attach(self, sock) -> None:
+        start = tcp_wire_counters(sock)
+        with self._lock:
+            self._sock = sock
+            if start is None or id(sock) in self._socks:
+                return
+            self._socks[id(sock)] = [sock, *start]
+            if self.wire_bytes is None:
+                self.wire_bytes, self.wire_seconds, self.wire_open_seconds, self.wire_stalled = 0, 0.0, 0.0, 0.0
+
+    def _read_wire(self) -> None:
+        """Add what the attached sockets delivered since the last reading (lock held)."""
+        self.wire_stalled = 0.0
+        for key, entry in list(self._socks.items()):
+            now = tcp_wire_counters(entry[0])
+            if now is None:  # closed (a reconnect replaced it): what it did last was read before
+                del self._socks[key]
+                continue
+            acked, busy, open_ = now
+            self.wire_bytes += max(0, acked - entry[1])
+            self.wire_seconds += max(0.0, busy - entry[2])
+            self.wire_open_seconds += max(0.0, open_ - entry[3])
+            entry[1], entry[2], entry[3] = acked, busy, open_
+            self.wire_stalled = max(self.wire_stalled, tcp_stalled_seconds(entry[0]))
 
     def record_bytes(self, nbytes: int) -> None:
         """Payload bytes of a small frame: counted, not timed (its time is mostly latency)."""
@@ -213,6 +305,8 @@ class LinkTelemetry:
                 row = self._by_src[src]
                 for dst in sorted(row, key=_sort_key):
                     s = row[dst]
+                    if s._socks:
+                        s._read_wire()
                     samples = [[round(now - t, 6), n, sec, (n / sec if sec > 0 else None)]
                                for t, n, sec in s._samples()]
                     links.append({
@@ -228,6 +322,8 @@ class LinkTelemetry:
                         "last_activity_mono": s.activity_mono,
                         "recent_bytes_per_second": s._recent_rate(),
                         "expected_bytes_per_second": s.expected,
+                        "wire_bytes": s.wire_bytes, "wire_seconds": s.wire_seconds,
+                        "wire_open_seconds": s.wire_open_seconds, "wire_stalled_seconds": s.wire_stalled,
                         "samples": samples,
                     })
             peers = {str(p): {"last_heartbeat_age": now - t, "last_heartbeat_wall": t + self._offset}
