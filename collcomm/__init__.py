@@ -9,17 +9,17 @@ The schedule generator (``collcomm.schedules``) and the fabric model
 """
 
 from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, CorruptionError, EvictedError,
-                             MismatchError, PeerFailure, ScheduleError, TopologyError)
+                             LinkFailure, MismatchError, PeerFailure, ScheduleError, TopologyError)
 
 from collcomm.api import (allgather, allreduce, alltoall, barrier, broadcast, init, is_initialized, new_group, rank,
                           recv, reduce, reduce_scatter, send, shutdown, world_size)
-from collcomm.api import link_health, probe_topology, shrink
+from collcomm.api import grow, link_health, probe_topology, shrink
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AuthenticationError", "CollectiveError", "CollectiveTimeout", "CorruptionError", "EvictedError", "MismatchError", "PeerFailure",
-    "ScheduleError", "TopologyError", "__version__", "link_health", "probe_topology", "shrink",
+    "AuthenticationError", "CollectiveError", "CollectiveTimeout", "CorruptionError", "EvictedError", "LinkFailure", "MismatchError", "PeerFailure",
+    "ScheduleError", "TopologyError", "__version__", "grow", "link_health", "probe_topology", "shrink",
     "allgather", "allreduce", "alltoall", "barrier", "broadcast", "init", "is_initialized", "new_group", "rank",
     "recv", "reduce", "reduce_scatter", "send", "shutdown", "world_size",
 ]

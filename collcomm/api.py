@@ -218,6 +218,16 @@ def shrink(group=None, *, timeout: float | None = None):
     return rt.shrink(_group(group), timeout=timeout)
 
 
+def grow(group=None, *, timeout: float | None = None):
+    """Admit restarted ranks at the next epoch: after a shrink, a new process started with a failed
+    rank's number (``init`` with the same rank, coordinator and token) calls ``grow()``, and so
+    does every survivor (once the newcomer's ``init`` returned); together they form ``group``
+    (default: the world) again, with the newcomer, at a new epoch, and return it (it becomes the
+    default group when it is the world). With nobody to admit, survivors get the group unchanged."""
+    rt = _rt()
+    return rt.grow(_group(group), timeout=timeout)
+
+
 def link_health(*, group=None, format: str = "dict"):
     """The monitor's view of the group's links (default: the world): the verdicts of the last
     round, the current plan's epoch and fabric changes, and this rank's telemetry snapshot;

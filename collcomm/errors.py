@@ -32,6 +32,12 @@ class PeerFailure(CollectiveError):
         self.rank = rank
 
 
+class LinkFailure(PeerFailure):
+    """The connection to a live peer loses what is sent on it: the peer answered that a frame never
+    reached it more often than the retransmission bound (a link that drops everything, a "black
+    hole"). ``rank`` is the peer at the other end of the link; its process may well be alive."""
+
+
 class EvictedError(CollectiveError):
     """This rank was declared failed (it hung or was cut off) and its group went on without it at a
     new epoch: whatever it still sends carries the old epoch and is refused."""

@@ -84,6 +84,8 @@ class Group:
         self.runtime = runtime
         self.id, self.name, self.epoch = group_id, name, epoch
         self.members = list(members)
+        self.lineage = list(members)  # the members it was formed with; shrink keeps it, grow re-admits from it
+        self.grows = 0  # grow() rounds on this group so far
         self.me = self.members.index(runtime.rank) if runtime.rank in self.members else None
         self._index = {r: i for i, r in enumerate(self.members)}
         self.size = len(self.members)
@@ -203,18 +205,41 @@ class Group:
             op.start()
             op.wait(max(deadline - time.monotonic(), 0.0), poll=check, poll_every=POLL_SECONDS)
         except CollectiveError as e:
-            self._failed(seq, e)
+            error = self._cause(seq, e)
+            self._failed(seq, error)
             evicted = rt.evicted(self)
             if evicted is not None:
                 raise evicted from e
-            if rt.auto_shrink and isinstance(e, (PeerFailure, CollectiveTimeout)):
+            if rt.auto_shrink and isinstance(error, (PeerFailure, CollectiveTimeout)):
                 try:  # leave the group shrunk for the next call; this call still raises
                     rt.shrink(self)
                 except CollectiveError:
                     pass
-            raise
+            if error is e:
+                raise
+            raise error from e
         finally:
             mailbox.finish(seq)
+
+    def _cause(self, seq: int, error: CollectiveError) -> CollectiveError:
+        """The error to raise for operation ``seq``: a PeerFailure seen here may be the echo of a
+        failure another member saw first (a member that failed, left its operation and closed its
+        connections looks gone from here). When a member already recorded why ``seq`` failed,
+        that first cause is raised, so every member names the same culprit."""
+        if not isinstance(error, PeerFailure):
+            return error
+        try:
+            text = self.runtime.client.kv_get(_abort_key(self, seq), timeout=0.0)
+        except CollectiveError:
+            return error
+        reporter, _, abort = text.decode(errors="replace").partition("#")
+        try:
+            reporter_rank = int(reporter)
+        except ValueError:
+            return error
+        if reporter_rank == self.runtime.rank:
+            return error
+        return error_from_abort(abort, reporter_rank)
 
     def _failed(self, seq: int, error: CollectiveError) -> None:
         """Tell the other members why: the coordinator's record (read by members that wait) and
@@ -255,6 +280,9 @@ class Runtime:
         self.transport = TcpTransport(rank, token, host=listen, advertise_host=advertise)
         self.client = CoordinatorClient(coordinator, token, timeout=self.timeout)
         try:
+            # A new process for a rank that stands reported dead (the old one failed and the others
+            # shrank): it takes the rank over and waits to be admitted by the survivors' grow().
+            self.rejoining = self._reported_dead(rank)
             table = self.client.register(rank, world_size, self.transport.address, timeout=self.timeout)
         except BaseException:
             self.transport.close()
@@ -281,6 +309,13 @@ class Runtime:
                 raise
         elif probing:
             self._topology_source = None
+
+    def _reported_dead(self, rank: int) -> bool:
+        try:
+            status = self.client.group_status(WORLD_GROUP, timeout=min(self.timeout, 5.0))
+        except CollectiveError:  # the world is not formed yet: a first start
+            return False
+        return any(d.rank == rank for d in status.dead)
 
     # ------------------------------------------------------------------ fabric
     def world_topology(self) -> Topology:
@@ -468,6 +503,7 @@ class Runtime:
         info = self.client.form_group(f"{prefix}/group", members, self.rank,
                                       timeout=max(deadline + timeout - time.monotonic(), 1.0))
         new = Group(self, info.group_id, group.name, list(info.members), info.epoch)
+        new.lineage = list(group.lineage)
         if group.monitor is not None:  # keep the monitor's re-planned fabric, cut to the survivors
             try:
                 new._planner = Planner(restrict(group.monitor.topology, [group.members.index(r) for r in members],
@@ -481,28 +517,79 @@ class Runtime:
         self._retire(group)
         return new
 
+    def grow(self, group: Group | None = None, timeout: float | None = None) -> Group:
+        """Admit restarted ranks into ``group`` (default: the world) at a new epoch.
+
+        After a shrink, a new process started with a failed rank's number (``init`` with the same
+        rank, coordinator and token) takes the rank over at the coordinator (it is no longer listed
+        dead). Every survivor and every such newcomer calls ``grow``. The first survivor to arrive
+        decides (the coordinator's atomic counter elects it) who joins: the ranks the group was
+        first formed with that are neither members now nor dead, i.e. that registered again; it
+        writes the decision, with the newcomers' addresses, for the survivors and for each newcomer
+        (``rejoin/<rank>/<address>``). Then all of them form the new group (a new group id and
+        epoch); the old group's connections are closed as after a shrink. A newcomer waits (up to
+        ``timeout``) until survivors admit it; a survivor that finds nobody to admit returns the
+        group unchanged (so survivors call it once the newcomers' ``init`` returned)."""
+        timeout = self.timeout if timeout is None else float(timeout)
+        deadline = time.monotonic() + timeout
+        if self.rejoining:
+            key = f"rejoin/{self.rank}/{self.transport.address}"
+            decision = json.loads(self.client.kv_get(key, timeout=timeout))
+            old = self.world
+        else:
+            group = self.world if group is None else group
+            while group.successor is not None:
+                group = group.successor
+            if group.me is None:
+                raise ValueError(f"rank {self.rank} is not a member of {group}")
+            group.grows += 1  # every member calls grow() on a group equally often: the round's number
+            prefix = f"grow/{group.id}/{group.epoch}/{group.grows}"
+            if self.client.kv_add(f"{prefix}/decider", 1, timeout=timeout) == 1:
+                table = self.client.register(self.rank, self.world_size, self.transport.address, timeout=timeout)
+                status = self.client.group_status(WORLD_GROUP, timeout=timeout)
+                dead = {d.rank for d in status.dead}
+                joiners = [r for r in group.lineage if r not in group.members and r not in dead]
+                peers = {p.rank: p for p in table.peers}
+                decision = {"prefix": prefix, "name": group.name, "world": group is self.world,
+                            "members": [r for r in group.lineage if r in group.members or r in joiners],
+                            "joiners": joiners, "addresses": {str(r): peers[r].address for r in joiners},
+                            "hostnames": {str(r): peers[r].hostname for r in joiners}, "by": self.rank}
+                text = json.dumps(decision).encode()
+                self.client.kv_set(f"{prefix}/decision", text, timeout=timeout)
+                for r in joiners:
+                    self.client.kv_set(f"rejoin/{r}/{peers[r].address}", text, timeout=timeout)
+            else:
+                decision = json.loads(self.client.kv_get(f"{prefix}/decision", timeout=timeout))
+            if not decision["joiners"]:
+                return group
+            old = group
+        for r in decision["joiners"]:  # where the newcomers listen; they number their messages afresh
+            address = decision["addresses"][str(r)]
+            self.transport.set_peers({r: address})
+            self.peer_addresses[r] = address
+            if self.hostnames[r] != decision["hostnames"][str(r)]:
+                self.hostnames[r] = decision["hostnames"][str(r)]
+                self._world_topology = None
+            with self._p2p_lock:
+                for k in [k for k in self._p2p_seq if k[0] == r]:
+                    del self._p2p_seq[k]
+        members = [int(r) for r in decision["members"]]
+        info = self.client.form_group(f"{decision['prefix']}/group", members, self.rank,
+                                      timeout=max(deadline - time.monotonic(), 1.0))
+        new = Group(self, info.group_id, decision["name"], list(info.members), info.epoch)
+        new.lineage = list(old.lineage)
+        self.groups[new.id] = new
+        old.successor = new
+        if self.world is old or (self.rejoining and decision["world"]):
+            self.world = new
+        self.rejoining = False
+        self._retire(old)
+        return new
+
     def _retire(self, group: Group) -> None:
         """Close the connections and the mailbox of a group that was shrunk: a frame of its old
         epoch (from a member that wakes up late) meets a closed connection, never the new group."""
-        transport = self.transport
-        cond = getattr(transport, "_cond", None)
-        links_by_key = getattr(transport, "_links", None)
-        if cond is None or links_by_key is None:
-            return
-        with cond:
-            links = [l for (p, g), l in links_by_key.items() if g == group.id]
-            accepted = [k for k in getattr(transport, "_accepted", {}) if k[1] == group.id]
-            for k in accepted:
-                try:
-                    transport._accepted.pop(k)[-1].close()  # (epoch, socket): a connection nobody took
-                except (OSError, AttributeError, TypeError, IndexError):
-                    pass
-        for l in links:
-            l.close()
-        try:
-            transport.mailbox(group.id).fail_all(EvictedError(f"{group} was shrunk", epoch=group.epoch))
-        except Exception:  # noqa: BLE001 - best effort
-            pass
+        self.transport.close_group(group.id, EvictedError(f"{group} was shrunk", epoch=group.epoch))
 
     # ------------------------------------------------------------------ point to point
     def p2p_seq(self, peer: int, tag: int, direction: str) -> int:

@@ -148,6 +148,8 @@ class Job:
         self.coordinator = self.server.start()
         self.ranks: list[RankProcess] = []
         self.addresses: list[str] = []
+        self.envs: list[dict] = []
+        self.retired: list[RankProcess] = []  # processes that restart() replaced
         base = {k: v for k, v in os.environ.items() if not k.startswith("COLLCOMM_")
                 and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
         base.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
@@ -159,6 +161,7 @@ class Job:
             for r in range(n):
                 env_r = dict(base, COLLCOMM_RANK=str(r), COLLCOMM_WORLD_SIZE=str(n),
                              COLLCOMM_COORDINATOR=self.coordinator, COLLCOMM_TOKEN=self.token)
+                self.envs.append(env_r)
                 self.ranks.append(RankProcess(r, env_r))
             if start:
                 self.start()
@@ -182,11 +185,20 @@ class Job:
         deadline = time.monotonic() + timeout
         return [self.ranks[r].answer(max(deadline - time.monotonic(), 0.01)) for r in ranks]
 
+    def restart(self, rank: int, timeout: float = 60.0) -> dict:
+        """A new process for ``rank`` (its old one ended: killed), with the same environment (same
+        coordinator and token); it runs ``init`` and its answer is returned."""
+        old = self.ranks[rank]
+        assert old.proc.poll() is not None, f"rank {rank}'s process (pid {old.pid}) still runs"
+        self.retired.append(old)
+        self.ranks[rank] = RankProcess(rank, self.envs[rank])
+        return self.ranks[rank].call(self._init, timeout=timeout)
+
     def story(self) -> str:
         return "\n".join(r.story() for r in self.ranks)
 
     def close(self) -> None:
-        for r in self.ranks:
+        for r in self.ranks + self.retired:
             r.stop()
         self.server.stop(0)
 
@@ -201,6 +213,42 @@ class Job:
 def raised(answer: dict, kind: str) -> bool:
     """True when the rank's call raised ``kind`` (the class or one of its bases, by name)."""
     return kind in answer.get("mro", ())
+
+
+def describe(answers, ranks=None) -> str:
+    """One line per answer: the error it raised (and the rank it named) or its correctness, and its time."""
+    ranks = range(len(answers)) if ranks is None else ranks
+    return "\n".join(f"  rank {r}: " + (f"{a.get('error')}(rank={a.get('rank')}): {a.get('msg')}" if a.get("error")
+                                         else f"ok correct={a.get('correct')} {a.get('members', '')}")
+                     + f"  [{a['t1'] - a['t0']:.3f} s]" for r, a in zip(ranks, answers))
+
+
+def kill_mid_loop(job: "Job", victim: int, count: int) -> tuple[dict, list[dict], list[int]]:
+    """Every rank loops over allreduce; the victim SIGKILLs itself inside its second one. Checks that
+    every survivor raised PeerFailure naming the victim within twice the timeout, with only exact
+    results before; returns (the victim's last words, the survivors' answers, the survivors)."""
+    import pytest
+
+    for r in range(job.n):
+        job.ranks[r].send({"cmd": "run", "kind": "allreduce", "count": count, "iters": 200,
+                           **({"kill_at": 1} if r == victim else {})})
+    killing = job.ranks[victim].answer(60)
+    assert killing.get("event") == "killing", f"the victim answered {killing} instead of dying"
+    assert job.ranks[victim].wait_exit(10) == -signal.SIGKILL
+    survivors = [r for r in range(job.n) if r != victim]
+    answers = []
+    for r in survivors:
+        try:
+            answers.append(job.ranks[r].answer(max(killing["t"] + 3 * job.timeout - time.monotonic(), 0.1)))
+        except RankDied as e:
+            pytest.fail(f"rank {r} still inside its allreduce {3 * job.timeout:g} s after the kill\n{e}")
+    report = describe(answers, survivors)
+    for r, a in zip(survivors, answers):
+        assert raised(a, "PeerFailure"), f"rank {r}: expected PeerFailure\n{report}"
+        assert a.get("rank") == victim, f"rank {r} named rank {a.get('rank')}, not {victim}\n{report}"
+        assert a.get("correct_before"), f"rank {r}: a wrong result before the failure\n{report}"
+        assert a["t1"] - killing["t"] < 2 * job.timeout, f"rank {r} took too long\n{report}"
+    return killing, answers, survivors
 
 
 def free_port_pair() -> int:
@@ -403,7 +451,7 @@ def _rank_main() -> int:
                 rt = cc.api.runtime()
                 members[None] = list(range(cc.world_size()))
                 emit({"ok": True, "rank": cc.rank(), "pid": os.getpid(), "address": rt.transport.address,
-                      "timeout": rt.timeout, "t0": t0, "t1": time.monotonic()})
+                      "timeout": rt.timeout, "rejoining": rt.rejoining, "t0": t0, "t1": time.monotonic()})
             elif what == "group":
                 kw = {} if cmd.get("timeout") is None else {"timeout": cmd["timeout"]}
                 g = cc.new_group(cmd["ranks"], cmd["name"], **kw)
@@ -444,6 +492,15 @@ def _rank_main() -> int:
                 gname = cmd.get("group")
                 kw = {} if cmd.get("timeout") is None else {"timeout": cmd["timeout"]}
                 g = cc.shrink(groups[gname] if gname else None, **kw)
+                if gname:
+                    groups[gname] = g
+                members[gname] = list(g.members)
+                emit({"ok": True, "members": list(g.members), "epoch": g.epoch, "group_id": g.id, "t0": t0,
+                      "t1": time.monotonic()})
+            elif what == "grow":  # admit restarted ranks into a group (None: the world)
+                gname = cmd.get("group")
+                kw = {} if cmd.get("timeout") is None else {"timeout": cmd["timeout"]}
+                g = cc.grow(groups[gname] if gname else None, **kw)
                 if gname:
                     groups[gname] = g
                 members[gname] = list(g.members)

@@ -11,7 +11,9 @@ transport is created) or from :func:`configure`. Its grammar, rules separated by
 
     corrupt:SRC->DST[:p=P]      flip one byte of a DATA frame's payload after its checksum was
                                 computed (P: probability per frame, default 1)
-    drop:SRC->DST[:p=P]         do not send a DATA frame at all (default P 1)
+    drop:SRC->DST[:p=P]         do not send a DATA frame at all (default P 1); the sender finds
+                                it lost (PROBE/ECHO after its retransmission timeout) and sends
+                                it again
     delay:SRC->DST:ms=MS        sleep MS milliseconds before sending each DATA frame
     throttle:SRC->DST:bps=B     pace DATA frames to B bytes per second
     reset:SRC->DST:after=SIZE   cut the connection (shutdown) once SIZE bytes went out on it

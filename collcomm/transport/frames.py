@@ -10,7 +10,11 @@ which piece of which tree the payload is, ``desc`` is a hash of what the operati
 is (collective, dtype, size, reduction, root) so ranks that disagree find out at the
 first frame, and ``checksum`` is xxh3-64 of the payload. A DATA frame is answered by
 an ACK (payload verified) or a NACK (checksum failed: send it again) carrying the same
-``op``/``tree``/``chunk``, with no payload. A header is checked (magic,
+``op``/``tree``/``chunk``, with no payload. A PROBE (header only, ``chunk`` = the probe's
+number) asks the receiver to answer with an ECHO of the same number once it has read every
+byte sent before the probe: since the stream is in order, a DATA frame sent before an echoed
+probe and neither acknowledged nor asked for again never reached the receiver (it was lost)
+and is sent again. A header is checked (magic,
 version, kind, crc) before anything else, and its length must be exactly what the
 receiving rank expects for that piece: nothing is allocated on a peer's word.
 
@@ -38,7 +42,10 @@ DATA = 1
 ABORT = 2
 NACK = 3  # header only: "(op, tree, chunk) failed its checksum here, send it again"
 ACK = 4   # header only: "(op, tree, chunk) arrived whole here" (the sender may let go of its source)
-KINDS = (DATA, ABORT, NACK, ACK)
+PROBE = 5  # header only: "answer with ECHO (same chunk field) once you have read everything before this"
+ECHO = 6   # header only: the answer to PROBE number ``chunk``
+KINDS = (DATA, ABORT, NACK, ACK, PROBE, ECHO)
+CONTROL = (NACK, ACK, PROBE, ECHO)  # header-only kinds
 MAX_ABORT_BYTES = 4096
 
 _HEADER = struct.Struct("<4sBBHIIQIIQQQI4x")
@@ -87,8 +94,9 @@ def unpack_header(raw: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"unknown frame kind {kind}")
     if kind == ABORT and length > MAX_ABORT_BYTES:
         raise ProtocolError(f"abort frame of {length} bytes exceeds {MAX_ABORT_BYTES}")
-    if kind in (NACK, ACK) and length != 0:
-        raise ProtocolError(f"{'NACK' if kind == NACK else 'ACK'} frame with {length} payload bytes")
+    if kind in CONTROL and length != 0:
+        name = {NACK: "NACK", ACK: "ACK", PROBE: "PROBE", ECHO: "ECHO"}[kind]
+        raise ProtocolError(f"{name} frame with {length} payload bytes")
     return Header(kind, group, epoch, op, tree, chunk, desc, length, checksum, flags)
 
 

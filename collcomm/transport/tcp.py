@@ -11,8 +11,12 @@ reducing overlap.
 
 Every DATA frame is acknowledged (ACK) or, when its payload checksum fails, asked for again
 (NACK, at most MAX_RETRANSMITS times): a corrupted payload is never delivered (never reduced,
-never forwarded). A connection that breaks between two live ranks is opened again and what was
-not acknowledged is sent again (see :class:`Link`). Each link records its traffic, errors,
+never forwarded). A frame that is not acknowledged within the retransmission timeout is probed
+for (PROBE/ECHO) and sent again if it was lost (at most MAX_LOST_RESENDS times, then LinkFailure).
+A connection that breaks between two live ranks is opened again and what was not acknowledged
+is sent again (see :class:`Link`). Answers (ACK, NACK, ECHO) that cannot go out at once take a
+priority lane: the sender thread writes them before its next queued frame, so a peer's operation,
+which completes on them, never waits behind this rank's own bulk sends. Each link records its traffic, errors,
 retransmissions and the last time its peer was heard from in the transport's
 :class:`~collcomm.faults.telemetry.LinkTelemetry`, and applies the faults of
 :mod:`collcomm.faults.inject` (``COLLCOMM_FAULTS``) to what it sends.
@@ -36,17 +40,17 @@ import threading
 import time
 from typing import Callable, Protocol
 
-from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, CorruptionError, MismatchError,
-                             PeerFailure)
+from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, CorruptionError, LinkFailure,
+                             MismatchError, PeerFailure)
 from collcomm.faults import inject
 from collcomm.faults.telemetry import LinkTelemetry
 from collcomm.transport import frames
-from collcomm.transport.frames import ABORT, ACK, DATA, HEADER_SIZE, NACK, Header, ProtocolError
+from collcomm.transport.frames import ABORT, ACK, DATA, ECHO, HEADER_SIZE, NACK, PROBE, Header, ProtocolError
 
 log = logging.getLogger("collcomm.transport")
 
 SOCKET_BUFFER = 4 << 20
-HANDSHAKE_TIMEOUT = 10.0  # client side: the peer is one of ours and may be busy
+HANDSHAKE_TIMEOUT = 10.0  # client side: the peer is one of ours and may be busy (never past the operation's deadline)
 SERVE_HANDSHAKE_TIMEOUT = 3.0  # server side: an unknown connection gets this long to prove itself
 MAX_FRAME = 1 << 31  # larger frames are refused before anything is read
 MAX_HANDSHAKES = 64  # pending handshakes per listener; beyond, the oldest is cut off
@@ -55,6 +59,17 @@ CLOSE_JOIN_SECONDS = 2.0  # close() waits this long in all for the transport's t
 CHECK_EVERY = 0.25  # seconds between looks at failures known elsewhere while waiting for a peer
 P2P_BASE = 1 << 31  # group ids from here on carry point-to-point messages (tag = id - P2P_BASE)
 MAX_RETRANSMITS = int(os.environ.get("COLLCOMM_MAX_RETRANSMITS", "5"))  # per piece, after checksum failures
+# Lost frames (sent, never read by the peer: see Link._echoed). A link that loses a frame this many
+# times over is given up (LinkFailure). Random loss at rate p loses one piece that often with
+# probability p ** (MAX_LOST_RESENDS + 1): 2e-6 at p = 0.3.
+MAX_LOST_RESENDS = int(os.environ.get("COLLCOMM_MAX_LOST_RESENDS", "10"))
+# Retransmission timeout: how long a DATA frame may wait for its ACK before the sender probes for
+# it; adaptive (RFC 6298: smoothed ACK round trip + 4 x its variation), within these bounds, and
+# doubled (at most RTO_BACKOFF_LIMIT times) for each time the same frame was lost already.
+RTO_MIN = float(os.environ.get("COLLCOMM_RTO_MIN", "0.02"))
+RTO_MAX = float(os.environ.get("COLLCOMM_RTO_MAX", "0.5"))
+RTO_INITIAL = 0.1
+RTO_BACKOFF_LIMIT = 2
 RECONNECT = os.environ.get("COLLCOMM_RECONNECT", "1") != "0"  # re-open a broken connection to a live peer
 RECONNECT_SECONDS = float(os.environ.get("COLLCOMM_RECONNECT_SECONDS", "5"))  # the connecting side tries this long
 # The accepting side waits this long for the peer to come back: a live peer reconnects within
@@ -177,7 +192,8 @@ def abort_text(error: BaseException) -> str:
     """How a failure travels to other ranks: "kind|culprit rank|message" (culprit -1: unknown)."""
     kind = "mismatch" if isinstance(error, MismatchError) else (
         "timeout" if isinstance(error, CollectiveTimeout) else (
-            "corrupt" if isinstance(error, CorruptionError) else "failure"))
+            "corrupt" if isinstance(error, CorruptionError) else (
+                "link" if isinstance(error, LinkFailure) else "failure")))
     culprit = getattr(error, "rank", None)
     return f"{kind}|{-1 if culprit is None else culprit}|{error}"
 
@@ -196,8 +212,13 @@ def error_from_abort(text: str, reporter: int) -> CollectiveError:
         return CollectiveTimeout(message)
     if kind == "corrupt":
         return CorruptionError(message, rank=culprit if culprit >= 0 else reporter)
+    if kind == "link":
+        return LinkFailure(message, rank=culprit if culprit >= 0 else reporter)
     rank = culprit if culprit >= 0 else reporter
     return PeerFailure(message or f"rank {rank} failed", rank=rank)
+
+
+_ANSWERS = (0, b"", None, None, None)  # a send-queue item that only makes the sender write the priority lane
 
 
 class _Pending:
@@ -205,13 +226,18 @@ class _Pending:
     a view of the operation's source region, never a copy (see :meth:`Link._nack` for why it is
     still valid when a retransmission is asked for)."""
 
-    __slots__ = ("header", "raw", "payload", "done", "tries", "written", "eager")
+    __slots__ = ("header", "raw", "payload", "done", "tries", "written", "eager", "queued", "wseq", "sent_at",
+                 "lost")
 
     def __init__(self, header: Header, raw: bytes, payload, done, eager: bool = False):
         self.header, self.raw, self.payload, self.done = header, raw, payload, done
-        self.tries = 0
+        self.tries = 0  # NACKs so far (checksum failures); -1: acknowledged or given up
         self.written = False  # handed to a socket at least once
         self.eager = eager  # ``done`` runs when it first left (point-to-point), not on its ACK
+        self.queued = False  # waiting in the sender thread's queue (sent again, or not yet sent)
+        self.wseq = 0  # the link's count of DATA writes when this one was last written
+        self.sent_at = 0.0  # monotonic time of its last write
+        self.lost = 0  # times the peer's ECHO showed it never arrived
 
     def left(self) -> None:
         """The frame went out whole: an eager frame's ``done`` runs now."""
@@ -231,7 +257,20 @@ class Link:
     connection breaks (reset, EOF) while both processes live, the lower rank connects again
     (the same handshake), the higher rank accepts, and every frame not yet acknowledged is sent
     again; the receiver drops what it already has (and acknowledges it again). A peer whose
-    listener refuses connections is dead: PeerFailure, as before."""
+    listener refuses connections is dead: PeerFailure, as before.
+
+    Lost frames (a frame that was written and never reached the peer: ``drop`` fault injection,
+    or any layer below that loses data without breaking the connection) are found without
+    waiting for the operation's timeout: when the oldest unacknowledged frame has waited longer
+    than the retransmission timeout (adaptive, see RTO_MIN), the transport's timer thread sends a
+    PROBE behind it; the peer answers with an ECHO once it has read everything before the probe.
+    The stream is in order and every DATA frame read is answered (ACK or NACK) before the probe
+    is, so a frame written before the probe that is still neither acknowledged nor asked for again
+    when the ECHO arrives was lost: it is sent again at once. A peer that is slow (it has not
+    started the operation yet: its frames wait in the socket) or stopped simply answers late or
+    never: nothing is resent, nothing fails, and the operation's own deadline rules (at most one
+    probe is outstanding per link, so a stopped peer costs one 64-byte frame). A frame lost more
+    than MAX_LOST_RESENDS times fails its operation with LinkFailure on every rank."""
 
     def __init__(self, transport: "TcpTransport", peer: int, group: int, epoch: int, sock: socket.socket):
         self.transport = transport
@@ -253,9 +292,17 @@ class Link:
         self._rx = transport.telemetry.link(peer, me)
         self._faults = transport.faults.for_link(me, peer) if transport.faults else None
         self._pending: dict[tuple[int, int, int], _Pending] = {}  # (op, tree, chunk) -> unacknowledged
+        self._answers: deque = deque()  # ACK/NACK/ECHO frames waiting for the sender thread (see _control)
         self._resume: dict[tuple[int, int, int], tuple] = {}  # pieces to receive again -> (receiver, view)
         self._got: dict[int, set] = {}  # op -> (tree, chunk) received whole (duplicates after a reconnect)
         self.reconnects = 0
+        self._wseq = 0  # DATA frames written so far (a frame's place in the stream)
+        self._probe_seq = 0
+        self._probe: tuple[int, int, float] | None = None  # outstanding PROBE: (number, _wseq when sent, time)
+        self._srtt: float | None = None  # smoothed ACK round trip (RFC 6298)
+        self._rttvar = 0.0
+        self.rto = RTO_INITIAL
+        self.lost_resends = 0
         name = f"r{transport.rank}-g{group}-p{peer}"
         self._sender = threading.Thread(target=self._send_loop, name=f"collcomm-send-{name}", daemon=True)
         self._receiver = threading.Thread(target=self._recv_loop, name=f"collcomm-recv-{name}", daemon=True)
@@ -286,12 +333,15 @@ class Link:
             with self._count_lock:
                 self._pending[(header.op, header.tree, header.chunk)] = entry
             done = None
+            if not self.transport._rto_active:
+                self.transport._rto_wake.set()
         small = payload is None or len(payload) <= SMALL_PAYLOAD
         if small and self._faults is None and self._queued == 0 and self._send_lock.acquire(blocking=False):
             sock = self.sock
             try:
                 if entry is not None:
-                    entry.written = True
+                    self._wseq += 1
+                    entry.written, entry.wseq, entry.sent_at = True, self._wseq, time.monotonic()
                 self._write(sock, header.kind, raw, payload)
             except OSError as e:
                 self._send_lock.release()
@@ -306,16 +356,23 @@ class Link:
             return
         with self._count_lock:
             self._queued += 1
+            if entry is not None:
+                entry.queued = True
         self._sendq.put((header.kind, raw, payload, done, entry))
 
     def _enqueue(self, kind: int, raw: bytes, payload=None, entry: _Pending | None = None) -> None:
         with self._count_lock:
             self._queued += 1
+            if entry is not None:
+                entry.queued = True
         self._sendq.put((kind, raw, payload, None, entry))
 
     def _control(self, kind: int, header: Header) -> None:
-        """An ACK or NACK for ``header``'s piece, from the receiver thread: never blocks on a full
-        socket (two receivers blocked sending to each other would deadlock)."""
+        """An ACK, NACK or ECHO for ``header``, from the receiver thread: never blocks on a full
+        socket (two receivers blocked sending to each other would deadlock). When it cannot go out
+        at once it takes the priority lane: the sender thread writes it before its next queued
+        frame, not behind every DATA frame queued before it (the peer's operation completes on
+        these ACKs). Answers keep their order among themselves, which is all PROBE/ECHO needs."""
         raw = Header(kind, self.group, self.epoch, header.op, header.tree, header.chunk).pack()
         if self._faults is None and self._queued == 0 and self._send_lock.acquire(blocking=False):
             try:
@@ -332,7 +389,16 @@ class Link:
                 return  # the receiver thread finds the broken socket; the peer resends what it lacks
             finally:
                 self._send_lock.release()
-        self._enqueue(kind, raw)
+        self._answers.append(raw)
+        with self._count_lock:
+            self._queued += 1
+        self._sendq.put(_ANSWERS)  # wakes the sender thread; it may find the lane emptied already
+
+    def _write_answers(self, sock: socket.socket) -> None:
+        """The priority lane onto the socket (the send lock held)."""
+        answers = self._answers
+        while answers:
+            self._write(sock, ACK, answers.popleft(), None)
 
     def _write(self, sock: socket.socket, kind: int, raw: bytes, payload) -> None:
         """The frame onto the socket (the send lock held), with injected faults and telemetry."""
@@ -366,7 +432,7 @@ class Link:
                 sent = len(raw)
             if sent - len(raw) < n:
                 sock.sendall(payload[sent - len(raw):])
-            self._tx.record_transfer(n, time.perf_counter() - t0)
+            self._tx.record_transfer(n, time.perf_counter() - t0, sock)
 
     def _send_loop(self) -> None:
         while True:
@@ -377,12 +443,19 @@ class Link:
             with self._send_lock:
                 sock = self.sock
                 try:
+                    write = kind != 0  # _ANSWERS: only the priority lane
                     if entry is not None:
+                        # Counted as written before anything goes out: should the connection break
+                        # (here or while the lane is written), a reconnect sends it again.
+                        entry.queued = False
                         if entry.tries < 0:  # acknowledged or given up meanwhile
-                            sock = None
+                            write = False
                         else:
-                            entry.written = True
-                    if sock is not None:
+                            self._wseq += 1
+                            entry.written, entry.wseq, entry.sent_at = True, self._wseq, time.monotonic()
+                    if self._answers:
+                        self._write_answers(sock)
+                    if write:
                         self._write(sock, kind, raw, payload)
                     ok = True
                 except OSError as e:
@@ -412,6 +485,8 @@ class Link:
             entry = self._pending.pop((header.op, header.tree, header.chunk), None)
         if entry is None:
             return
+        if entry.tries == 0 and entry.lost == 0 and entry.written:  # Karn: only frames sent once
+            self._rtt_sample(time.monotonic() - entry.sent_at)
         entry.tries = -1
         if entry.done is not None:
             entry.done()
@@ -437,16 +512,98 @@ class Link:
             return  # acknowledged or abandoned meanwhile
         if give_up:
             entry.tries = -1
-            error = CorruptionError(f"a piece of operation #{header.op} (tree {header.tree}, chunk {header.chunk}) "
-                                    f"sent to rank {self.peer} failed its checksum {MAX_RETRANSMITS + 1} times",
-                                    rank=self.peer)
-            receiver = self.mailbox.current(header.op)
-            if receiver is not None:
-                receiver.failed(error)
-            self.abort(header.op, error)
+            self._give_up(header.op, CorruptionError(
+                f"a piece of operation #{header.op} (tree {header.tree}, chunk {header.chunk}) sent to rank "
+                f"{self.peer} failed its checksum {MAX_RETRANSMITS + 1} times", rank=self.peer))
             return
         self._tx.record_retransmit()
         self._enqueue(DATA, entry.raw, entry.payload, entry)
+
+    def _give_up(self, op: int, error: CollectiveError) -> None:
+        """Fail operation ``op`` here and on the peer (and through them, on every member)."""
+        receiver = self.mailbox.current(op)
+        if receiver is not None:
+            receiver.failed(error)
+        self.abort(op, error)
+
+    # ------------------------------------------------------------------ lost frames
+    def _rtt_sample(self, rtt: float) -> None:
+        """RFC 6298's estimator, from an ACK (or ECHO) round trip; sets the retransmission timeout."""
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar += 0.25 * (abs(self._srtt - rtt) - self._rttvar)
+            self._srtt += 0.125 * (rtt - self._srtt)
+        self.rto = min(max(self._srtt + 4 * self._rttvar, RTO_MIN), RTO_MAX)
+
+    def _rto_check(self, now: float) -> float | None:
+        """From the transport's timer thread: probe when the oldest frame sent and not acknowledged
+        has waited longer than the retransmission timeout. Returns how long until the next look
+        (None: nothing is waiting for an acknowledgement). Never blocks."""
+        if not self._pending or self.error is not None or self._closing:
+            return None
+        rto = self.rto
+        with self._count_lock:
+            if not self._pending:
+                return None
+            if self._probe is not None:
+                return rto  # an answer is due; a peer that is slow or stopped gets no more probes
+            due = None
+            for e in self._pending.values():
+                if e.written and not e.queued and e.tries >= 0:
+                    d = e.sent_at + rto * (1 << min(e.lost, RTO_BACKOFF_LIMIT))
+                    if due is None or d < due:
+                        due = d
+            if due is None:
+                return rto  # everything still waits for the sender thread
+            if now < due:
+                return due - now
+            self._probe_seq = (self._probe_seq + 1) & 0xFFFFFFFF
+            self._probe = (self._probe_seq, self._wseq, now)
+            number = self._probe_seq
+        # Every frame counted in _wseq now was written before this probe is (it is queued behind).
+        self._enqueue(PROBE, Header(PROBE, self.group, self.epoch, 0, 0, number).pack())
+        return rto
+
+    def _echoed(self, header: Header) -> None:
+        """The peer read everything sent before our probe: what it has not answered was lost."""
+        give_up: list[_Pending] = []
+        with self._count_lock:
+            probe = self._probe
+            if probe is None or probe[0] != header.chunk:
+                return  # a probe of a connection that was replaced
+            self._probe = None
+            _, mark, sent = probe
+            lost = [e for e in self._pending.values()
+                    if e.written and not e.queued and e.tries >= 0 and e.wseq <= mark]
+            for e in lost:
+                e.lost += 1
+                if e.lost > MAX_LOST_RESENDS:
+                    give_up.append(e)
+                    del self._pending[(e.header.op, e.header.tree, e.header.chunk)]
+                    e.tries = -1
+                else:
+                    e.queued = True
+        self._rtt_sample(time.monotonic() - sent)
+        failed_ops: set[int] = set()
+        for e in give_up:
+            h = e.header
+            if h.op not in failed_ops:
+                failed_ops.add(h.op)
+                self._give_up(h.op, LinkFailure(
+                    f"the link from rank {self.transport.rank} to rank {self.peer} loses data: a piece of operation "
+                    f"#{h.op} (tree {h.tree}, chunk {h.chunk}) was lost {MAX_LOST_RESENDS + 1} times while rank "
+                    f"{self.peer} kept answering; check that link (and COLLCOMM_FAULTS)", rank=self.peer))
+        resend = [e for e in lost if e.tries >= 0]
+        if resend:
+            self.lost_resends += len(resend)
+            self._tx.record_retransmit(len(resend))
+            log.debug("rank %d: %d frames to rank %d were lost; sending them again", self.transport.rank,
+                      len(resend), self.peer)
+        for e in resend:
+            with self._count_lock:
+                self._queued += 1
+            self._sendq.put((DATA, e.raw, e.payload, None, e))
 
     # ------------------------------------------------------------------ receiving
     def _recv_loop(self) -> None:
@@ -497,6 +654,12 @@ class Link:
                 continue
             if kind == NACK:
                 self._nack(header)
+                continue
+            if kind == PROBE:
+                self._control(ECHO, header)
+                continue
+            if kind == ECHO:
+                self._echoed(header)
                 continue
             if kind == ABORT:
                 text = bytearray(header.length)
@@ -635,6 +798,7 @@ class Link:
                 pass
             with self._count_lock:
                 again = [e for e in self._pending.values() if e.written and e.tries >= 0]
+                self._probe = None  # it went out on the old connection
         log.info("rank %d: reconnected to rank %d; sending %d unacknowledged frames again", t.rank, self.peer,
                  len(again))
         if again:
@@ -746,6 +910,11 @@ class TcpTransport:
         self._opening: dict[tuple[int, int], threading.Lock] = {}
         self._mailboxes: dict[tuple[int, int | None], GroupMailbox] = {}
         self._closed = False
+        # The retransmission timer: one thread for all links, idle while no frame awaits an ACK.
+        self._rto_active = False  # the timer is looking at the links (a new frame need not wake it)
+        self._rto_wake = threading.Event()
+        self._rto_thread = threading.Thread(target=self._rto_loop, daemon=True, name=f"collcomm-rto-r{rank}")
+        self._rto_thread.start()
         self._acceptors = [threading.Thread(target=self._accept_loop, args=(listener,), daemon=True,
                                             name=f"collcomm-accept-r{rank}")
                            for listener in filter(None, (self._listener, self._local_listener))]
@@ -801,6 +970,57 @@ class TcpTransport:
                 old.close()
             return link
 
+    def _rto_loop(self) -> None:
+        """Look at every link's oldest unacknowledged frame when its retransmission timeout is due
+        (Link._rto_check); sleep on ``_rto_wake`` while no link has one."""
+        while not self._closed:
+            self._rto_wake.wait()
+            self._rto_wake.clear()
+            self._rto_active = True
+            idle_checks = 0
+            while not self._closed:
+                with self._cond:
+                    links = list(self._links.values())
+                now = time.monotonic()
+                wait = None
+                for link in links:
+                    try:
+                        w = link._rto_check(now)
+                    except Exception:  # pragma: no cover - a bug must not stop the timer of every link
+                        log.exception("rank %d: retransmission timer of the link to rank %d", self.rank, link.peer)
+                        w = None
+                    if w is not None and (wait is None or w < wait):
+                        wait = w
+                if wait is None:
+                    # Nothing awaits an ACK. Go idle, then look once more: a frame sent just before
+                    # the flag dropped did not wake us.
+                    idle_checks += 1
+                    if idle_checks == 1:
+                        self._rto_active = False
+                        continue
+                    break
+                idle_checks = 0
+                self._rto_active = True
+                if self._rto_wake.wait(min(max(wait, 0.002), RTO_MAX)):
+                    self._rto_wake.clear()
+
+    def close_group(self, group: int, error: BaseException) -> None:
+        """Close every connection of ``group`` (kept or accepted and not yet taken) and fail what
+        still waits in its mailbox with ``error``: the group is gone (it was shrunk), so a frame
+        of its epoch from a member that wakes up late meets a closed connection, never a newer
+        group."""
+        with self._cond:
+            links = [l for (p, g), l in self._links.items() if g == group]
+            accepted = [self._accepted.pop(k) for k in [k for k in self._accepted if k[1] == group]]
+        for l in links:
+            l.close()
+        for _, sock in accepted:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.mailbox(group).fail_all(error)
+
     def _forget(self, link: Link) -> None:
         with self._cond:
             if self._links.get((link.peer, link.group)) is link:
@@ -838,7 +1058,7 @@ class TcpTransport:
                 time.sleep(0.05)
                 continue
             try:
-                self._client_handshake(sock, peer, group, epoch, reconnect)
+                self._client_handshake(sock, peer, group, epoch, reconnect, deadline)
                 return sock
             except AuthenticationError:
                 sock.close()
@@ -846,7 +1066,12 @@ class TcpTransport:
             except (OSError, ProtocolError) as e:
                 sock.close()
                 last = e
-                time.sleep(0.05)
+                time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
+        if isinstance(last, (socket.timeout, TimeoutError)):
+            # The peer's process is there (its listener accepted) but it does not answer: hung or
+            # stopped; only the timeout can tell, as for an operation that waits for it.
+            what = f"tag {group - P2P_BASE}" if group >= P2P_BASE else f"group {group}"
+            raise CollectiveTimeout(f"rank {peer} did not answer the handshake for {what} in time")
         raise PeerFailure(f"cannot connect to rank {peer} at {host}:{port}: {last}", rank=peer)
 
     @staticmethod
@@ -864,18 +1089,31 @@ class TcpTransport:
         return socket.create_connection((host, port), timeout=wait)
 
     def _client_handshake(self, sock: socket.socket, peer: int, group: int, epoch: int,
-                          reconnect: bool = False) -> None:
-        sock.settimeout(HANDSHAKE_TIMEOUT)
+                          reconnect: bool = False, deadline: float | None = None) -> None:
+        """Prove the token both ways. Each socket call waits at most HANDSHAKE_TIMEOUT, and never past
+        ``deadline`` (the operation's): a stopped peer's kernel accepts the connection, then nothing
+        answers."""
+        end = time.monotonic() + HANDSHAKE_TIMEOUT
+        if deadline is not None:
+            end = min(end, deadline)
+
+        def bounded() -> None:  # before each blocking step: what is left of the handshake's time
+            sock.settimeout(max(end - time.monotonic(), 0.05))
+
+        bounded()
         hello = frames.new_hello(self.rank, peer, group, epoch, frames.HELLO_RECONNECT if reconnect else 0)
         raw_hello = hello.pack()
         sock.sendall(raw_hello)
         challenge = bytearray(frames.CHALLENGE_SIZE)
+        bounded()
         recv_exact(sock, memoryview(challenge))
         server_nonce, server_mac = bytes(challenge[:16]), bytes(challenge[16:])
         if not frames.mac_ok(frames.mac(self.token, b"S", raw_hello, server_nonce), server_mac):
             raise AuthenticationError(f"rank {peer} could not prove knowledge of the job token")
+        bounded()
         sock.sendall(frames.mac(self.token, b"C", raw_hello, server_nonce))
         ok = bytearray(1)
+        bounded()
         recv_exact(sock, memoryview(ok))
         if bytes(ok) != frames.ACCEPTED:
             raise AuthenticationError(f"rank {peer} refused the connection")
@@ -983,6 +1221,7 @@ class TcpTransport:
 
     def close(self) -> None:
         self._closed = True
+        self._rto_wake.set()
         for listener in filter(None, (self._listener, self._local_listener)):
             try:
                 listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop on Linux
@@ -1009,6 +1248,6 @@ class TcpTransport:
         deadline = time.monotonic() + CLOSE_JOIN_SECONDS
         for l in links:
             l.join(deadline)
-        for t in self._acceptors:
+        for t in self._acceptors + [self._rto_thread]:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
