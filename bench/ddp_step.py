@@ -2,13 +2,15 @@
 
     python bench/ddp_step.py                          # 2 and 4 ranks on loopback; bench/results/ddp_step.json
     python bench/ddp_step.py -n 4 --models mlp-4m     # one configuration
-    sudo python bench/ddp_step.py -n 4 --emulate T.json --results bench/results/ddp_step_emulated.json
+    sudo python bench/ddp_step.py -n 8 --emulate bench/topologies/two_box.json --scale 1GB/s=50Mbit \
+        --results bench/results/ddp_step_emulated.json
 
 The ranks are started by collcomm's launcher (``collcomm.launcher.run``) for both backends, so both
 run in the same process layout; with ``--emulate T.json`` every rank runs inside its namespace of
 the emulated fabric of that topology (the hook is ``emulate=`` of ``collcomm.launcher.run``; it
-needs root, and gloo then also talks over the emulated links). The c10d store is a FileStore, which
-every namespace can reach. Each rank builds the model (fixed seed), wraps it in DDP, runs warm-up
+needs root, and gloo then also talks over the emulated links; ``--scale`` and ``--prefix`` are those
+of ``collcomm emulate``; the fabric is removed after each job, also when it fails). The c10d store
+is a FileStore, which every namespace can reach. Each rank builds the model (fixed seed), wraps it in DDP, runs warm-up
 steps, then ``--repeats`` blocks of ``--steps`` steps between barriers; a block's time over its steps
 is the step time, and the fastest block is reported (the median too).
 
@@ -94,7 +96,8 @@ def _measure(backend: str, n: int, model: str, args) -> dict:
         log = Path(tmp) / "log.txt"
         with open(log, "w") as f:
             code = launcher.run(n, [sys.executable, str(Path(__file__).resolve()), "--rank-job"], env=env,
-                                timeout=120.0, stdout=f, stderr=f, emulate=args.emulate)
+                                timeout=args.job_timeout, stdout=f, stderr=f, emulate=args.emulate,
+                                scale=args.scale, prefix=args.prefix)
         if code != 0 or not out.exists():
             raise SystemExit(f"{backend} x{n} {model} failed (exit {code}):\n" + log.read_text()[-4000:])
         data = json.loads(out.read_text())
@@ -114,6 +117,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--emulate", metavar="T.json", help="run the ranks in the emulated fabric of this topology "
                     "(collcomm.launcher.run(emulate=...); needs root)")
+    ap.add_argument("--scale", help="with --emulate: the rate scale, as for `collcomm emulate up` (the emulated "
+                    "benchmarks in bench/RESULTS.md use 1GB/s=50Mbit for two_box)")
+    ap.add_argument("--prefix", help="with --emulate: the fabric's name prefix (default that of `collcomm emulate`)")
+    ap.add_argument("--job-timeout", type=float, default=120.0, help="bound of one job (s)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--rank-job", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -129,6 +136,7 @@ def main(argv=None) -> int:
                 print(f"  {model:10} {n} ranks {backend:9} {r['step_ms']:9.3f} ms/step", flush=True)
                 runs.append(r)
     result = {"benchmark": "DDP step time, collcomm vs gloo", "fabric": args.emulate or "loopback",
+              "scale": args.scale if args.emulate else None,
               "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "load_avg_at_start": os.getloadavg()[0], "runs": runs,
               "command": "python bench/ddp_step.py " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -6,7 +6,9 @@ the "collcomm" backend and, at the same world size, for gloo.
     python bench/torch_suite.py --list                   # the test names
 
 Writes the counts (passed / failed / skipped) and, per failing test, the last line of its error
-to bench/results/torch_suite.json (merged per backend, so a partial run updates its backend only)
+to bench/results/torch_suite.json (merged per backend, so a partial run updates its backend only;
+a run with -k over a full run of the same backend and world size updates only those tests' outcomes
+and the counts, and lists itself under "reruns")
 and prints them, plus the tests gloo passes but collcomm fails.
 
 How it runs the suite (the recipe out-of-tree backends use): BACKEND, WORLD_SIZE and TEMP_DIR in
@@ -198,12 +200,26 @@ def main(argv=None) -> int:
     results.setdefault("backends", {})
     for backend in args.backend or ["collcomm", "gloo"]:
         print(f"running the suite for {backend} (WORLD_SIZE={args.world_size}) ...", flush=True)
-        results["backends"][backend] = _run_backend(backend, args.world_size, args.patterns, args.timeout,
-                                                    args.per_test)
+        run = _run_backend(backend, args.world_size, args.patterns, args.timeout, args.per_test)
+        results["backends"][backend] = _merge(results["backends"].get(backend), run)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     report(results)
     return 0
+
+
+def _merge(previous: dict | None, run: dict) -> dict:
+    """A run with -k over a full run of the same backend and world size (a rerun of some tests)
+    updates those tests' outcomes in it and recounts; any other run replaces the entry."""
+    if not (run["patterns"] and previous and not previous.get("patterns")
+            and previous.get("world_size") == run["world_size"]):
+        return run
+    outcomes = {**previous["outcomes"], **run["outcomes"]}
+    counts = {s: sum(1 for o in outcomes.values() if o["status"] == s) for s in ("passed", "failed", "skipped")}
+    reruns = previous.get("reruns", []) + [{"tests": sorted(run["outcomes"]), "seconds": run["seconds"],
+                                            "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}]
+    return {**previous, **counts, "total": len(outcomes), "outcomes": outcomes, "reruns": reruns,
+            "failed_tests": {n: o.get("reason", "") for n, o in sorted(outcomes.items()) if o["status"] == "failed"}}
 
 
 def report(results: dict) -> None:

@@ -74,7 +74,8 @@ class CollcommTimeout(CollcommError):
 def _torch_error(e: BaseException, what: str, pg: "ProcessGroupCollcomm") -> BaseException:
     where = f"collcomm {what} on rank {pg.rank()} of group {pg.group_name or '?'} (size {pg.size()})"
     if isinstance(e, CollectiveTimeout):
-        err: BaseException = CollcommTimeout(f"Timed out: {where}: {e}", e)
+        # " Timed out " between spaces, as gloo words it: PyTorch's suite matches " (Timed out|closed|timeout) "
+        err: BaseException = CollcommTimeout(f"{where}: Timed out ({e})", e)
     elif isinstance(e, CollectiveError):
         err = CollcommError(f"{where} failed: {type(e).__name__}: {e}", e)
     elif isinstance(e, (ValueError, TypeError, RuntimeError)):
@@ -298,8 +299,7 @@ class _Work(dist.Work):
     def wait(self, timeout=None) -> bool:
         secs = _seconds(timeout, None)
         if not self._done.wait(secs):
-            raise CollcommTimeout(f"Timed out: collcomm {self._what} did not complete within the {secs:g} s "
-                                  "given to wait()")
+            raise CollcommTimeout(f"collcomm {self._what}: Timed out waiting {secs:g} s, the time given to wait()")
         if self._error is not None:
             raise self._error
         return True
