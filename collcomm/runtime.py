@@ -97,6 +97,7 @@ class Group:
         self._plans: dict = {}
         self.successor: "Group | None" = None  # set by shrink(): the survivors' group
         self.monitor = None  # collcomm.faults.monitor.GroupMonitor, when monitoring is on
+        self.failed_operations = 0  # operations that raised here (the monitor reports the count)
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, members={self.members})"
@@ -244,6 +245,7 @@ class Group:
     def _failed(self, seq: int, error: CollectiveError) -> None:
         """Tell the other members why: the coordinator's record (read by members that wait) and
         abort frames on every connection of the group (for members that are mid-operation)."""
+        self.failed_operations += 1
         rt = self.runtime
         rt.record_abort(self, seq, error)
         rt.transport.abort_group(self.id, seq, error)

@@ -221,6 +221,7 @@ class FakeGroup:
         self.planner = Planner(topo)
         self.members = list(range(topo.num_ranks))
         self.me, self.id, self.epoch, self.name = rank, 0, 1, "world"
+        self.failed_operations = 0  # what Group counts: operations that raised on this rank
 
     def set_topology(self, topo):
         from collcomm.planner import Planner
@@ -228,9 +229,10 @@ class FakeGroup:
         self.planner = Planner(topo)
 
 
-def run_monitors(topo, ops: int, feed):
+def run_monitors(topo, ops: int, feed, failed_at: int | None = None):
     """One GroupMonitor per rank of ``topo`` in threads, every=1; before operation i each rank's
-    telemetry gets ``feed(rank, i, telemetry)``; returns per rank (changes, error raised at op)."""
+    telemetry gets ``feed(rank, i, telemetry)``; operation ``failed_at`` fails on every rank;
+    returns per rank (changes, error raised at op)."""
     import threading
 
     from collcomm.faults.monitor import GroupMonitor
@@ -253,6 +255,8 @@ def run_monitors(topo, ops: int, feed):
             except TopologyError as e:
                 errors.append((i, str(e)))
             barrier.wait(timeout=20)  # the collective
+            if i == failed_at:
+                g.failed_operations += 1
         out[r] = (mon.changes, errors, mon)
 
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n)]
@@ -296,6 +300,34 @@ def test_monitors_raise_topology_error_naming_the_partition_on_every_rank():
     out = run_monitors(topo, 10, feed)
     firsts = {errors[0][0] if errors else None for _, errors, _ in out}
     assert len(firsts) == 1 and None not in firsts, [e for _, e, _ in out]
+    for _, errors, _ in out:
+        assert "{a0, a1}" in errors[0][1] and "{b0, b1}" in errors[0][1], errors[0][1]
+
+
+@pytest.mark.parametrize("failed", [False, True], ids=["operations-succeed", "an-operation-failed"])
+def test_counter_stalls_do_not_partition_a_fabric_that_carries_the_operations(failed):
+    """Connections read as stalled (the kernel's counters: a long operation behind a throttled
+    link leaves closed windows and backed-off probes) on every cross-cluster pair. While every
+    operation completes, the data evidently crosses the fabric: no TopologyError, no plan
+    change. Once an operation fails, the same evidence is a partition, named on every rank."""
+    topo = two_clusters()
+
+    def feed(r, i, tel):
+        for peer in range(4):
+            if peer == r:
+                continue
+            if i >= 4 and (r < 2) != (peer < 2):
+                tel.record_error(r, peer, "stalled")
+            else:
+                tel.record_transfer(r, peer, 1 << 20, 1e-3)
+
+    out = run_monitors(topo, 10, feed, failed_at=5 if failed else None)
+    if not failed:
+        for changes, errors, _ in out:
+            assert errors == [] and changes == [], (errors, changes)
+        return
+    firsts = {errors[0][0] if errors else None for _, errors, _ in out}
+    assert len(firsts) == 1 and None not in firsts and firsts.pop() >= 6, [e for _, e, _ in out]
     for _, errors, _ in out:
         assert "{a0, a1}" in errors[0][1] and "{b0, b1}" in errors[0][1], errors[0][1]
 

@@ -350,6 +350,7 @@ class GroupMonitor:
         self._wake = threading.Condition(self._lock)
         self._confirmed: dict[Edge, int] = {}  # rank 0: the last round that blamed each faulty link
         self.probation_rounds = probation_rounds
+        self._failed_seen: dict = {}  # rank 0: each member's failed-operation count at the last round
 
     # ---------------------------------------------------------------- telemetry source
     @property
@@ -428,7 +429,7 @@ class GroupMonitor:
         obs, expected = observations_between(self._previous, snap)
         self._previous = snap
         offset = snap["wall"] - snap["monotonic"]
-        return {"rank": self.rt.rank, "wall": snap["wall"],
+        return {"rank": self.rt.rank, "wall": snap["wall"], "failed_operations": self.group.failed_operations,
                 "links": [dict(observation_to_json(o, expected.get(k), offset), src=k[0], dst=k[1])
                           for k, o in obs.items()]}
 
@@ -446,6 +447,7 @@ class GroupMonitor:
                 missing.append(m)
             else:
                 reports.append(json.loads(raw))
+        round_failed = bool(missing) or self._round_failed(reports)
         now = time.time()
         obs, expected = merge_reports(reports)
         obs = self._classify_by_route(obs)
@@ -462,13 +464,40 @@ class GroupMonitor:
                 topo = reroute(self.base, faults, f"{self.base.name}@plan{self.plan_epoch + 1}") if faults \
                     else self.base
             except TopologyError as e:
-                decision["error"] = str(e)
-                return decision
+                if round_failed:
+                    decision["error"] = str(e)
+                    return decision
+                # Every member reported and none had an operation fail since the last round: the
+                # data crossed the fabric, so it is not cut, whatever the kernel's counters say (a
+                # long operation behind a throttled link leaves other connections with closed
+                # windows and backed-off probes that can read as stalled). Keep the slow links,
+                # drop this round's new "down" verdicts that rest on those counters alone, and let
+                # later rounds measure again.
+                faults = {e2: f for e2, f in faults.items()
+                          if f[0] != DOWN or self.faults.get(e2, (None,))[0] == DOWN or not _stalled_only(f[2])}
+                decision["faults"] = _faults_json(faults)
+                decision["note"] = f"partition contradicted by a round without failures, down verdicts ignored: {e}"
+                if _fault_classes(faults) == _fault_classes(self.faults):
+                    return decision
+                try:
+                    topo = reroute(self.base, faults, f"{self.base.name}@plan{self.plan_epoch + 1}") if faults \
+                        else self.base
+                except TopologyError as cut:  # cut by the connection errors themselves: believe them
+                    decision["error"] = str(cut)
+                    return decision
             self.faults = faults
             self.plan_epoch += 1
             decision["plan_epoch"] = self.plan_epoch
             decision["topology"] = jsonio.to_dict(topo)
         return decision
+
+    def _round_failed(self, reports: list[dict]) -> bool:
+        """Whether some member had an operation fail since the previous round (a report without
+        the count, from an older member, counts as a failure: no evidence against a cut)."""
+        failed = any(rep.get("failed_operations") is None or
+                     rep["failed_operations"] > self._failed_seen.get(rep.get("rank"), 0) for rep in reports)
+        self._failed_seen = {rep.get("rank"): rep.get("failed_operations") or 0 for rep in reports}
+        return failed
 
     def _pairs(self) -> dict[tuple[int, int], Edge]:
         """World rank pairs of the group -> compute nodes of its fabric."""
@@ -627,6 +656,12 @@ class GroupMonitor:
                 "faults": _faults_json(self.faults), "changes": list(self.changes),
                 "verdicts": [v.to_dict() for v in self.verdicts.values()],
                 "telemetry": self.telemetry.snapshot()}
+
+
+def _stalled_only(why: str) -> bool:
+    """Whether a down verdict rests on the kernel's counters alone (connections read as stalled),
+    not on connection errors or silence."""
+    return "stalled" in why and not any(w in why for w in ("reset", "refused", "eof", "timeout", "silent"))
 
 
 def _fault_classes(faults: Mapping[Edge, tuple]) -> dict[Edge, str]:
