@@ -488,19 +488,11 @@ def _rank_main() -> int:
                     emit({"ok": True, "correct": correct, "iters": i + 1, "t0": t0, "t1": time.monotonic()})
                 except Exception as e:  # noqa: BLE001 - reported to the test
                     emit(fail(e, t0=t0, t1=time.monotonic(), iter=i, correct_before=correct))
-            elif what == "shrink":  # re-form a group (None: the world) without its failed members
+            elif what in ("shrink", "grow"):  # re-form a group (None: the world) without its failed
+                # members, or with the restarted ranks admitted
                 gname = cmd.get("group")
                 kw = {} if cmd.get("timeout") is None else {"timeout": cmd["timeout"]}
-                g = cc.shrink(groups[gname] if gname else None, **kw)
-                if gname:
-                    groups[gname] = g
-                members[gname] = list(g.members)
-                emit({"ok": True, "members": list(g.members), "epoch": g.epoch, "group_id": g.id, "t0": t0,
-                      "t1": time.monotonic()})
-            elif what == "grow":  # admit restarted ranks into a group (None: the world)
-                gname = cmd.get("group")
-                kw = {} if cmd.get("timeout") is None else {"timeout": cmd["timeout"]}
-                g = cc.grow(groups[gname] if gname else None, **kw)
+                g = getattr(cc, what)(groups[gname] if gname else None, **kw)
                 if gname:
                     groups[gname] = g
                 members[gname] = list(g.members)

@@ -189,16 +189,23 @@ def corrupt(transport: str) -> None:
         assert seen["retransmits"] == seen["errors"].get("checksum", 0), seen
 
 
-def corrupt_all(transport: str) -> None:
+def every_rank_raises(transport: str, faults: str, error: str, count: int, rank: int | None = None):
+    """One allreduce of ``count`` floats under ``faults``: every rank raises ``error`` (naming ``rank`` where given)
+    within the 5 s timeout. Returns the job's link counters."""
     timeout = 5.0
-    with job(3, timeout, transport, env={"COLLCOMM_FAULTS": "corrupt:*->*"}) as j:
+    with job(3, timeout, transport, env={"COLLCOMM_FAULTS": faults}) as j:
         t0 = time.monotonic()
-        answers = j.call_all(run("allreduce", 1000), timeout=3 * timeout)
+        answers = j.call_all(run("allreduce", count), timeout=3 * timeout)
         report = describe(answers)
         for r, a in enumerate(answers):
-            assert raised(a, "CorruptionError"), f"rank {r}: expected CorruptionError\n{report}"
-            assert a["t1"] - t0 < timeout, f"rank {r} took {a['t1'] - t0:.2f} s\n{report}"
-        assert telemetry(j)["retransmits"] >= 5
+            assert raised(a, error) and (rank is None or a.get("rank") == rank), \
+                f"rank {r}: expected {error}{'' if rank is None else f' naming rank {rank}'}\n{report}"
+            assert a["t1"] - t0 < timeout, f"rank {r} took {a['t1'] - t0:.2f} s (timeout {timeout} s)\n{report}"
+        return telemetry(j)
+
+
+def corrupt_all(transport: str) -> None:
+    assert every_rank_raises(transport, "corrupt:*->*", "CorruptionError", 1000)["retransmits"] >= 5
 
 
 def reset(faults: str):
@@ -230,15 +237,7 @@ def drop(p: float, seed: int, ops: int):
 
 
 def blackhole(transport: str) -> None:
-    timeout = 5.0
-    with job(3, timeout, transport, env={"COLLCOMM_FAULTS": "drop:0->1:p=1"}) as j:
-        t0 = time.monotonic()
-        answers = j.call_all(run("allreduce", 10_000), timeout=3 * timeout)
-        report = describe(answers)
-        for r, a in enumerate(answers):
-            assert raised(a, "LinkFailure") and a.get("rank") == 1, \
-                f"rank {r}: expected LinkFailure naming rank 1\n{report}"
-            assert a["t1"] - t0 < timeout, f"rank {r} took {a['t1'] - t0:.2f} s (timeout {timeout} s)\n{report}"
+    every_rank_raises(transport, "drop:0->1:p=1", "LinkFailure", 10_000, rank=1)
 
 
 SCENARIOS = {

@@ -285,19 +285,24 @@ def test_monitors_switch_plan_at_the_same_operation_and_restore_a_recovered_link
     assert all(not e for _, e, _ in out)
 
 
-def test_monitors_raise_topology_error_naming_the_partition_on_every_rank():
-    topo = two_clusters()  # a0 a1 | b0 b1: one link between the clusters
-
+def cross_cluster_errors(kind: str):
+    """A telemetry feed for ``two_clusters``: healthy transfers, and from operation 4 on an error
+    of ``kind`` on every pair that crosses between the clusters."""
     def feed(r, i, tel):
         for peer in range(4):
             if peer == r:
                 continue
             if i >= 4 and (r < 2) != (peer < 2):
-                tel.record_error(r, peer, "reset")
+                tel.record_error(r, peer, kind)
             else:
                 tel.record_transfer(r, peer, 1 << 20, 1e-3)
+    return feed
 
-    out = run_monitors(topo, 10, feed)
+
+def test_monitors_raise_topology_error_naming_the_partition_on_every_rank():
+    topo = two_clusters()  # a0 a1 | b0 b1: one link between the clusters
+
+    out = run_monitors(topo, 10, cross_cluster_errors("reset"))
     firsts = {errors[0][0] if errors else None for _, errors, _ in out}
     assert len(firsts) == 1 and None not in firsts, [e for _, e, _ in out]
     for _, errors, _ in out:
@@ -312,16 +317,7 @@ def test_counter_stalls_do_not_partition_a_fabric_that_carries_the_operations(fa
     change. Once an operation fails, the same evidence is a partition, named on every rank."""
     topo = two_clusters()
 
-    def feed(r, i, tel):
-        for peer in range(4):
-            if peer == r:
-                continue
-            if i >= 4 and (r < 2) != (peer < 2):
-                tel.record_error(r, peer, "stalled")
-            else:
-                tel.record_transfer(r, peer, 1 << 20, 1e-3)
-
-    out = run_monitors(topo, 10, feed, failed_at=5 if failed else None)
+    out = run_monitors(topo, 10, cross_cluster_errors("stalled"), failed_at=5 if failed else None)
     if not failed:
         for changes, errors, _ in out:
             assert errors == [] and changes == [], (errors, changes)

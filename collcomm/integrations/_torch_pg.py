@@ -830,23 +830,29 @@ class ProcessGroupCollcomm(dist.ProcessGroup):
 
         return self._submit("allgather_coalesced", flat_outs, run)
 
+    def _root_list(self, lists, root: int, mine: torch.Tensor, what: str, role: str, other: str) -> list:
+        """The root's list of one tensor per rank for gather (outputs) or scatter (inputs),
+        checked against this rank's own tensor ``mine``; [] on the other ranks."""
+        if self.rank() != root:
+            if lists and any(len(row) for row in lists):
+                raise ValueError(f"collcomm: {what}: only the root passes {role} tensors")
+            return []
+        if len(lists) != 1 or len(lists[0]) != self.size():
+            raise ValueError(f"collcomm: {what} needs one list of {self.size()} {role} tensors on the root")
+        tensors = list(lists[0])
+        _check_cpu(tensors, what)
+        _same_dtype(tensors, mine.dtype, what)
+        for t in tensors:
+            if t.numel() != mine.numel():
+                raise ValueError(f"collcomm: {what}: {role} tensors must have the {other}'s {mine.numel()} elements, "
+                                 f"got {t.numel()}")
+        return tensors
+
     def gather(self, output_lists, inputs, opts=None):
         opts = _options(opts, _c10d.GatherOptions)
         inp = _one(inputs, "gather")
         root = self._check_root(opts.rootRank, "gather")
-        outs: list[torch.Tensor] = []
-        if self.rank() == root:
-            if len(output_lists) != 1 or len(output_lists[0]) != self.size():
-                raise ValueError(f"collcomm: gather needs one list of {self.size()} output tensors on the root")
-            outs = list(output_lists[0])
-            _check_cpu(outs, "gather")
-            _same_dtype(outs, inp.dtype, "gather")
-            for o in outs:
-                if o.numel() != inp.numel():
-                    raise ValueError(f"collcomm: gather: output tensors must have the input's {inp.numel()} elements, "
-                                     f"got {o.numel()}")
-        elif output_lists and any(len(row) for row in output_lists):
-            raise ValueError("collcomm: gather: only the root passes output tensors")
+        outs = self._root_list(output_lists, root, inp, "gather", "output", "input")
         timeout = self._op_timeout(opts)
 
         def run(_):
@@ -860,19 +866,7 @@ class ProcessGroupCollcomm(dist.ProcessGroup):
         opts = _options(opts, _c10d.ScatterOptions)
         out = _one(outputs, "scatter")
         root = self._check_root(opts.rootRank, "scatter")
-        ins: list[torch.Tensor] = []
-        if self.rank() == root:
-            if len(input_lists) != 1 or len(input_lists[0]) != self.size():
-                raise ValueError(f"collcomm: scatter needs one list of {self.size()} input tensors on the root")
-            ins = list(input_lists[0])
-            _check_cpu(ins, "scatter")
-            _same_dtype(ins, out.dtype, "scatter")
-            for i in ins:
-                if i.numel() != out.numel():
-                    raise ValueError(f"collcomm: scatter: input tensors must have the output's {out.numel()} "
-                                     f"elements, got {i.numel()}")
-        elif input_lists and any(len(row) for row in input_lists):
-            raise ValueError("collcomm: scatter: only the root passes input tensors")
+        ins = self._root_list(input_lists, root, out, "scatter", "input", "output")
         timeout = self._op_timeout(opts)
 
         def run(_):
