@@ -439,11 +439,7 @@ class Runtime:
         and epoch at the coordinator). The old group's connections are closed, so a late frame of
         the old epoch is refused and never reaches the new group. A member left out raises
         EvictedError."""
-        group = self.world if group is None else group
-        while group.successor is not None:
-            group = group.successor
-        if group.me is None:
-            raise ValueError(f"rank {self.rank} is not a member of {group}")
+        group = self._current(group)
         timeout = self.timeout if timeout is None else float(timeout)
         prefix = f"shrink/{group.id}/{group.epoch}"
         deadline = time.monotonic() + timeout
@@ -512,11 +508,7 @@ class Runtime:
                                                 f"{group.monitor.topology.name}/shrunk"))
             except CollectiveError:
                 pass
-        self.groups[new.id] = new
-        group.successor = new
-        if self.world is group:
-            self.world = new
-        self._retire(group)
+        self._succeed(group, new)
         return new
 
     def grow(self, group: Group | None = None, timeout: float | None = None) -> Group:
@@ -539,11 +531,7 @@ class Runtime:
             decision = json.loads(self.client.kv_get(key, timeout=timeout))
             old = self.world
         else:
-            group = self.world if group is None else group
-            while group.successor is not None:
-                group = group.successor
-            if group.me is None:
-                raise ValueError(f"rank {self.rank} is not a member of {group}")
+            group = self._current(group)
             group.grows += 1  # every member calls grow() on a group equally often: the round's number
             prefix = f"grow/{group.id}/{group.epoch}/{group.grows}"
             if self.client.kv_add(f"{prefix}/decider", 1, timeout=timeout) == 1:
@@ -552,7 +540,7 @@ class Runtime:
                 dead = {d.rank for d in status.dead}
                 joiners = [r for r in group.lineage if r not in group.members and r not in dead]
                 peers = {p.rank: p for p in table.peers}
-                decision = {"prefix": prefix, "name": group.name, "world": group is self.world,
+                decision = {"prefix": prefix, "name": group.name,
                             "members": [r for r in group.lineage if r in group.members or r in joiners],
                             "joiners": joiners, "addresses": {str(r): peers[r].address for r in joiners},
                             "hostnames": {str(r): peers[r].hostname for r in joiners}, "by": self.rank}
@@ -580,13 +568,28 @@ class Runtime:
                                       timeout=max(deadline - time.monotonic(), 1.0))
         new = Group(self, info.group_id, decision["name"], list(info.members), info.epoch)
         new.lineage = list(old.lineage)
+        self.rejoining = False  # a newcomer's ``old`` is its stand-in world, replaced here
+        self._succeed(old, new)
+        return new
+
+    def _current(self, group: Group | None) -> Group:
+        """``group`` (default: the world) as it is now: its latest successor, of which this rank is
+        a member."""
+        group = self.world if group is None else group
+        while group.successor is not None:
+            group = group.successor
+        if group.me is None:
+            raise ValueError(f"rank {self.rank} is not a member of {group}")
+        return group
+
+    def _succeed(self, old: Group, new: Group) -> None:
+        """``new`` replaces ``old`` (shrunk or grown): the world too where ``old`` was the world,
+        and ``old``'s connections are closed."""
         self.groups[new.id] = new
         old.successor = new
-        if self.world is old or (self.rejoining and decision["world"]):
+        if self.world is old:
             self.world = new
-        self.rejoining = False
         self._retire(old)
-        return new
 
     def _retire(self, group: Group) -> None:
         """Close the connections and the mailbox of a group that was shrunk: a frame of its old
