@@ -24,7 +24,8 @@ Rules, per link and round (an observation is one operation, or one monitoring in
   new level within about three rounds;
 * an observation is **low** when it is below ``degrade_fraction`` (50%) of every reference
   available and also ``z`` robust standard deviations below it (so that noisy fabrics do not
-  flag their tails); **degraded** after ``flag_after`` (2) low observations in a row;
+  flag their tails); **degraded** after ``flag_after`` (2) low observations in a row (one
+  between the cut and the recovery level holds the count; one at the recovery level resets it);
   **recovered** after ``recover_after`` (3) observations in a row at or above
   ``recover_fraction`` (70%) of a reference (probation);
 * **down** at once on connection errors (reset, refused..., or "stalled": the kernel's TCP
@@ -325,7 +326,10 @@ def classify(samples_by_link: Mapping[Link, Observation | float | None],
             base, low_run, good_run = DOWN, 0, 0
         elif base == HEALTHY:
             if lx is not None:
-                low_run = low_run + 1 if low else 0
+                # A run of low observations is broken only by one back at a healthy level (the
+                # recovery threshold), not by a noisy one between the cut and that level: a link
+                # at 11% under heavy noise reads 8%, 19%, 9%... and is slow all along.
+                low_run = low_run + 1 if low else (0 if good else low_run)
                 if low_run >= cfg.flag_after:
                     base, good_run = DEGRADED, 0
         elif base == DEGRADED:
