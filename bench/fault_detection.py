@@ -233,6 +233,8 @@ def fault_runs(kind: str, runs: int, args, opt: dict) -> dict:
                "blamed": [[f["link"][0], f["link"][1], f["state"], f["fraction"]] for f in (d["faults_after"] or [])],
                "wrong": res["wrong"], "failed_ops": sorted({i for e in res["errors"].values() for i, _ in e}),
                "error_types": sorted({e.split(":", 1)[0] for errs in res["errors"].values() for _, e in errs}),
+               "first_error": min((e for errs in res["errors"].values() for e in errs), default=None),
+               "flagged": {i: f for i, f in enumerate(res["flagged"]) if f},
                "failed_op_seconds_max": max([res["seconds"][r][i] for r, errs in res["errors"].items() for i, _ in errs],
                                             default=None),
                "same_changes_on_every_rank": res["same_changes_on_every_rank"],

@@ -77,13 +77,11 @@ def test_healthy_noise_with_heterogeneous_expected_rates_is_never_flagged(seed):
 
 
 # ------------------------------------------------------------------------------------------- (b) one slow link
-# Derandomized: a random run can draw a link at 11% whose noise keeps it inside the noise-adaptive
-# cut for three rounds (seed=40, lognormal, victim=0, t0=36, slow=0.109375 is not flagged): a
-# known limit of the detector, recorded in the issue, not something CI should find at random.
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["uniform", "lognormal"]),
        victim=st.integers(0, 15), t0=st.integers(0, 150), slow=st.floats(0.05, 0.12))
 @example(seed=40, kind="lognormal", victim=0, t0=35, slow=0.109375)  # reads 8%, 19%, 9%: one noisy round between
+@example(seed=40, kind="lognormal", victim=0, t0=36, slow=0.109375)  # a noise estimate that put the cut under 11%
 def test_a_link_throttled_to_ten_percent_is_flagged_within_three_rounds(seed, kind, victim, t0, slow):
     bad = ring_links(16)[victim]
     rounds = simulate(seed, kind=kind, rounds=t0 + 4, factor=lambda t, l: slow if l == bad and t >= t0 else 1.0)

@@ -24,6 +24,8 @@ this rank and are told to the peers.
 
 from __future__ import annotations
 
+import heapq
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +39,10 @@ from collcomm.schedules.ir import ALLGATHER, REDUCE_SCATTER, Schedule
 from collcomm.transport import frames
 from collcomm.transport.frames import DATA, Header
 
+# DATA frames of one operation to one peer handed to the link and not yet acknowledged (see
+# Operation._send): enough to keep the link busy (the ACK comes back one round trip after the
+# frame arrived), few enough that a frame to forward is not queued behind many.
+SEND_WINDOW = int(os.environ.get("COLLCOMM_SEND_WINDOW", "16"))
 REDUCTIONS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor")
 BITWISE = ("band", "bor", "bxor")  # integer buffers only
 _UFUNC = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum, "avg": np.add,
@@ -86,6 +92,14 @@ def shard_layout(count: int, n: int) -> list[tuple[int, int]]:
     return out
 
 
+def _progress(pieces: list[Piece]) -> dict[tuple[int, int], Fraction]:
+    """How far into its tree each piece is: chunk c of a tree of n chunks at (c + 1/2) / n."""
+    chunks: dict[int, int] = {}
+    for pc in pieces:
+        chunks[pc.frame_tree] = max(chunks.get(pc.frame_tree, 0), pc.chunk + 1)
+    return {(pc.frame_tree, pc.chunk): Fraction(2 * pc.chunk + 1, 2 * chunks[pc.frame_tree]) for pc in pieces}
+
+
 class ExecutionPlan:
     """The pieces of a schedule for one rank, one buffer layout and one chunk size."""
 
@@ -94,6 +108,7 @@ class ExecutionPlan:
         self.phases: list[list[Piece]] = []
         self.kinds: list[str] = []
         self.peers: set[int] = set()
+        self.priority: dict[tuple[int, int], tuple[Fraction, int]] = {}  # piece -> (progress, phase)
         for p, phase in enumerate(schedule.phases):
             pieces: list[Piece] = []
             cum: dict[int, Fraction] = {}
@@ -130,6 +145,11 @@ class ExecutionPlan:
                 for c, start in enumerate(range(lo, hi, chunk_elems)):
                     pieces.append(Piece(p, t, c, start, min(start + chunk_elems, hi), root, parent,
                                         tuple(children)))
+            # Sends start, and wait for a free slot of a peer's window, in the order of how far
+            # into its tree each piece is, not tree after tree: see Operation._send.
+            progress = _progress(pieces)
+            pieces.sort(key=lambda pc: (progress[(pc.frame_tree, pc.chunk)], pc.frame_tree))
+            self.priority.update({k: (f, p) for k, f in progress.items()})
             self.phases.append(pieces)
             self.kinds.append(phase.collective)
         self.by_key = {(pc.frame_tree, pc.chunk): pc for phase in self.phases for pc in phase}
@@ -202,6 +222,8 @@ class Operation:
         self._from_peer = dict(plan.from_peer)
         self._children_left = dict(plan.children_left)
         self._gated = dict(plan.gated) if chained else {}
+        self._window: dict[int, int] = {}  # peer -> frames handed to its link and not yet acknowledged
+        self._backlog: dict[int, list] = {}  # peer -> heap of (priority, piece key, piece) waiting for a slot
 
     # ------------------------------------------------------------------ driving
     def start(self) -> None:
@@ -220,15 +242,47 @@ class Operation:
                         self._send(pc, child)
 
     def _send(self, pc: Piece, peer: int) -> None:
+        """Send ``pc`` to ``peer`` now if fewer than SEND_WINDOW of this operation's frames to that
+        peer wait for their acknowledgement, else once a slot frees, pieces least far into their
+        trees first.
+
+        Why a window: the link is a FIFO (its queue, then the socket buffer), and a rank that
+        both starts trees and forwards others' would put the chunks it forwards behind every
+        chunk it queued at the start. When one connection carries several trees (a plan routed
+        around a slow link shares every NIC between two to four), the forwarded trees then stall
+        at the start and make the tail at the end. With a few frames in flight per peer and the
+        rest ordered by progress, every tree advances at about the rate the plan gives it."""
         if self.error is not None:
             return  # a failed operation sends nothing more
+        key = (pc.frame_tree, pc.chunk)
+        with self._lock:
+            if self._window.get(peer, 0) >= SEND_WINDOW:
+                heapq.heappush(self._backlog.setdefault(peer, []), (self.plan.priority[key], key, pc))
+                return
+            self._window[peer] = self._window.get(peer, 0) + 1
+        self._transmit(pc, peer)
+
+    def _transmit(self, pc: Piece, peer: int) -> None:
         view = memoryview(self.bytes[pc.start * self.itemsize:pc.stop * self.itemsize])
         header = Header(DATA, self.group, self.epoch, self.op_seq, pc.frame_tree, pc.chunk, self.desc,
                         len(view), frames.checksum(view))
         try:
-            self._links(peer).send(header, view, self._event_done)
+            self._links(peer).send(header, view, lambda: self._sent(peer))
         except CollectiveError as e:
             self.failed(e)
+
+    def _sent(self, peer: int) -> None:
+        """A frame to ``peer`` was acknowledged: its slot goes to the next piece waiting for one."""
+        nxt = None
+        with self._lock:
+            heap = self._backlog.get(peer)
+            if heap and self.error is None:
+                nxt = heapq.heappop(heap)[2]
+            else:
+                self._window[peer] -= 1
+        self._event_done()
+        if nxt is not None:
+            self._transmit(nxt, peer)
 
     def _event_done(self, from_peer: int | None = None) -> None:
         with self._lock:
