@@ -235,6 +235,7 @@ def fault_runs(kind: str, runs: int, args, opt: dict) -> dict:
                "error_types": sorted({e.split(":", 1)[0] for errs in res["errors"].values() for _, e in errs}),
                "first_error": min((e for errs in res["errors"].values() for e in errs), default=None),
                "flagged": {i: f for i, f in enumerate(res["flagged"]) if f},
+               "collective_algbw": res["collective_algbw"],
                "failed_op_seconds_max": max([res["seconds"][r][i] for r, errs in res["errors"].items() for i, _ in errs],
                                             default=None),
                "same_changes_on_every_rank": res["same_changes_on_every_rank"],

@@ -150,17 +150,19 @@ def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_e
                 t.start()
                 pumps.append(t)
         failed: _Rank | None = None
+        failed_alone: list[_Rank] = []  # ranks that exited with an error before the launcher stopped any
         while True:
             running = [r for r in ranks if r.proc.poll() is None]
             if failed is None:
                 bad = [r for r in ranks if r.proc.returncode not in (None, 0)]
                 if bad:
-                    failed = bad[0]
+                    failed = min(bad, key=_blame_order)
                     _report(client, failed)
                     deadline = time.monotonic() + GRACE_SECONDS
             if not running:
                 break
             if failed is not None and time.monotonic() > deadline:
+                failed_alone = [r for r in ranks if r.proc.returncode not in (None, 0)]
                 _stop(running)
                 break
             time.sleep(0.05)
@@ -168,6 +170,11 @@ def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_e
             r.proc.wait()
         for t in pumps:
             t.join(timeout=2.0)
+        if failed is not None:
+            # With every error line in, name the cause among the ranks that failed on their own: a
+            # killed rank's survivors raise PeerFailure within milliseconds, often in the same
+            # 50 ms tick, and the lowest of them is not the one to blame.
+            failed = min(failed_alone or [r for r in ranks if r.proc.returncode not in (None, 0)], key=_blame_order)
         if interrupted["signal"] is not None:
             return 128 + interrupted["signal"]
         if failed is not None:
@@ -185,6 +192,17 @@ def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_e
         _stop([r for r in ranks if r.proc.poll() is None])
         client.close()
         server.stop(0)
+
+
+def _blame_order(r: _Rank) -> tuple:
+    """Which failed rank to name: one that died on its own (a signal, an exit status of its own)
+    before one that exited 1 on an exception, and one whose last error line is not collcomm
+    telling it that another rank failed (PeerFailure, CollectiveTimeout, EvictedError) before one
+    that is; then the lowest."""
+    last = next((l for l in reversed(r.tail) if l.strip()), "")
+    consequence = last.lstrip().startswith(("collcomm.errors.PeerFailure", "collcomm.errors.CollectiveTimeout",
+                                             "collcomm.errors.LinkFailure", "collcomm.errors.EvictedError"))
+    return r.proc.returncode == 1, consequence, r.rank
 
 
 def _report(client, failed: _Rank) -> None:

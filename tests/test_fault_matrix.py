@@ -26,7 +26,10 @@ reset-*            reset after N bytes (one link, two     exact (reconnect and r
                    links, all links with corruption)      connection was cut
 drop-5% / drop-30% drop:*->*:p=0.05 / p=0.3               exact, no call near its timeout; frames
                                                           were lost and sent again
-blackhole          drop:0->1:p=1                          LinkFailure naming rank 1 on every rank,
+blackhole          drop:0->1:p=1, 3 ranks                 exact: after 11 losses rank 0 sends to rank
+                                                          1 through rank 2 (a detour), well within
+                                                          the timeout; later collectives exact
+blackhole-2-ranks  drop:0->1:p=1, 2 ranks (no relay)      LinkFailure naming rank 1 on every rank,
                                                           within the timeout
 =================  =====================================  =========================================
 
@@ -189,11 +192,11 @@ def corrupt(transport: str) -> None:
         assert seen["retransmits"] == seen["errors"].get("checksum", 0), seen
 
 
-def every_rank_raises(transport: str, faults: str, error: str, count: int, rank: int | None = None):
-    """One allreduce of ``count`` floats under ``faults``: every rank raises ``error`` (naming ``rank`` where given)
-    within the 5 s timeout. Returns the job's link counters."""
+def every_rank_raises(transport: str, faults: str, error: str, count: int, rank: int | None = None, n: int = 3):
+    """One allreduce of ``count`` floats on ``n`` ranks under ``faults``: every rank raises ``error`` (naming
+    ``rank`` where given) within the 5 s timeout. Returns the job's link counters."""
     timeout = 5.0
-    with job(3, timeout, transport, env={"COLLCOMM_FAULTS": faults}) as j:
+    with job(n, timeout, transport, env={"COLLCOMM_FAULTS": faults}) as j:
         t0 = time.monotonic()
         answers = j.call_all(run("allreduce", count), timeout=3 * timeout)
         report = describe(answers)
@@ -237,7 +240,18 @@ def drop(p: float, seed: int, ops: int):
 
 
 def blackhole(transport: str) -> None:
-    every_rank_raises(transport, "drop:0->1:p=1", "LinkFailure", 10_000, rank=1)
+    timeout = 5.0
+    with job(3, timeout, transport, chunk_bytes=1 << 16, env={"COLLCOMM_FAULTS": "drop:0->1:p=1"}) as j:
+        # The first allreduce finds the path losing everything (11 losses of one frame, about a
+        # second) and takes the detour; every later call ends well before the timeout.
+        exact_loop(j, seed=7, ops=8, bound=timeout / 2)
+        seen = telemetry(j)
+        assert seen["errors"].get("detour", 0) >= 1, f"no detour was taken: {seen}"
+        assert seen["retransmits"] >= 11, seen
+
+
+def blackhole_without_relay(transport: str) -> None:
+    every_rank_raises(transport, "drop:0->1:p=1", "LinkFailure", 10_000, rank=1, n=2)
 
 
 SCENARIOS = {
@@ -252,6 +266,7 @@ SCENARIOS = {
     "drop-5%": drop(0.05, 41, 30),
     "drop-30%": drop(0.3, 42, 15),
     "blackhole": blackhole,
+    "blackhole-2-ranks": blackhole_without_relay,
 }
 
 

@@ -52,8 +52,9 @@ HEALTHY, DEGRADED, DOWN, FLAPPING = "healthy", "degraded", "down", "flapping"
 STATES = (HEALTHY, DEGRADED, DOWN, FLAPPING)
 MAD_TO_SIGMA = 1.4826
 # Error kinds (as recorded by the transport) that mean the connection itself failed.
+# "detour": the transport sends the pair's frames through another rank (the path lost them).
 CONNECTION_ERRORS = frozenset({"reset", "refused", "unreachable", "eof", "closed", "broken_pipe", "timeout",
-                               "connection", "stalled"})
+                               "connection", "stalled", "detour"})
 
 Link = Hashable
 MIN_WIRE_SECONDS = 0.02  # a wire rate needs this much busy time in the round (the kernel counts in jiffies)

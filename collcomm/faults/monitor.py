@@ -698,7 +698,7 @@ class GroupMonitor:
 def _stalled_only(why: str) -> bool:
     """Whether a down verdict rests on the kernel's counters alone (connections read as stalled),
     not on connection errors or silence."""
-    return "stalled" in why and not any(w in why for w in ("reset", "refused", "eof", "timeout", "silent"))
+    return "stalled" in why and not any(w in why for w in ("reset", "refused", "eof", "timeout", "silent", "detour"))
 
 
 def _fault_classes(faults: Mapping[Edge, tuple]) -> dict[Edge, str]:

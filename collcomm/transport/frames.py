@@ -14,7 +14,8 @@ an ACK (payload verified) or a NACK (checksum failed: send it again) carrying th
 number) asks the receiver to answer with an ECHO of the same number once it has read every
 byte sent before the probe: since the stream is in order, a DATA frame sent before an echoed
 probe and neither acknowledged nor asked for again never reached the receiver (it was lost)
-and is sent again. A header is checked (magic,
+and is sent again. A RELAY frame carries a whole frame of another pair of ranks one hop on,
+around a link that stopped carrying data (see :class:`collcomm.transport.tcp.Link`). A header is checked (magic,
 version, kind, crc) before anything else, and its length must be exactly what the
 receiving rank expects for that piece: nothing is allocated on a peer's word.
 
@@ -44,7 +45,10 @@ NACK = 3  # header only: "(op, tree, chunk) failed its checksum here, send it ag
 ACK = 4   # header only: "(op, tree, chunk) arrived whole here" (the sender may let go of its source)
 PROBE = 5  # header only: "answer with ECHO (same chunk field) once you have read everything before this"
 ECHO = 6   # header only: the answer to PROBE number ``chunk``
-KINDS = (DATA, ABORT, NACK, ACK, PROBE, ECHO)
+# A frame of another pair carried one hop further: the payload is that frame (its header and
+# payload); ``op`` is the rank it is for, ``tree`` the rank it comes from (see tcp.Link detours).
+RELAY = 7
+KINDS = (DATA, ABORT, NACK, ACK, PROBE, ECHO, RELAY)
 CONTROL = (NACK, ACK, PROBE, ECHO)  # header-only kinds
 MAX_ABORT_BYTES = 4096
 
@@ -94,6 +98,8 @@ def unpack_header(raw: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"unknown frame kind {kind}")
     if kind == ABORT and length > MAX_ABORT_BYTES:
         raise ProtocolError(f"abort frame of {length} bytes exceeds {MAX_ABORT_BYTES}")
+    if kind == RELAY and length < HEADER_SIZE:
+        raise ProtocolError(f"relay frame of {length} bytes cannot hold a frame")
     if kind in CONTROL and length != 0:
         name = {NACK: "NACK", ACK: "ACK", PROBE: "PROBE", ECHO: "ECHO"}[kind]
         raise ProtocolError(f"{name} frame with {length} payload bytes")
@@ -112,6 +118,7 @@ def describe(*fields) -> int:
 # ---------------------------------------------------------------------------- handshake
 _HELLO = struct.Struct("<4sBB2xIIII16s")  # magic, version, flags, client rank, server rank, group, epoch, nonce
 HELLO_RECONNECT = 1  # flag: the client re-opens a connection that broke (the server must still hold its link)
+HELLO_RELAY = 2  # flag: opened to relay frames (either rank may open it; the server takes it at once)
 HELLO_SIZE = _HELLO.size
 HANDSHAKE_MAGIC = b"CCH1"
 MAC_SIZE = 32

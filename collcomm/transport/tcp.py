@@ -43,9 +43,9 @@ from typing import Callable, Protocol
 from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, CorruptionError, LinkFailure,
                              MismatchError, PeerFailure)
 from collcomm.faults import inject
-from collcomm.faults.telemetry import LinkTelemetry
+from collcomm.faults.telemetry import LinkTelemetry, tcp_stalled_seconds
 from collcomm.transport import frames
-from collcomm.transport.frames import ABORT, ACK, DATA, ECHO, HEADER_SIZE, NACK, PROBE, Header, ProtocolError
+from collcomm.transport.frames import ABORT, ACK, DATA, ECHO, HEADER_SIZE, NACK, PROBE, RELAY, Header, ProtocolError
 
 log = logging.getLogger("collcomm.transport")
 
@@ -75,6 +75,17 @@ RECONNECT_SECONDS = float(os.environ.get("COLLCOMM_RECONNECT_SECONDS", "5"))  # 
 # The accepting side waits this long for the peer to come back: a live peer reconnects within
 # milliseconds of the break, so a longer silence means it is gone or is not one of ours.
 RECONNECT_ACCEPT_SECONDS = float(os.environ.get("COLLCOMM_RECONNECT_ACCEPT_SECONDS", "1"))
+# Detours (see Link): a link that loses data, or whose kernel connection is stuck in retransmission
+# timeouts while a probe waits this many seconds for its answer, sends through another member.
+DETOUR = os.environ.get("COLLCOMM_DETOUR", "1") != "0"
+DETOUR_AFTER = float(os.environ.get("COLLCOMM_DETOUR_AFTER", "1.0"))
+RELAY_CONNECT_SECONDS = 2.0  # a relaying rank waits this long for a connection onward
+# Relayed frames travel on connections of their own, "relay channels", whose group id is the
+# group's with this bit set (collective groups are numbered far below it): on a connection that
+# also carried the relay's own frames, a frame of the relay's next operation would hold up the
+# relayed frames behind it until the receiver starts that operation, which may wait for them.
+RELAY_BIT = 1 << 30
+MAX_RELAY_FRAME = HEADER_SIZE + (1 << 28)  # a relay holds each frame it passes on: no larger ones
 
 
 class PeerClosed(ConnectionResetError):
@@ -270,7 +281,19 @@ class Link:
     started the operation yet: its frames wait in the socket) or stopped simply answers late or
     never: nothing is resent, nothing fails, and the operation's own deadline rules (at most one
     probe is outstanding per link, so a stopped peer costs one 64-byte frame). A frame lost more
-    than MAX_LOST_RESENDS times fails its operation with LinkFailure on every rank."""
+    than MAX_LOST_RESENDS times fails its operation with LinkFailure on every rank.
+
+    Detours: before that, a link whose path stopped carrying data (a frame lost that many times
+    while the peer answers, or the kernel's connection stuck in retransmission timeouts for
+    DETOUR_AFTER seconds while a probe waits) sends everything through another member of the
+    group instead: each frame, unchanged, inside a RELAY frame to that member, which passes it on
+    to the peer on its own connection. The relay is a member with a live connection that is not
+    stuck, the one acknowledged most recently; what was not acknowledged is sent again through
+    it. The peer answers the same way once the first relayed frame reaches it (and stops reading
+    the direct connection, so no frame is taken twice), and the reliability above (ACKs, probes,
+    resends, the limit on losses) is end to end along the detour. A detour that loses frames too
+    is left for another relay; with none left, LinkFailure as before. The link stays on its
+    detour (the monitor sees the "detour" error and plans around the link)."""
 
     def __init__(self, transport: "TcpTransport", peer: int, group: int, epoch: int, sock: socket.socket):
         self.transport = transport
@@ -303,6 +326,12 @@ class Link:
         self._rttvar = 0.0
         self.rto = RTO_INITIAL
         self.lost_resends = 0
+        self.detour: "Link | None" = None  # the link to the member that relays for this one
+        self._relays_tried: set[int] = set()
+        self._direct_stopped = False  # the direct connection is no longer read (see _arrived_by_detour)
+        self._got_lock = threading.Lock()  # a piece is taken once, whichever path it came by
+        self._discard: bytearray | None = None
+        self._last_ack = 0.0
         name = f"r{transport.rank}-g{group}-p{peer}"
         self._sender = threading.Thread(target=self._send_loop, name=f"collcomm-send-{name}", daemon=True)
         self._receiver = threading.Thread(target=self._recv_loop, name=f"collcomm-recv-{name}", daemon=True)
@@ -335,6 +364,15 @@ class Link:
             done = None
             if not self.transport._rto_active:
                 self.transport._rto_wake.set()
+        if self.detour is not None:
+            if entry is not None:
+                self._relay_entry(entry)
+                entry.left()
+            else:
+                self._relay_raw(raw, payload)
+                if done is not None:
+                    done()
+            return
         small = payload is None or len(payload) <= SMALL_PAYLOAD
         if small and self._faults is None and self._queued == 0 and self._send_lock.acquire(blocking=False):
             sock = self.sock
@@ -361,6 +399,16 @@ class Link:
         self._sendq.put((header.kind, raw, payload, done, entry))
 
     def _enqueue(self, kind: int, raw: bytes, payload=None, entry: _Pending | None = None) -> None:
+        if self.detour is not None:
+            if entry is not None:
+                self._relay_entry(entry)
+            else:
+                self._relay_raw(raw, payload)
+            return
+        self._enqueue_own(kind, raw, payload, entry)
+
+    def _enqueue_own(self, kind: int, raw: bytes, payload=None, entry: _Pending | None = None) -> None:
+        """Onto this link's own connection, detour or not (a relay's frames)."""
         with self._count_lock:
             self._queued += 1
             if entry is not None:
@@ -374,6 +422,9 @@ class Link:
         frame, not behind every DATA frame queued before it (the peer's operation completes on
         these ACKs). Answers keep their order among themselves, which is all PROBE/ECHO needs."""
         raw = Header(kind, self.group, self.epoch, header.op, header.tree, header.chunk).pack()
+        if self.detour is not None:
+            self._relay_raw(raw, None)
+            return
         if self._faults is None and self._queued == 0 and self._send_lock.acquire(blocking=False):
             try:
                 try:
@@ -402,6 +453,9 @@ class Link:
 
     def _write(self, sock: socket.socket, kind: int, raw: bytes, payload) -> None:
         """The frame onto the socket (the send lock held), with injected faults and telemetry."""
+        if self.detour is not None and kind != RELAY:  # queued before the detour: it goes that way now
+            self._relay_raw(raw, payload)
+            return
         n = 0 if payload is None else len(payload)
         f = self._faults
         if f is not None:
@@ -464,6 +518,8 @@ class Link:
             with self._count_lock:
                 self._queued -= 1
             if not ok:
+                if self.detour is not None:
+                    continue  # the direct connection was given up; what did not make it goes the detour
                 self._rx_error(error)
                 self._break(sock)
                 if not self._await_new_socket(sock):
@@ -483,6 +539,7 @@ class Link:
     def _acked(self, header: Header) -> None:
         with self._count_lock:
             entry = self._pending.pop((header.op, header.tree, header.chunk), None)
+        self._last_ack = time.monotonic()
         if entry is None:
             return
         if entry.tries == 0 and entry.lost == 0 and entry.written:  # Karn: only frames sent once
@@ -543,11 +600,39 @@ class Link:
         if not self._pending or self.error is not None or self._closing:
             return None
         rto = self.rto
+        stuck = False
         with self._count_lock:
             if not self._pending:
                 return None
             if self._probe is not None:
-                return rto  # an answer is due; a peer that is slow or stopped gets no more probes
+                # An answer is due; a peer that is slow or stopped gets no more probes. But when the
+                # path itself is stuck (the kernel retransmits into the void, or the relay is gone),
+                # the frames take a detour.
+                waited = now - self._probe[2]
+                stuck = waited >= DETOUR_AFTER and DETOUR and self._path_stuck()
+                if not stuck:
+                    return rto
+        if stuck:
+            via = self.detour
+            if self._try_detour("the connection is stuck: nothing acknowledged for "
+                                f"{tcp_stalled_seconds((via or self).sock):.1f} s" if via is None or via.error is None
+                                else f"the relay, rank {via.peer}, is gone"):
+                return rto
+            if via is not None and via.error is not None:
+                # The member that relayed for this link left (it finished and exited, or died) and
+                # no other can: as for a connection that broke, frames that left count as sent and
+                # operations that still expect frames from the peer fail.
+                failure = PeerFailure(f"lost the path to rank {self.peer}: its relay, rank {via.peer}, is gone "
+                                      f"({via.error}) and no other member can relay", rank=self.peer)
+                failure.while_receiving = True
+                self._fail(failure)
+                return None
+            return rto
+        with self._count_lock:
+            if not self._pending:
+                return None
+            if self._probe is not None:
+                return rto
             due = None
             for e in self._pending.values():
                 if e.written and not e.queued and e.tries >= 0:
@@ -576,14 +661,32 @@ class Link:
             _, mark, sent = probe
             lost = [e for e in self._pending.values()
                     if e.written and not e.queued and e.tries >= 0 and e.wseq <= mark]
-            for e in lost:
-                e.lost += 1
-                if e.lost > MAX_LOST_RESENDS:
-                    give_up.append(e)
-                    del self._pending[(e.header.op, e.header.tree, e.header.chunk)]
-                    e.tries = -1
-                else:
-                    e.queued = True
+            detour = DETOUR and any(e.lost + 1 > MAX_LOST_RESENDS for e in lost)
+            if not detour:
+                for e in lost:
+                    e.lost += 1
+                    if e.lost > MAX_LOST_RESENDS:
+                        give_up.append(e)
+                        del self._pending[(e.header.op, e.header.tree, e.header.chunk)]
+                        e.tries = -1
+                    else:
+                        e.queued = True
+        if detour:
+            # The path loses what it is given while the peer answers: another path, if there is
+            # one, before giving up (a frame over the limit gets MAX_LOST_RESENDS more tries there).
+            if self._try_detour(f"a frame to rank {self.peer} was lost {MAX_LOST_RESENDS + 1} times"):
+                return
+            with self._count_lock:
+                for e in lost:
+                    if e.tries < 0:
+                        continue
+                    e.lost += 1
+                    if e.lost > MAX_LOST_RESENDS:
+                        give_up.append(e)
+                        self._pending.pop((e.header.op, e.header.tree, e.header.chunk), None)
+                        e.tries = -1
+                    else:
+                        e.queued = True
         self._rtt_sample(time.monotonic() - sent)
         failed_ops: set[int] = set()
         for e in give_up:
@@ -601,9 +704,128 @@ class Link:
             log.debug("rank %d: %d frames to rank %d were lost; sending them again", self.transport.rank,
                       len(resend), self.peer)
         for e in resend:
+            if self.detour is not None:
+                self._relay_entry(e)
+                continue
             with self._count_lock:
                 self._queued += 1
             self._sendq.put((DATA, e.raw, e.payload, None, e))
+
+    # ------------------------------------------------------------------ detours
+    def _path_stuck(self) -> bool:
+        """Whether the path frames take now cannot carry them: the kernel's connection (this
+        link's, or on a detour the relay's) has had data out and nothing acknowledged for
+        DETOUR_AFTER seconds, or the relay's link failed."""
+        via = self.detour
+        if via is not None and via.error is not None:
+            return True
+        return tcp_stalled_seconds((via or self).sock) >= DETOUR_AFTER
+
+    def _try_detour(self, why: str) -> bool:
+        """Send through another member from now on (the next relay not tried yet: a live link of
+        the group whose connection is not stuck, the most recently acknowledged first), sending
+        again what was not acknowledged. False when there is none."""
+        t = self.transport
+        if self.group >= RELAY_BIT or self._closing or self.error is not None:
+            return False  # point-to-point messages and relay channels do not take detours
+        with t._cond:
+            cands = [l for (p, g), l in t._links.items()
+                     if g == self.group and p != self.peer and l.epoch == self.epoch and l.error is None
+                     and not l._closing and l.detour is None and p not in self._relays_tried]
+        cands = sorted((l for l in cands if tcp_stalled_seconds(l.sock) < DETOUR_AFTER),
+                       key=lambda l: (-l._last_ack, l.peer))
+        via = None
+        for c in cands:
+            self._relays_tried.add(c.peer)
+            try:
+                via = t._relay_link(c.peer, self.group | RELAY_BIT, self.epoch)
+                break
+            except CollectiveError as e:
+                log.info("rank %d: no relay channel to rank %d: %s", t.rank, c.peer, e)
+        if via is None:
+            return False
+        with self._count_lock:
+            self.detour = via
+            self._probe = None  # it went the old way
+            self._srtt, self._rttvar, self.rto = None, 0.0, RTO_INITIAL  # another path, another round trip
+            again = [e for e in self._pending.values() if e.tries >= 0]
+            for e in again:
+                e.lost = 0
+        self._tx.record_error("detour")
+        log.warning("rank %d: %s; sending to rank %d through rank %d from now on (%d frames again)",
+                    t.rank, why, self.peer, via.peer, len(again))
+        if again:
+            self._tx.record_retransmit(len(again))
+        for e in again:
+            self._relay_entry(e)
+        return True
+
+    def _relay_entry(self, entry: _Pending) -> None:
+        """A DATA frame onto the detour (counted as written: the timer and probes follow it)."""
+        with self._count_lock:
+            if entry.tries < 0:
+                return
+            self._wseq += 1
+            entry.written, entry.queued, entry.wseq, entry.sent_at = True, False, self._wseq, time.monotonic()
+        payload = entry.payload
+        if entry.eager and payload is not None:
+            payload = memoryview(bytes(payload))  # the caller may reuse its buffer once the send returns
+        self._relay_raw(entry.raw, payload)
+
+    def _relay_raw(self, raw: bytes, payload) -> None:
+        """A frame of this link, header and payload unchanged, inside a RELAY frame to the relay."""
+        via = self.detour
+        n = 0 if payload is None else len(payload)
+        outer = Header(RELAY, via.group, via.epoch, self.peer, self.transport.rank, length=len(raw) + n).pack()
+        via._enqueue_own(RELAY, outer + raw, payload)
+
+    def _arrived_by_detour(self, via: "Link") -> None:
+        """A frame from the peer came through ``via``: answer the same way, and stop reading the
+        direct connection first (no piece may arrive by two paths at once: a reduce-scatter piece
+        lands in the peer's one scratch chunk)."""
+        if self.detour is not via:
+            with self._count_lock:
+                first = self.detour is None
+                self.detour = via
+                self._probe = None
+            if first:
+                # The connection carries neither way now (TCP needs both): the monitor hears of it
+                # from both ends and plans around the links of both directions.
+                self._tx.record_error("detour")
+            log.info("rank %d: rank %d sends through rank %d; answering the same way", self.transport.rank,
+                     self.peer, via.peer)
+        if not self._direct_stopped:
+            self._direct_stopped = True
+            self._break(self.sock)
+            if self._receiver is not threading.current_thread():
+                self._receiver.join(2.0)
+
+    def _relay_in(self, header: Header, sock: socket.socket, heartbeat, me: int) -> None:
+        """A RELAY frame read from this link: pass it on, or take the frame inside as the link to
+        its origin would."""
+        t = self.transport
+        dst, origin, n = header.op, header.tree, header.length
+        if n > MAX_RELAY_FRAME:
+            raise ProtocolError(f"relay frame of {n} bytes exceeds {MAX_RELAY_FRAME}")
+        if dst != me:
+            buf = bytearray(n)
+            recv_exact(sock, memoryview(buf))
+            t._forward(origin, dst, self.group, self.epoch, buf)
+            return
+        raw = bytearray(HEADER_SIZE)
+        recv_exact(sock, memoryview(raw))
+        inner = frames.unpack_header(raw)
+        if inner.kind == RELAY or inner.group != self.group & ~RELAY_BIT or inner.epoch != self.epoch or \
+                inner.length != n - HEADER_SIZE:
+            raise ProtocolError(f"rank {self.peer} relayed a malformed frame from rank {origin}")
+        with t._cond:
+            target = t._links.get((origin, inner.group))
+        if origin == me or target is None or target.epoch != self.epoch or target.error is not None:
+            self._skip(sock, inner.length)  # nobody to take it: the origin's reliability layer notices
+            return
+        heartbeat(origin, me)
+        target._arrived_by_detour(self)
+        target._frame(inner, sock)
 
     # ------------------------------------------------------------------ receiving
     def _recv_loop(self) -> None:
@@ -624,6 +846,8 @@ class Link:
                 self._fail(e)
                 return
             except OSError as e:
+                if self.detour is not None:
+                    return  # the direct connection was given up for a detour (see _arrived_by_detour)
                 self._rx_error(e, receiving=True)
                 failure = self._reconnect(sock, e)
                 if failure is None:
@@ -637,8 +861,6 @@ class Link:
                 return
 
     def _receive(self, sock: socket.socket, view: memoryview, raw: bytearray, heartbeat, me: int) -> None:
-        discard = None
-        rx = self._rx
         while True:
             recv_exact(sock, view)
             header = frames.unpack_header(view)
@@ -648,74 +870,85 @@ class Link:
             if header.length > MAX_FRAME:
                 raise ProtocolError(f"frame of {header.length} bytes exceeds {MAX_FRAME}")
             heartbeat(self.peer, me)
-            kind = header.kind
-            if kind == ACK:
-                self._acked(header)
-                continue
-            if kind == NACK:
-                self._nack(header)
-                continue
-            if kind == PROBE:
-                self._control(ECHO, header)
-                continue
-            if kind == ECHO:
-                self._echoed(header)
-                continue
-            if kind == ABORT:
-                text = bytearray(header.length)
-                recv_exact(sock, memoryview(text))
-                for key in [k for k in self._resume if k[0] == header.op]:
-                    del self._resume[key]
-                self.mailbox.abort(header.op, error_from_abort(text.decode(errors="replace"), self.peer))
-                continue
-            op = header.op
-            key = (op, header.tree, header.chunk)
-            again = self._resume.pop(key, None)
-            if again is not None and self.mailbox.current(op) is again[0] and len(again[1]) == header.length:
-                receiver, dest = again
+            if (header.kind == RELAY) != (self.group >= RELAY_BIT and self.group < P2P_BASE):
+                raise ProtocolError(f"{'relay' if header.kind == RELAY else 'kind'} {header.kind} frame on a "
+                                    f"{'relay channel' if self.group >= RELAY_BIT else 'connection'} of group "
+                                    f"{self.group}")
+            if header.kind == RELAY:
+                self._relay_in(header, sock, heartbeat, me)
             else:
-                got = self._got.get(op)
-                if got is not None and (header.tree, header.chunk) in got:  # a duplicate after a reconnect
-                    discard = discard or bytearray(1 << 16)
-                    self._skip(sock, header.length, discard)
-                    self._control(ACK, header)
-                    continue
-                receiver = self.mailbox.receiver_for(op)
-                if receiver is None:  # stale frame of a finished or failed operation
-                    discard = discard or bytearray(1 << 16)
-                    self._skip(sock, header.length, discard)
-                    self._control(ACK, header)
-                    continue
-                try:
-                    dest = receiver.destination(header, self.peer)
-                except CollectiveError as e:  # ranks disagree: fail the operation, keep the stream whole
-                    receiver.failed(e)
-                    self.abort(op, e)
-                    discard = discard or bytearray(1 << 16)
-                    self._skip(sock, header.length, discard)
-                    self._control(ACK, header)
-                    continue
-            n = header.length
+                self._frame(header, sock)
+
+    def _frame(self, header: Header, sock: socket.socket) -> None:
+        """One frame from the peer, its payload still to read from ``sock`` (this link's
+        connection, or a relay's: see _relay_in)."""
+        kind = header.kind
+        rx = self._rx
+        if kind == ACK:
+            self._acked(header)
+            return
+        if kind == NACK:
+            self._nack(header)
+            return
+        if kind == PROBE:
+            self._control(ECHO, header)
+            return
+        if kind == ECHO:
+            self._echoed(header)
+            return
+        if kind == ABORT:
+            text = bytearray(header.length)
+            recv_exact(sock, memoryview(text))
+            for key in [k for k in self._resume if k[0] == header.op]:
+                del self._resume[key]
+            self.mailbox.abort(header.op, error_from_abort(text.decode(errors="replace"), self.peer))
+            return
+        op = header.op
+        key = (op, header.tree, header.chunk)
+        again = self._resume.pop(key, None)
+        if again is not None and self.mailbox.current(op) is again[0] and len(again[1]) == header.length:
+            receiver, dest = again
+        else:
+            got = self._got.get(op)
+            if got is not None and (header.tree, header.chunk) in got:  # a duplicate (reconnect, detour)
+                self._skip(sock, header.length)
+                self._control(ACK, header)
+                return
+            receiver = self.mailbox.receiver_for(op)
+            if receiver is None:  # stale frame of a finished or failed operation
+                self._skip(sock, header.length)
+                self._control(ACK, header)
+                return
             try:
-                if n > SMALL_PAYLOAD:
-                    t0 = time.perf_counter()
-                    recv_exact(sock, dest)
-                    rx.record_transfer(n, time.perf_counter() - t0)
-                else:
-                    recv_exact(sock, dest)
-                    rx.record_bytes(n)
-            except OSError:
-                self._resume[key] = (receiver, dest)  # the piece comes again after a reconnect
-                raise
-            if frames.checksum(dest) != header.checksum:
-                # Never used: not delivered (so never reduced, never forwarded); where it landed in
-                # the user's buffer (a copy), the retransmission overwrites it.
-                log.info("rank %d: payload checksum mismatch from rank %d (op %d, tree %d, chunk %d); "
-                         "asking for it again", me, self.peer, op, header.tree, header.chunk)
-                rx.record_error("checksum")
-                self._resume[key] = (receiver, dest)
-                self._control(NACK, header)
-                continue
+                dest = receiver.destination(header, self.peer)
+            except CollectiveError as e:  # ranks disagree: fail the operation, keep the stream whole
+                receiver.failed(e)
+                self.abort(op, e)
+                self._skip(sock, header.length)
+                self._control(ACK, header)
+                return
+        n = header.length
+        try:
+            if n > SMALL_PAYLOAD:
+                t0 = time.perf_counter()
+                recv_exact(sock, dest)
+                rx.record_transfer(n, time.perf_counter() - t0)
+            else:
+                recv_exact(sock, dest)
+                rx.record_bytes(n)
+        except OSError:
+            self._resume[key] = (receiver, dest)  # the piece comes again after a reconnect
+            raise
+        if frames.checksum(dest) != header.checksum:
+            # Never used: not delivered (so never reduced, never forwarded); where it landed in
+            # the user's buffer (a copy), the retransmission overwrites it.
+            log.info("rank %d: payload checksum mismatch from rank %d (op %d, tree %d, chunk %d); "
+                     "asking for it again", self.transport.rank, self.peer, op, header.tree, header.chunk)
+            rx.record_error("checksum")
+            self._resume[key] = (receiver, dest)
+            self._control(NACK, header)
+            return
+        with self._got_lock:
             got = self._got.get(op)
             if got is None:
                 got = self._got[op] = set()
@@ -725,12 +958,17 @@ class Link:
                         del self._got[old]
                     for old in [k for k in self._resume if k[0] < floor]:
                         del self._resume[old]
+            duplicate = (header.tree, header.chunk) in got
             got.add((header.tree, header.chunk))
-            self._control(ACK, header)
+        self._control(ACK, header)
+        if not duplicate:
             receiver.delivered(header, dest, self.peer)
 
-    def _skip(self, sock: socket.socket, length: int, scratch: bytearray) -> None:
+    def _skip(self, sock: socket.socket, length: int) -> None:
         """Read and drop ``length`` payload bytes (a frame nobody takes)."""
+        scratch = self._discard
+        if scratch is None:
+            scratch = self._discard = bytearray(1 << 16)
         left = length
         while left:
             part = memoryview(scratch)[:min(left, len(scratch))]
@@ -909,6 +1147,8 @@ class TcpTransport:
         self._links: dict[tuple[int, int], Link] = {}
         self._opening: dict[tuple[int, int], threading.Lock] = {}
         self._mailboxes: dict[tuple[int, int | None], GroupMailbox] = {}
+        self._forwards: queue.SimpleQueue = queue.SimpleQueue()  # frames this rank relays, in arrival order
+        self._forwarder: threading.Thread | None = None
         self._closed = False
         # The retransmission timer: one thread for all links, idle while no frame awaits an ACK.
         self._rto_active = False  # the timer is looking at the links (a new frame need not wake it)
@@ -970,6 +1210,60 @@ class TcpTransport:
                 old.close()
             return link
 
+    # ------------------------------------------------------------------ relaying for others
+    def _forward(self, origin: int, dst: int, group: int, epoch: int, frame: bytearray) -> None:
+        """Pass a relayed frame (``frame``: its header and payload) on to ``dst``, in arrival order,
+        from a thread of its own: opening the connection onward must not hold up the receiver
+        that read it (it carries this rank's own frames too)."""
+        with self._cond:
+            if self._forwarder is None or not self._forwarder.is_alive():
+                self._forwarder = threading.Thread(target=self._forward_loop, daemon=True,
+                                                   name=f"collcomm-relay-r{self.rank}")
+                self._forwarder.start()
+        self._forwards.put((origin, dst, group, epoch, frame))
+
+    def _forward_loop(self) -> None:
+        while not self._closed:
+            try:
+                item = self._forwards.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            origin, dst, group, epoch, frame = item
+            try:
+                link = self._relay_link(dst, group, epoch)
+            except CollectiveError as e:  # the origin's reliability layer finds the frame lost
+                log.info("rank %d: cannot relay from rank %d to rank %d: %s", self.rank, origin, dst, e)
+                continue
+            outer = Header(RELAY, group, epoch, dst, origin, length=len(frame)).pack()
+            link._enqueue_own(RELAY, outer, memoryview(frame))
+
+    def _relay_link(self, peer: int, group: int, epoch: int) -> Link:
+        """The connection to ``peer`` for ``group`` to relay on: kept, or opened now by this rank
+        whichever rank is lower (HELLO_RELAY: the peer takes it at once, see _serve_handshake)."""
+        key = (peer, group)
+        with self._cond:
+            existing = self._links.get(key)
+            if existing is not None and existing.alive and existing.epoch == epoch:
+                return existing
+            opening = self._opening.setdefault(key, threading.Lock())
+        with opening:
+            with self._cond:
+                existing = self._links.get(key)
+                if existing is not None and existing.alive and existing.epoch == epoch:
+                    return existing
+            sock = self._connect(peer, group, epoch, time.monotonic() + RELAY_CONNECT_SECONDS, relay=True)
+            return self._adopt(peer, group, epoch, sock)
+
+    def _adopt(self, peer: int, group: int, epoch: int, sock: socket.socket) -> Link:
+        link = Link(self, peer, group, epoch, sock)
+        with self._cond:
+            old = self._links.get((peer, group))
+            self._links[(peer, group)] = link
+            self._cond.notify_all()
+        if old is not None and old is not link:
+            old.close()
+        return link
+
     def _rto_loop(self) -> None:
         """Look at every link's oldest unacknowledged frame when its retransmission timeout is due
         (Link._rto_check); sleep on ``_rto_wake`` while no link has one."""
@@ -1010,7 +1304,7 @@ class TcpTransport:
         of its epoch from a member that wakes up late meets a closed connection, never a newer
         group."""
         with self._cond:
-            links = [l for (p, g), l in self._links.items() if g == group]
+            links = [l for (p, g), l in self._links.items() if g in (group, group | RELAY_BIT)]
             accepted = [self._accepted.pop(k) for k in [k for k in self._accepted if k[1] == group]]
         for l in links:
             l.close()
@@ -1035,7 +1329,7 @@ class TcpTransport:
             l.abort(op, error)
 
     def _connect(self, peer: int, group: int, epoch: int, deadline: float, check=None,
-                 reconnect: bool = False) -> socket.socket:
+                 reconnect: bool = False, relay: bool = False) -> socket.socket:
         if peer not in self._peers:
             raise PeerFailure(f"rank {peer} has no known address", rank=peer)
         host, port, local = self._peers[peer]
@@ -1058,7 +1352,7 @@ class TcpTransport:
                 time.sleep(0.05)
                 continue
             try:
-                self._client_handshake(sock, peer, group, epoch, reconnect, deadline)
+                self._client_handshake(sock, peer, group, epoch, reconnect, deadline, relay)
                 return sock
             except AuthenticationError:
                 sock.close()
@@ -1089,7 +1383,7 @@ class TcpTransport:
         return socket.create_connection((host, port), timeout=wait)
 
     def _client_handshake(self, sock: socket.socket, peer: int, group: int, epoch: int,
-                          reconnect: bool = False, deadline: float | None = None) -> None:
+                          reconnect: bool = False, deadline: float | None = None, relay: bool = False) -> None:
         """Prove the token both ways. Each socket call waits at most HANDSHAKE_TIMEOUT, and never past
         ``deadline`` (the operation's): a stopped peer's kernel accepts the connection, then nothing
         answers."""
@@ -1101,7 +1395,8 @@ class TcpTransport:
             sock.settimeout(max(end - time.monotonic(), 0.05))
 
         bounded()
-        hello = frames.new_hello(self.rank, peer, group, epoch, frames.HELLO_RECONNECT if reconnect else 0)
+        flags = (frames.HELLO_RECONNECT if reconnect else 0) | (frames.HELLO_RELAY if relay else 0)
+        hello = frames.new_hello(self.rank, peer, group, epoch, flags)
         raw_hello = hello.pack()
         sock.sendall(raw_hello)
         challenge = bytearray(frames.CHALLENGE_SIZE)
@@ -1200,6 +1495,10 @@ class TcpTransport:
                     raise ProtocolError(f"rank {hello.client} asked to reconnect group {hello.group} epoch "
                                         f"{hello.epoch}, which this rank no longer holds ({state})")
             sock.sendall(frames.ACCEPTED)
+            if hello.flags & frames.HELLO_RELAY:  # a relaying rank's: taken now, nobody asks for it
+                sock.settimeout(None)
+                self._adopt(hello.client, hello.group, hello.epoch, sock)
+                return
             with self._cond:
                 old = self._accepted.get((hello.client, hello.group))
                 self._accepted[(hello.client, hello.group)] = (hello.epoch, sock)
