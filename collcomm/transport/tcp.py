@@ -738,7 +738,7 @@ class Link:
         for c in cands:
             self._relays_tried.add(c.peer)
             try:
-                via = t._relay_link(c.peer, self.group | RELAY_BIT, self.epoch)
+                via = t.link(c.peer, self.group | RELAY_BIT, self.epoch, RELAY_CONNECT_SECONDS, relay=True)
                 break
             except CollectiveError as e:
                 log.info("rank %d: no relay channel to rank %d: %s", t.rank, c.peer, e)
@@ -1181,8 +1181,10 @@ class TcpTransport:
 
     # ------------------------------------------------------------------ links
     def link(self, peer: int, group: int, epoch: int, timeout: float,
-             check: Callable[[], BaseException | None] | None = None) -> Link:
-        """The connection to ``peer`` for ``group``: kept, or opened now (the lower rank connects).
+             check: Callable[[], BaseException | None] | None = None, relay: bool = False) -> Link:
+        """The connection to ``peer`` for ``group``: kept, or opened now (the lower rank connects;
+        ``relay``: a relay channel, opened by this rank whichever is lower, and taken by the peer
+        at once, see _serve_handshake).
 
         While it waits for the peer, ``check`` (called about every quarter second) may report a
         failure known elsewhere (a dead member), which is then raised at once."""
@@ -1200,15 +1202,13 @@ class TcpTransport:
                 if existing is not None and existing.alive and existing.epoch == epoch:
                     return existing
             deadline = time.monotonic() + timeout
-            sock = self._connect(peer, group, epoch, deadline, check) if self.rank < peer else \
-                self._wait_accepted(peer, group, epoch, deadline, check)
-            link = Link(self, peer, group, epoch, sock)
-            with self._cond:
-                old = self._links.get(key)
-                self._links[key] = link
-            if old is not None and old is not link:
-                old.close()
-            return link
+            if relay:
+                sock = self._connect(peer, group, epoch, deadline, check, relay=True)
+            elif self.rank < peer:
+                sock = self._connect(peer, group, epoch, deadline, check)
+            else:
+                sock = self._wait_accepted(peer, group, epoch, deadline, check)
+            return self._adopt(peer, group, epoch, sock)
 
     # ------------------------------------------------------------------ relaying for others
     def _forward(self, origin: int, dst: int, group: int, epoch: int, frame: bytearray) -> None:
@@ -1230,29 +1230,12 @@ class TcpTransport:
                 continue
             origin, dst, group, epoch, frame = item
             try:
-                link = self._relay_link(dst, group, epoch)
+                link = self.link(dst, group, epoch, RELAY_CONNECT_SECONDS, relay=True)
             except CollectiveError as e:  # the origin's reliability layer finds the frame lost
                 log.info("rank %d: cannot relay from rank %d to rank %d: %s", self.rank, origin, dst, e)
                 continue
             outer = Header(RELAY, group, epoch, dst, origin, length=len(frame)).pack()
             link._enqueue_own(RELAY, outer, memoryview(frame))
-
-    def _relay_link(self, peer: int, group: int, epoch: int) -> Link:
-        """The connection to ``peer`` for ``group`` to relay on: kept, or opened now by this rank
-        whichever rank is lower (HELLO_RELAY: the peer takes it at once, see _serve_handshake)."""
-        key = (peer, group)
-        with self._cond:
-            existing = self._links.get(key)
-            if existing is not None and existing.alive and existing.epoch == epoch:
-                return existing
-            opening = self._opening.setdefault(key, threading.Lock())
-        with opening:
-            with self._cond:
-                existing = self._links.get(key)
-                if existing is not None and existing.alive and existing.epoch == epoch:
-                    return existing
-            sock = self._connect(peer, group, epoch, time.monotonic() + RELAY_CONNECT_SECONDS, relay=True)
-            return self._adopt(peer, group, epoch, sock)
 
     def _adopt(self, peer: int, group: int, epoch: int, sock: socket.socket) -> Link:
         link = Link(self, peer, group, epoch, sock)
