@@ -25,8 +25,9 @@ Rules, per link and round (an observation is one operation, or one monitoring in
 * an observation is **low** when it is below ``degrade_fraction`` (50%) of every reference
   available and also ``z`` robust standard deviations below it (so that noisy fabrics do not
   flag their tails), or below ``sure_fraction`` (20%) of every reference whatever the noise
-  estimate (so that a noisy estimate cannot hide a link at a tenth of its peers); **degraded** after ``flag_after`` (2) low observations in a row (one
-  between the cut and the recovery level holds the count; one at the recovery level resets it);
+  estimate (so that a noisy estimate cannot hide a link at a tenth of its peers); **degraded**
+  after ``flag_after`` (2) low observations in a row (one between the cut and the recovery level
+  holds the count; one at the recovery level resets it);
   **recovered** after ``recover_after`` (3) observations in a row at or above
   ``recover_fraction`` (70%) of a reference (probation);
 * **down** at once on connection errors (reset, refused..., or "stalled": the kernel's TCP

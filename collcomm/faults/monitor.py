@@ -380,6 +380,7 @@ class GroupMonitor:
         self._previous: dict | None = None
         self._lock = threading.Lock()
         self._view: tuple | None = None  # (schedules, (routes, sharing)) of the current plan
+        self._marginal: tuple = (None, {})  # (faults, avoid_marginal_links of them): see _decide
         self._jobs: dict = {}  # slot -> (fn, args): writes for the writer thread (see _background)
         self._writer: threading.Thread | None = None
         self._wake = threading.Condition(self._lock)
@@ -494,7 +495,11 @@ class GroupMonitor:
                     "faults": [], "missing_reports": missing, "wall": now,
                     "verdicts": [v.to_dict() for v in verdicts.values() if v.state != HEALTHY],
                     "healthy": sum(1 for v in verdicts.values() if v.state == HEALTHY)}
-        faults = avoid_marginal_links(self.base, self._faults(verdicts, obs, r))
+        faults = self._faults(verdicts, obs, r)
+        key = tuple(sorted(faults.items()))
+        if self._marginal[0] != key:  # the same faults round after round: decided once
+            self._marginal = (key, avoid_marginal_links(self.base, faults))
+        faults = dict(self._marginal[1])
         decision["faults"] = _faults_json(faults)
         if _fault_classes(faults) != _fault_classes(self.faults):
             try:
