@@ -172,6 +172,19 @@ def test_wire_counters_of_a_tcp_socket_and_the_observations_they_make():
         assert link["wire_bytes"] > 0 and link["wire_seconds"] >= 0 and link["wire_open_seconds"] <= link["wire_seconds"]
         obs, _ = observations_between(first, snap)
         assert obs[(0, 1)].source == "wire" and obs[(0, 1)].errors == 0
+        # Small frames (chunks of 64 KB and less are not timed) attach the socket too: the link is
+        # still measured, by the kernel, with no timed transfer at all.
+        small = LinkTelemetry(rank=0)
+        before = small.snapshot()
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        for _ in range(128):
+            a.sendall(payload[:1 << 16])
+            small.link(0, 1).record_bytes(1 << 16, a)
+        a.sendall(payload)
+        reader.join(10)
+        obs, _ = observations_between(before, small.snapshot())
+        assert obs[(0, 1)].source == "wire" and obs[(0, 1)].transfers == 0, obs[(0, 1)]
         # No socket: per-chunk times, as before.
         tel.record_transfer(0, 2, 1000, 0.5)
         obs, _ = observations_between(None, tel.snapshot())

@@ -526,7 +526,7 @@ def observations_between(previous: Mapping | None, snapshot: Mapping,
             # sent chunks and got nothing acknowledged is a rate of 0.
             dwire = l["wire_seconds"] - (p.get("wire_seconds") or 0.0)
             dacked = l["wire_bytes"] - (p.get("wire_bytes") or 0)
-            rate = dacked / dwire if dtransfers > 0 and dwire >= MIN_WIRE_SECONDS else None
+            rate = dacked / dwire if (dtransfers > 0 or dbytes > 0) and dwire >= MIN_WIRE_SECONDS else None
             source = "wire"
             # Not one byte through in STALL_SECONDS with data waiting and the receiver's window
             # open (within the round, or a connection stuck in retransmission timeouts that long

@@ -163,8 +163,12 @@ class LinkStats:
             entry[1], entry[2], entry[3] = acked, busy, open_
             self.wire_stalled = max(self.wire_stalled, tcp_stalled_seconds(entry[0]))
 
-    def record_bytes(self, nbytes: int) -> None:
-        """Payload bytes of a small frame: counted, not timed (its time is mostly latency)."""
+    def record_bytes(self, nbytes: int, sock=None) -> None:
+        """Payload bytes of a small frame: counted, not timed (its time is mostly latency); ``sock``
+        as for :meth:`record_transfer` (the kernel's counters time the link, whatever the chunk
+        size: with chunks of 64 KB and less nothing else would)."""
+        if sock is not None and sock is not self._sock:
+            self._attach(sock)
         with self._lock:
             self.bytes += nbytes
             self.activity_mono = self._clock()
