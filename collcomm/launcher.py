@@ -197,8 +197,8 @@ def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_e
 def _blame_order(r: _Rank) -> tuple:
     """Which failed rank to name: one that died on its own (a signal, an exit status of its own)
     before one that exited 1 on an exception, and one whose last error line is not collcomm
-    telling it that another rank failed (PeerFailure, CollectiveTimeout, LinkFailure, EvictedError) before one
-    that is; then the lowest."""
+    telling it that another rank failed (PeerFailure, CollectiveTimeout, LinkFailure,
+    EvictedError) before one that is; then the lowest."""
     last = next((l for l in reversed(r.tail) if l.strip()), "")
     consequence = last.lstrip().startswith(("collcomm.errors.PeerFailure", "collcomm.errors.CollectiveTimeout",
                                              "collcomm.errors.LinkFailure", "collcomm.errors.EvictedError"))
