@@ -767,10 +767,7 @@ class Link:
                 return
             self._wseq += 1
             entry.written, entry.queued, entry.wseq, entry.sent_at = True, False, self._wseq, time.monotonic()
-        payload = entry.payload
-        if entry.eager and payload is not None:
-            payload = memoryview(bytes(payload))  # the caller may reuse its buffer once the send returns
-        self._relay_raw(entry.raw, payload)
+        self._relay_raw(entry.raw, entry.payload)  # collective frames only: never an eager one (see _try_detour)
 
     def _relay_raw(self, raw: bytes, payload) -> None:
         """A frame of this link, header and payload unchanged, inside a RELAY frame to the relay."""
