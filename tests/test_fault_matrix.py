@@ -107,6 +107,17 @@ def exact_loop(job: Job, seed: int, ops: int, bound: float) -> None:
         done += iters
 
 
+def timed_out_in_bounds(answers, ranks, stopped_at: float, timeout: float) -> None:
+    """Every rank raised CollectiveTimeout between half and twice the timeout after its call and
+    after the SIGSTOP."""
+    report = describe(answers, ranks)
+    for r, a in zip(ranks, answers):
+        assert raised(a, "CollectiveTimeout"), f"rank {r}: expected CollectiveTimeout\n{report}"
+        for since, what in ((a["t0"], "its call"), (stopped_at, "the SIGSTOP")):
+            assert timeout / 2 <= a["t1"] - since <= 2 * timeout, \
+                f"rank {r}: error {a['t1'] - since:.2f} s after {what} (timeout {timeout} s)\n{report}"
+
+
 # ============================================================================ scenarios
 def sigkill(transport: str) -> None:
     timeout, n, victim = 3.0, 4, 2
@@ -137,12 +148,7 @@ def sigstop(transport: str) -> None:
         # Ranks never enter a collective at the same instant: one of them comes 0.3 s late.
         failed = j.call_all([run("allreduce", 1 << 18, delay=0.3 if r == 1 else 0) for r in survivors],
                             ranks=survivors, timeout=4 * timeout)
-        report = describe(failed, survivors)
-        for r, a in zip(survivors, failed):
-            assert raised(a, "CollectiveTimeout"), f"rank {r}: expected CollectiveTimeout\n{report}"
-            for since, what in ((a["t0"], "its call"), (stopped_at, "the SIGSTOP")):
-                assert timeout / 2 <= a["t1"] - since <= 2 * timeout, \
-                    f"rank {r}: error {a['t1'] - since:.2f} s after {what} (timeout {timeout} s)\n{report}"
+        timed_out_in_bounds(failed, survivors, stopped_at, timeout)
         t = time.monotonic()
         shrunk = j.call_all({"cmd": "shrink", "timeout": timeout}, ranks=survivors, timeout=4 * timeout)
         report = describe(shrunk, survivors)
@@ -175,12 +181,7 @@ def stopped_handshake(transport: str) -> None:
         stopped_at = j.ranks[victim].signal(signal.SIGSTOP)
         survivors = [r for r in range(n) if r != victim]
         answers = j.call_all(run("allreduce", 1000), ranks=survivors, timeout=8 * timeout)
-        report = describe(answers, survivors)
-        for r, a in zip(survivors, answers):
-            assert raised(a, "CollectiveTimeout"), f"rank {r}: expected CollectiveTimeout\n{report}"
-            for since, what in ((a["t0"], "its call"), (stopped_at, "the SIGSTOP")):
-                assert timeout / 2 <= a["t1"] - since <= 2 * timeout, \
-                    f"rank {r}: error {a['t1'] - since:.2f} s after {what} (timeout {timeout} s)\n{report}"
+        timed_out_in_bounds(answers, survivors, stopped_at, timeout)
 
 
 def corrupt(transport: str) -> None:

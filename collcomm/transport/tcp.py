@@ -600,54 +600,52 @@ class Link:
         if not self._pending or self.error is not None or self._closing:
             return None
         rto = self.rto
-        stuck = False
         with self._count_lock:
             if not self._pending:
                 return None
-            if self._probe is not None:
-                # An answer is due; a peer that is slow or stopped gets no more probes. But when the
-                # path itself is stuck (the kernel retransmits into the void, or the relay is gone),
-                # the frames take a detour.
-                waited = now - self._probe[2]
-                stuck = waited >= DETOUR_AFTER and DETOUR and self._path_stuck()
-                if not stuck:
-                    return rto
-        if stuck:
-            via = self.detour
-            if self._try_detour("the connection is stuck: nothing acknowledged for "
-                                f"{tcp_stalled_seconds((via or self).sock):.1f} s" if via is None or via.error is None
-                                else f"the relay, rank {via.peer}, is gone"):
-                return rto
-            if via is not None and via.error is not None:
-                # The member that relayed for this link left (it finished and exited, or died) and
-                # no other can: as for a connection that broke, frames that left count as sent and
-                # operations that still expect frames from the peer fail.
-                failure = PeerFailure(f"lost the path to rank {self.peer}: its relay, rank {via.peer}, is gone "
-                                      f"({via.error}) and no other member can relay", rank=self.peer)
-                failure.while_receiving = True
-                self._fail(failure)
-                return None
+            probe = self._probe
+            if probe is None:
+                due = None
+                for e in self._pending.values():
+                    if e.written and not e.queued and e.tries >= 0:
+                        d = e.sent_at + rto * (1 << min(e.lost, RTO_BACKOFF_LIMIT))
+                        if due is None or d < due:
+                            due = d
+                if due is None:
+                    return rto  # everything still waits for the sender thread
+                if now < due:
+                    return due - now
+                self._probe_seq = (self._probe_seq + 1) & 0xFFFFFFFF
+                self._probe = (self._probe_seq, self._wseq, now)
+                number = self._probe_seq
+        if probe is not None:
+            # An answer is due; a peer that is slow or stopped gets no more probes. But when the
+            # path itself is stuck (the kernel retransmits into the void, or the relay is gone),
+            # the frames take a detour.
+            if DETOUR and now - probe[2] >= DETOUR_AFTER and self._path_stuck():
+                return self._unstick(rto)
             return rto
-        with self._count_lock:
-            if not self._pending:
-                return None
-            if self._probe is not None:
-                return rto
-            due = None
-            for e in self._pending.values():
-                if e.written and not e.queued and e.tries >= 0:
-                    d = e.sent_at + rto * (1 << min(e.lost, RTO_BACKOFF_LIMIT))
-                    if due is None or d < due:
-                        due = d
-            if due is None:
-                return rto  # everything still waits for the sender thread
-            if now < due:
-                return due - now
-            self._probe_seq = (self._probe_seq + 1) & 0xFFFFFFFF
-            self._probe = (self._probe_seq, self._wseq, now)
-            number = self._probe_seq
         # Every frame counted in _wseq now was written before this probe is (it is queued behind).
         self._enqueue(PROBE, Header(PROBE, self.group, self.epoch, 0, 0, number).pack())
+        return rto
+
+    def _unstick(self, rto: float) -> float | None:
+        """The path is stuck (see _rto_check): the next relay, or, when the relay that carried this
+        link left and no other member can, fail the link."""
+        via = self.detour
+        if self._try_detour("the connection is stuck: nothing acknowledged for "
+                            f"{tcp_stalled_seconds((via or self).sock):.1f} s" if via is None or via.error is None
+                            else f"the relay, rank {via.peer}, is gone"):
+            return rto
+        if via is not None and via.error is not None:
+            # The member that relayed for this link left (it finished and exited, or died) and
+            # no other can: as for a connection that broke, frames that left count as sent and
+            # operations that still expect frames from the peer fail.
+            failure = PeerFailure(f"lost the path to rank {self.peer}: its relay, rank {via.peer}, is gone "
+                                  f"({via.error}) and no other member can relay", rank=self.peer)
+            failure.while_receiving = True
+            self._fail(failure)
+            return None
         return rto
 
     def _echoed(self, header: Header) -> None:
