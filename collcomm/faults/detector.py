@@ -59,6 +59,12 @@ CONNECTION_ERRORS = frozenset({"reset", "refused", "unreachable", "eof", "closed
 
 Link = Hashable
 MIN_WIRE_SECONDS = 0.02  # a wire rate needs this much busy time in the round (the kernel counts in jiffies)
+# ... and more than one timed chunk (or only untimed small ones): a pair that carried a single
+# chunk in a round is measured mostly by its start (slow start after idle, a round trip), at 25-35%
+# of bulk pairs on a healthy link (seen after a reroute on the emulated two-box fabric: a pair of
+# the new plan with one 256 KB chunk per operation was flagged against 22 peers, and a healthy NIC
+# planned around).
+MIN_WIRE_CHUNKS = 2
 STALL_SECONDS = 1.0  # data in flight this long, window open, not one byte acknowledged: a black hole ("stalled")
 
 
@@ -522,11 +528,14 @@ def observations_between(previous: Mapping | None, snapshot: Mapping,
         if l.get("wire_seconds") is not None:
             # The kernel's view of the path (see collcomm.faults.telemetry): bytes the peer
             # acknowledged over the seconds the connection had data in flight. A round that kept
-            # it busy for less than MIN_WIRE_SECONDS says nothing (timer granularity); one that
-            # sent chunks and got nothing acknowledged is a rate of 0.
+            # it busy for less than MIN_WIRE_SECONDS, or that sent a single timed chunk, says
+            # nothing (timer granularity, slow start); one that sent chunks and got nothing
+            # acknowledged is a rate of 0.
             dwire = l["wire_seconds"] - (p.get("wire_seconds") or 0.0)
             dacked = l["wire_bytes"] - (p.get("wire_bytes") or 0)
-            rate = dacked / dwire if (dtransfers > 0 or dbytes > 0) and dwire >= MIN_WIRE_SECONDS else None
+            measured = (dtransfers >= MIN_WIRE_CHUNKS or (dtransfers == 0 and dbytes > 0)) and \
+                dwire >= MIN_WIRE_SECONDS
+            rate = dacked / dwire if measured else None
             source = "wire"
             # Not one byte through in STALL_SECONDS with data waiting and the receiver's window
             # open (within the round, or a connection stuck in retransmission timeouts that long
