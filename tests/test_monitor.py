@@ -150,8 +150,8 @@ def test_the_senders_wire_rate_wins_over_per_chunk_times_and_shared_bottlenecks_
     assert obs[(0, 1)].rate == 5e6 and obs[(0, 1)].source == "wire"
     obs, _ = merge_reports([a, dict(a, links=[dict(a["links"][0], rate=None)])])  # both wire: the lower
     assert obs[(0, 1)].rate == 5e6
-    # two_box with box0.gpu0 -> net removed: the new plan puts several pairs on each NIC; a pair
-    # crossing two NICs of equal bandwidth is split as many ways as the busier one.
+    # two_box with box0.gpu0 -> net removed: the new plan puts two pairs (one per phase) on some
+    # NICs; a pair crossing two NICs of equal bandwidth is split as many ways as the busier one.
     topo = reroute(jsonio.load(TWO_BOX), {("box0.gpu0", "net"): Fraction(0)})
     used = plan_routes([generate(topo, "allreduce", "forestcoll")])
     flows = {}
