@@ -26,7 +26,7 @@ import pytest
 
 import multiproc
 from collcomm.errors import TopologyError
-from collcomm.faults.detector import DEGRADED, DOWN, HEALTHY, Verdict
+from collcomm.faults.detector import DEGRADED, DOWN, FLAPPING, HEALTHY, Verdict
 from collcomm.faults.monitor import blame, merge_reports, partition, reroute, routes
 from collcomm.schedules import evaluate, generate
 from collcomm.schedules.optimum import collective_bound
@@ -125,6 +125,22 @@ def test_blame_maps_rank_pair_verdicts_to_physical_links():
     # Routes follow the schedule's paths where it has them.
     s = generate(topo, "allgather", "forestcoll")
     assert routes(topo, "r0", "r1", [s]) <= {("r0", "sw"), ("sw", "r1")}
+
+
+def test_a_slow_pair_whose_links_all_carry_healthy_pairs_blames_no_link():
+    """A slow link slows every pair across it: one pair slow while the pairs sharing each of its
+    links run at full rate is slow at an end, and no plan helps. Connection errors still blame."""
+    topo = star(4)
+    pairs = [(f"r{i}", f"r{j}") for i in range(4) for j in range(4) if i != j]
+    rts = {p: routes(topo, *p) for p in pairs}
+    for state in (DEGRADED, FLAPPING):
+        v = {p: verdict(p, state if p == ("r0", "r1") else HEALTHY, 0.2) for p in pairs}
+        assert blame(topo, v, rts, pairs) == {}, state
+        # Nobody else measured on r0's uplink: that link alone is suspect.
+        quiet = [p for p in pairs if p[0] != "r0" or p == ("r0", "r1")]
+        assert set(blame(topo, v, rts, quiet)) == {("r0", "sw")}, state
+    v = {p: verdict(p, DOWN if p == ("r0", "r1") else HEALTHY) for p in pairs}
+    assert set(blame(topo, v, rts, pairs)) == {("r0", "sw"), ("sw", "r1")}
 
 
 def test_a_cut_cable_between_switches_alone_is_blamed_when_nothing_else_was_measured():

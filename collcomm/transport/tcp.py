@@ -477,7 +477,7 @@ class Link:
             sock.sendall(raw)
         elif n <= SMALL_PAYLOAD:
             sock.sendall(raw + bytes(payload))
-            self._tx.record_bytes(n, sock if kind == DATA else None)
+            self._tx.record_bytes(n, sock if kind in (DATA, RELAY) else None)
         else:
             t0 = time.perf_counter()
             sent = sock.sendmsg([raw, payload])
