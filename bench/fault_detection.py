@@ -95,7 +95,8 @@ def rank_main() -> int:
         t1 = time.monotonic()
         mon = rt.world.monitor
         rec = {"i": i, "t0": t0, "t1": t1, "ok": err is None and bool(np.array_equal(x, want)), "error": err,
-               "plan_epoch": mon.plan_epoch if mon is not None else 0, "monitor_seconds": mon_seconds[0]}
+               "plan_epoch": mon.plan_epoch if mon is not None else 0, "monitor_seconds": mon_seconds[0],
+               "chunk_bytes": g.chunk_bytes}
         if fault_t is not None:
             rec["fault_t"] = fault_t
             rec["fault"] = ev
@@ -149,8 +150,8 @@ def run_job(*, ops: int, nbytes: int, events: list[dict], scale: str, chunk: int
     topo = jsonio.load(topology)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"ops": ops, "bytes": nbytes, "events": events, "prefix": prefix, "out": tmp, "timeout": timeout}
-        env = {"FD_CONFIG": json.dumps(cfg), "COLLCOMM_MONITOR_EVERY": str(every),
-               "COLLCOMM_CHUNK_BYTES": str(chunk), "OMP_NUM_THREADS": "1", **(extra_env or {})}
+        env = {"FD_CONFIG": json.dumps(cfg), "COLLCOMM_MONITOR_EVERY": str(every), "OMP_NUM_THREADS": "1",
+               **({"COLLCOMM_CHUNK_BYTES": str(chunk)} if chunk else {}), **(extra_env or {})}
         emu.up(emu.plan(topo, prefix, scale))
         try:
             t = time.monotonic()
@@ -188,6 +189,9 @@ def analyse(ranks: list[dict], nbytes: int, wall: float) -> dict:
             "flagged": [x.get("flagged", []) for x in r0], "evidence": [x.get("evidence", {}) for x in r0],
             "t0_rank0": [x["t0"] - start for x in r0], "seconds": seconds,
             "plan_epochs": {r["rank"]: [x["plan_epoch"] for x in r["records"]] for r in ranks},
+            "chunk_bytes": [x.get("chunk_bytes") for x in r0],
+            "same_chunks_on_every_rank": all([x.get("chunk_bytes") for x in r["records"]] ==
+                                             [x.get("chunk_bytes") for x in r0] for r in ranks),
             "monitor_seconds": {"rank0": [x["monitor_seconds"] for x in r0],
                                 "others_max": [max(r["records"][i]["monitor_seconds"] for r in ranks[1:])
                                                for i in range(n_ops)]}}
@@ -316,7 +320,8 @@ def main() -> int:
     ap.add_argument("--down-timeout", type=float, default=5.0, help="cc.init(timeout=...) of the down runs")
     ap.add_argument("--bytes", type=int, default=4 << 20)
     ap.add_argument("--scale", default="1GB/s=50Mbit")
-    ap.add_argument("--chunk", type=int, default=256 << 10)
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="chunk bytes (COLLCOMM_CHUNK_BYTES); 0, the default: the monitor sizes them")
     ap.add_argument("--curve-ops", type=int, default=48)
     ap.add_argument("--curve-fault", type=int, default=8)
     ap.add_argument("--curve-up", type=int, default=16)

@@ -98,6 +98,7 @@ class Group:
         self.successor: "Group | None" = None  # set by shrink(): the survivors' group
         self.monitor = None  # collcomm.faults.monitor.GroupMonitor, when monitoring is on
         self.failed_operations = 0  # operations that raised here (the monitor reports the count)
+        self.chunk_override: int | None = None  # the monitor's chunk size (collcomm.faults.chunks)
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, members={self.members})"
@@ -108,6 +109,12 @@ class Group:
         return self.me
 
     # ------------------------------------------------------------------ planning
+    @property
+    def chunk_bytes(self) -> int:
+        """The largest chunk of this group's operations: the runtime's, or the monitor's fit to
+        the measured link rates (every member switches at the same operation)."""
+        return self.chunk_override or self.runtime.chunk_bytes
+
     @property
     def planner(self) -> Planner:
         if self._planner is None:
@@ -181,7 +188,7 @@ class Group:
         rt = self.runtime
         schedule = self.planner.schedule(kind, nbytes, algorithm or rt.algorithm)
         itemsize = work.dtype.itemsize
-        chunk_elems = max(1, rt.chunk_bytes // itemsize)
+        chunk_elems = max(1, self.chunk_bytes // itemsize)
         plan = self._plan(schedule, shards, chunk_elems)
         describe = f"{desc_fields[0]} of {buf.count} {buf.dtype}" + (f" ({desc_fields[3]})" if desc_fields[3] else "")
         desc = frames.describe(self.id, self.epoch, *desc_fields)
@@ -270,6 +277,9 @@ class Runtime:
         self.timeout = timeout if timeout is not None else _env_float("COLLCOMM_TIMEOUT", DEFAULT_TIMEOUT)
         self.algorithm = algorithm or os.environ.get("COLLCOMM_ALGORITHM") or None
         self.chunk_bytes = chunk_bytes or int(_env_float("COLLCOMM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+        # A size the user chose stays; the default one the link monitor may fit to the measured
+        # link rates (collcomm.faults.chunks), group by group.
+        self.chunk_fixed = bool(chunk_bytes) or bool(os.environ.get("COLLCOMM_CHUNK_BYTES", "").strip())
         self.auto_shrink = bool(auto_shrink) if auto_shrink is not None else \
             os.environ.get("COLLCOMM_AUTO_SHRINK", "").strip().lower() in ("1", "true", "yes", "on")
         self.monitor_every = int(monitor_every) if monitor_every is not None else \
@@ -502,6 +512,7 @@ class Runtime:
                                       timeout=max(deadline + timeout - time.monotonic(), 1.0))
         new = Group(self, info.group_id, group.name, list(info.members), info.epoch)
         new.lineage = list(group.lineage)
+        new.chunk_override = group.chunk_override
         if group.monitor is not None:  # keep the monitor's re-planned fabric, cut to the survivors
             try:
                 new._planner = Planner(restrict(group.monitor.topology, [group.members.index(r) for r in members],
@@ -785,7 +796,7 @@ def alltoall(rt: Runtime, group: Group, out, x, timeout: float) -> None:
         return
     seq = group.next_seq()
     itemsize = data.dtype.itemsize
-    chunk_elems = max(1, rt.chunk_bytes // itemsize)
+    chunk_elems = max(1, group.chunk_bytes // itemsize)
     desc = frames.describe(group.id, group.epoch, "alltoall", dst.dtype, dst.count, "", -1)
     links: dict[int, object] = {}
     op = _Alltoall(links=links.__getitem__, member_of=group._index.__getitem__, me=me, n=n, group=group.id,

@@ -143,6 +143,22 @@ def test_a_slow_pair_whose_links_all_carry_healthy_pairs_blames_no_link():
     assert set(blame(topo, v, rts, pairs)) == {("r0", "sw"), ("sw", "r1")}
 
 
+def test_a_pair_slowed_by_its_acks_crossing_a_slower_reverse_link_blames_nothing():
+    """box0.gpu0 -> net at 10%: box0.gpu0 -> box1.gpu0 reads 9% of its peers, and box1.gpu0 ->
+    box0.gpu0, whose TCP ACKs queue behind that data, 36%. Only the slow direction's links are
+    blamed. A cable slow both ways reads alike both ways, and both directions are blamed."""
+    topo = jsonio.load(TWO_BOX)
+    a, b = ("box0.gpu0", "box1.gpu0"), ("box1.gpu0", "box0.gpu0")
+    rts = {p: routes(topo, *p) for p in (a, b)}
+    v = {a: verdict(a, DEGRADED, 0.09), b: verdict(b, DEGRADED, 0.36)}
+    assert set(blame(topo, v, rts, [a, b])) == {("box0.gpu0", "net"), ("net", "box1.gpu0")}
+    v = {a: verdict(a, DEGRADED, 0.09), b: verdict(b, DEGRADED, 0.12)}
+    assert set(blame(topo, v, rts, [a, b])) == rts[a] | rts[b]
+    # Connection errors are never in a shadow.
+    v = {a: verdict(a, DOWN), b: verdict(b, DEGRADED, 0.36)}
+    assert set(blame(topo, v, rts, [a, b])) == rts[a] | rts[b]
+
+
 def test_a_cut_cable_between_switches_alone_is_blamed_when_nothing_else_was_measured():
     """Every pair across the cut stalls and no healthy pair carried traffic in the round (the
     operation stalled early): the fewest links explaining every flagged pair, the cable both ways."""
@@ -370,6 +386,32 @@ def test_a_stalled_slow_link_in_rounds_without_failures_is_rerouted_as_degraded(
     assert Fraction(fault["fraction"]) < Fraction(1, 5), fault
 
 
+def test_a_pair_healthy_again_on_probation_adds_no_link_to_the_faults():
+    """two_box.json, box0.gpu0 -> net throttled: box0.gpu0 -> box1.gpu0 reads 10% and
+    box1.gpu0 -> box0.gpu0, whose ACKs queue behind it, 36%. The plan goes around the slow
+    direction only. Then the slow pair carries nothing and the other reads full rate, still
+    "degraded" until its probation ends: that kept state adds no link (it took box1.gpu0's NIC
+    out of the plan, both ways, before)."""
+    topo = jsonio.load(TWO_BOX)  # ranks 0-3 box0.gpu0-3, 4-7 box1.gpu0-3
+
+    def feed(r, i, tel):
+        peer = (r + 4) % 8  # the healthy plan's pair across the boxes
+        rate = 6e6
+        if (r, peer) == (0, 4) and i >= 4:
+            if i >= 8:
+                return  # the new plan sends nothing this way
+            rate *= 0.1
+        if (r, peer) == (4, 0) and 4 <= i < 8:
+            rate *= 0.36
+        tel.record_transfer(r, peer, 1 << 20, (1 << 20) / rate)
+
+    out = run_monitors(topo, 14, feed)
+    changes = [c for c, _, _ in out]
+    assert all(c == changes[0] for c in changes) and all(not e for _, e, _ in out), out
+    assert len(changes[0]) == 1 and changes[0][0]["at"] <= 7, changes[0]
+    assert {tuple(f["link"]) for f in changes[0][0]["faults"]} == {("box0.gpu0", "net"), ("net", "box1.gpu0")}
+
+
 def test_a_sliver_of_a_slow_link_is_left_out_of_the_plan_unless_it_matters():
     """avoid_marginal_links against the exact optima of the rerouted fabrics."""
     from collcomm.faults.monitor import avoid_marginal_links, reroute
@@ -500,7 +542,9 @@ needs_emulation = pytest.mark.skipif(not CAN_EMULATE, reason="emulated fabrics n
 # Rates low enough that the 2 cores are not the bottleneck and a 4 MB allreduce keeps every
 # inter-box link busy for ~160 ms (the kernel's TCP counters, which the telemetry reads, count in
 # jiffies); chunks of 256 KB keep the trees pipelined.
-SCALE, NBYTES, CHUNK = "1GB/s=50Mbit", 4 << 20, 256 << 10
+# CHUNK 0: the product's default, chunks sized by the monitor (64 KB on this fabric's 6.25 MB/s
+# NICs, from the third operation on; collcomm.faults.chunks).
+SCALE, NBYTES, CHUNK = "1GB/s=50Mbit", 4 << 20, 0
 
 
 def fault_loop():
@@ -544,6 +588,7 @@ def test_emulated_two_box_throttled_link_is_flagged_and_rerouted():
     res = fd.run_job(ops=22, nbytes=NBYTES, events=[ev], scale=SCALE, chunk=CHUNK, prefix=_prefix("t"))
     assert res["wrong"] == {} and res["errors"] == {}, (res["wrong"], res["errors"])
     assert res["same_changes_on_every_rank"], res["changes"]
+    _check_chunks(res)
     assert not any(res["flagged"][: fault + 1]), res["flagged"][: fault + 1]  # nothing before the fault's traffic
     d = fd.detection(res)
     print("detection:", {k: v for k, v in d.items() if k != "faults_after"})
@@ -564,10 +609,22 @@ def test_emulated_two_box_throttled_link_is_flagged_and_rerouted():
     assert median(post) >= 4 * max(res["collective_algbw"][fault:fault + 2])
 
 
-def _healthy_emulated(ops: int, nbytes: int):
+def _check_chunks(res: dict) -> None:
+    """The monitor's chunk size: the default 1 MB, then 64 KB (10 ms of a 6.25 MB/s NIC) once two
+    rounds agree, switched by every rank at the same operation."""
+    chunks = res["chunk_bytes"]
+    assert res["same_chunks_on_every_rank"] and chunks[0] == 1 << 20 and chunks[-1] == 64 << 10, chunks
+    assert chunks.index(64 << 10) <= 4 and set(chunks[chunks.index(64 << 10):]) == {64 << 10}, chunks
+
+
+def _healthy_emulated(ops: int, nbytes: int, chunk: int = CHUNK):
     fd = fault_loop()
-    res = fd.run_job(ops=ops, nbytes=nbytes, events=[], scale=SCALE, chunk=CHUNK, prefix=_prefix("h"))
+    res = fd.run_job(ops=ops, nbytes=nbytes, events=[], scale=SCALE, chunk=chunk, prefix=_prefix("h"))
     assert res["wrong"] == {} and res["errors"] == {}, (res["wrong"], res["errors"])
+    if chunk == 0:
+        _check_chunks(res)
+    else:
+        assert set(res["chunk_bytes"]) == {chunk}, res["chunk_bytes"]  # the user's size is kept
     assert res["changes"] == [] and all(set(e) == {0} for e in res["plan_epochs"].values())
     assert not any(res["flagged"]), [(i, f) for i, f in enumerate(res["flagged"]) if f]
     # The rounds measured the inter-box links (wire rates, not "no traffic"), so the silence is not blindness.
@@ -577,8 +634,9 @@ def _healthy_emulated(ops: int, nbytes: int):
 
 @needs_emulation
 @pytest.mark.timeout(180)
-def test_emulated_two_box_healthy_fabric_flags_nothing():
-    _healthy_emulated(60, 1 << 20)
+@pytest.mark.parametrize("chunk", [CHUNK, 256 << 10], ids=["monitor-sized-chunks", "fixed-256k-chunks"])
+def test_emulated_two_box_healthy_fabric_flags_nothing(chunk):
+    _healthy_emulated(60, 1 << 20, chunk)
 
 
 @pytest.mark.slow
