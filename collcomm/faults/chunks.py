@@ -9,10 +9,9 @@ event, which is what loopback at gigabytes per second pays for.
 So the right size is a time, not a size: about :data:`CHUNK_SECONDS` of the slowest link the plan
 uses, as measured (the kernel's wire rate of each pair's connection, see
 :mod:`collcomm.faults.telemetry`). On the emulated two-box fabric (inter-box NICs of 6.25 MB/s)
-that is 64 KB, and with it the healthy plan ran 4 MB allreduces at 0.93 of the optimum against
-0.82 with 256 KB chunks; the plan without a NIC 64 MB ones at 0.96 against 0.93 (0.92 against
-0.82 for the plan without both directions of it). On loopback the rates give the configured
-maximum (1 MB), unchanged.
+that is 64 KB, and with it 4 MB allreduces ran at 0.95 of the optimum against 0.83 with 256 KB
+chunks, and at 0.97 against 0.79 on the plan rerouted around a throttled NIC (bench/RESULTS.md,
+"Issue 6"). On loopback the rates give the configured maximum (1 MB), unchanged.
 
 Only group rank 0's monitor decides (every member applies the size at the same operation, like
 a new plan: sender and receiver must cut a tree into the same chunks). A size the user set

@@ -220,14 +220,14 @@ def blame(topo: Topology, verdicts: Mapping[Edge, Verdict], pair_routes: Mapping
     a flow that forwards a trickle and never fills its window) and no plan avoids it; a pair with
     connection errors (down) blames the links shared by the largest fraction of flagged pairs.
     A slow pair whose reverse pair is much slower (under :data:`ACK_SHADOW` of its ratio) blames
-    nothing: TCP's ACKs take the reverse path and queue behind the slow direction's data.
-    Of the suspects, the fewest links that
-    explain every flagged pair are blamed (greedy cover: the links that most flagged pairs share
-    first, ties all blamed): one cut cable between two switches stalls every pair across it, and
-    it alone is blamed, not the uplinks of the ranks behind it. ``alive``: pairs that carried
-    traffic without errors this round, too little to measure a rate: a link they cross is not
-    suspected of being down (it may still be slow). Returns {physical link: (state, fraction of
-    its bandwidth to keep — 0 for a down link —, reason)}."""
+    nothing: TCP's ACKs take the reverse path and queue behind the slow direction's data. Of the
+    suspects, the fewest links that explain every flagged pair are blamed (greedy cover: the
+    links that most flagged pairs share first, ties all blamed): one cut cable between two
+    switches stalls every pair across it, and it alone is blamed, not the uplinks of the ranks
+    behind it. ``alive``: pairs that carried traffic without errors this round, too little to
+    measure a rate: a link they cross is not suspected of being down (it may still be slow).
+    Returns {physical link: (state, fraction of its bandwidth to keep — 0 for a down link —,
+    reason)}."""
     flagged = {p: v for p, v in verdicts.items() if v.state != HEALTHY and p in pair_routes}
     # Seen on the emulated two-box fabric with 64 KB chunks: box0.gpu0 -> net shaped to 10% read 9%
     # of its peers, and box1.gpu0 -> box0.gpu0, whose ACKs wait in that shaper's queue, 36%; both

@@ -231,7 +231,7 @@ class _Splitter:
                 if unit is not None:
                     m_hi = min(m_hi, unit - taken.get(group, 0))
                     if m_hi <= 0:
-                        continue  # u's share for that host is split already: not done, the second pass may
+                        continue  # u's share for that host is split: left to the second pass
                 done.update(orbit)
                 m = self._largest_split(orbit, m_hi)
                 if m > 0:
