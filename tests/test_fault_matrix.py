@@ -31,6 +31,11 @@ blackhole          drop:0->1:p=1, 3 ranks                 exact: after 11 losses
                                                           the timeout; later collectives exact
 blackhole-2-ranks  drop:0->1:p=1, 2 ranks (no relay)      LinkFailure naming rank 1 on every rank,
                                                           within the timeout
+lossy-relay        drop:0->1 and drop:2->1 (p=1), 4       exact: whoever relays through the other
+                   ranks: 0 and 2 lose all they send or   black-holed rank loses its frames there
+                   relay to 1                             and moves on to rank 3
+lossy-relay-only   the same, 3 ranks (the only relay      LinkFailure naming rank 1 within the
+                   loses what it carries)                 timeout, on the ranks that send to it
 =================  =====================================  =========================================
 
 Times are CLOCK_MONOTONIC across processes. Bounds are loose enough for a loaded 2-core CI machine
@@ -255,6 +260,33 @@ def blackhole_without_relay(transport: str) -> None:
     every_rank_raises(transport, "drop:0->1:p=1", "LinkFailure", 10_000, rank=1, n=2)
 
 
+LOSSY_RELAY = "drop:0->1:p=1;drop:2->1:p=1"  # drop rules hold for relayed DATA frames too
+
+
+def lossy_relay(transport: str) -> None:
+    timeout = 8.0
+    with job(4, timeout, transport, chunk_bytes=1 << 16, env={"COLLCOMM_FAULTS": LOSSY_RELAY}) as j:
+        # Ranks 0 and 2 each take a detour to rank 1; one through the other loses everything
+        # there (11 more losses) and moves on to rank 3. Every call well within the timeout.
+        exact_loop(j, seed=11, ops=6, bound=timeout / 2)
+        seen = telemetry(j)
+        assert seen["errors"].get("detour", 0) >= 2, f"ranks 0 and 2 took no detour: {seen}"
+
+
+def lossy_relay_only(transport: str) -> None:
+    timeout = 5.0
+    with job(3, timeout, transport, chunk_bytes=1 << 16, env={"COLLCOMM_FAULTS": LOSSY_RELAY}) as j:
+        t0 = time.monotonic()
+        answers = j.call_all(run("allreduce", 10_000), timeout=3 * timeout)
+        report = describe(answers)
+        for r, a in enumerate(answers):
+            assert not a.get("ok"), f"rank {r} finished an allreduce that no path carries\n{report}"
+            assert a["t1"] - t0 < timeout, f"rank {r} took {a['t1'] - t0:.2f} s (timeout {timeout} s)\n{report}"
+        for r in (0, 2):  # they send to rank 1 and lose it all, directly and through each other
+            assert raised(answers[r], "LinkFailure") and answers[r].get("rank") == 1, f"rank {r}\n{report}"
+        assert telemetry(j)["errors"].get("detour", 0) >= 2
+
+
 SCENARIOS = {
     "sigkill": sigkill,
     "sigstop": sigstop,
@@ -268,6 +300,8 @@ SCENARIOS = {
     "drop-30%": drop(0.3, 42, 15),
     "blackhole": blackhole,
     "blackhole-2-ranks": blackhole_without_relay,
+    "lossy-relay": lossy_relay,
+    "lossy-relay-only": lossy_relay_only,
 }
 
 

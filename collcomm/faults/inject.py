@@ -16,6 +16,11 @@ transport is created) or from :func:`configure`. Its grammar, rules separated by
                                 it again
     delay:SRC->DST:ms=MS        sleep MS milliseconds before sending each DATA frame
     throttle:SRC->DST:bps=B     pace DATA frames to B bytes per second
+
+drop, delay and throttle also apply to the DATA frames SRC relays to DST on a detour (its own,
+or another member's that it passes on), so a relay can lose what it carries; control frames
+(ACK, PROBE, ECHO) are never dropped, relayed or not, and a relayed frame is never corrupted
+(its header would be).
     reset:SRC->DST:after=SIZE   cut the connection (shutdown) once SIZE bytes went out on it
                                 (SIZE: bytes, with an optional K/M/G suffix, powers of 1024); once
                                 per link
@@ -204,9 +209,9 @@ class LinkFaults:
         self.injected[rule.kind] += 1
         return True
 
-    def before_data(self, nbytes: int) -> str | None:
-        """Called before a DATA frame of ``nbytes`` payload goes out: sleeps for delay and throttle;
-        returns "drop", "corrupt" or None."""
+    def before_data(self, nbytes: int, corrupt: bool = True) -> str | None:
+        """Called before a DATA frame of ``nbytes`` payload goes out (directly, or relayed: then
+        ``corrupt`` is False): sleeps for delay and throttle; returns "drop", "corrupt" or None."""
         if self.delay is not None and self.delay.ms > 0:
             time.sleep(self.delay.ms / 1000.0)
         if self.throttle is not None:
@@ -217,7 +222,7 @@ class LinkFaults:
                 time.sleep(self._free_at - now)
         if self._fire(self.drop):
             return "drop"
-        if nbytes and self._fire(self.corrupt):
+        if corrupt and nbytes and self._fire(self.corrupt):
             return "corrupt"
         return None
 

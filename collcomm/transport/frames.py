@@ -83,6 +83,12 @@ class Header(NamedTuple):
         return body + _CRC.pack(zlib.crc32(body))
 
 
+def peek_kind(raw: bytes | bytearray | memoryview) -> int:
+    """The kind of the frame whose header ``raw`` starts with, unchecked (a frame this rank built
+    or passes on; unpack_header checks what arrives)."""
+    return raw[5]  # after the magic (4 bytes) and the version (1)
+
+
 def unpack_header(raw: bytes | bytearray | memoryview) -> Header:
     """Parse and check a header; raises ProtocolError naming what is wrong."""
     if len(raw) != HEADER_SIZE:

@@ -257,6 +257,30 @@ class _Pending:
             done()
 
 
+class _Held:
+    """A relayed frame's payload, already read off the relay channel: what Link._frame reads from
+    in place of a socket."""
+
+    __slots__ = ("data", "at")
+
+    def __init__(self, data: bytearray):
+        self.data = memoryview(data)
+        self.at = 0
+
+    def recv_into(self, view, nbytes: int = 0) -> int:
+        n = min(nbytes or len(view), len(self.data) - self.at)
+        view[:n] = self.data[self.at:self.at + n]
+        self.at += n
+        return n
+
+
+def _relays_data(raw: bytes, payload) -> bool:
+    """Whether a RELAY frame about to go out carries a DATA frame: the inner header follows the
+    outer one in ``raw`` (this rank's own frame on a detour) or starts ``payload`` (one it passes on)."""
+    inner = raw[HEADER_SIZE:] if len(raw) > HEADER_SIZE else payload
+    return inner is not None and len(inner) >= HEADER_SIZE and frames.peek_kind(inner) == DATA
+
+
 class Link:
     """One authenticated connection to ``peer`` for ``group``, with its sender and receiver threads.
 
@@ -329,6 +353,8 @@ class Link:
         self.detour: "Link | None" = None  # the link to the member that relays for this one
         self._relays_tried: set[int] = set()
         self._direct_stopped = False  # the direct connection is no longer read (see _arrived_by_detour)
+        self._relayed_q: queue.SimpleQueue | None = None  # frames from the peer by a relay (see _relayed)
+        self._relayed_lock = threading.Lock()
         self._got_lock = threading.Lock()  # a piece is taken once, whichever path it came by
         self._discard: bytearray | None = None
         self._last_ack = 0.0
@@ -459,8 +485,8 @@ class Link:
         n = 0 if payload is None else len(payload)
         f = self._faults
         if f is not None:
-            if kind == DATA:
-                action = f.before_data(n)
+            if kind == DATA or (kind == RELAY and _relays_data(raw, payload)):
+                action = f.before_data(n, corrupt=kind == DATA)
                 if action == "drop":
                     return
                 if action == "corrupt":
@@ -813,14 +839,44 @@ class Link:
         if inner.kind == RELAY or inner.group != self.group & ~RELAY_BIT or inner.epoch != self.epoch or \
                 inner.length != n - HEADER_SIZE:
             raise ProtocolError(f"rank {self.peer} relayed a malformed frame from rank {origin}")
+        # Read whole: this channel carries the frames of every member that relays through its
+        # peer to this rank, and must not wait on one of them (see Link._relayed).
+        payload = bytearray(inner.length)
+        recv_exact(sock, memoryview(payload))
         with t._cond:
             target = t._links.get((origin, inner.group))
         if origin == me or target is None or target.epoch != self.epoch or target.error is not None:
-            self._skip(sock, inner.length)  # nobody to take it: the origin's reliability layer notices
-            return
+            return  # nobody to take it: the origin's reliability layer notices
         heartbeat(origin, me)
         target._arrived_by_detour(self)
-        target._frame(inner, sock)
+        target._relayed(inner, payload)
+
+    def _relayed(self, header: Header, payload: bytearray) -> None:
+        """A frame from the peer that came by a relay, taken in arrival order by a thread of this
+        link's own, as the direct connection's receiver would: its operation may not have started
+        here yet, and waiting for it on the relay channel would hold up the frames that other
+        members relay through the same rank (two ranks relaying to a third through one member
+        deadlocked so: each one's next operation waited behind the other's current one)."""
+        with self._relayed_lock:
+            if self._relayed_q is None:
+                self._relayed_q = queue.SimpleQueue()
+                threading.Thread(target=self._relayed_loop, args=(self._relayed_q,), daemon=True,
+                                 name=f"collcomm-relayed-r{self.transport.rank}-g{self.group}-p{self.peer}").start()
+        self._relayed_q.put((header, payload))
+
+    def _relayed_loop(self, q: queue.SimpleQueue) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            header, payload = item
+            try:
+                self._frame(header, _Held(payload))
+            except ProtocolError as e:
+                log.warning("rank %d: a frame relayed from rank %d: %s", self.transport.rank, self.peer, e)
+                self._fail(e)
+            except Exception:  # pragma: no cover - a bug must not silently stop the peer's frames
+                log.exception("rank %d: a frame relayed from rank %d", self.transport.rank, self.peer)
 
     # ------------------------------------------------------------------ receiving
     def _recv_loop(self) -> None:
@@ -924,7 +980,7 @@ class Link:
                 return
         n = header.length
         try:
-            if n > SMALL_PAYLOAD:
+            if n > SMALL_PAYLOAD and not isinstance(sock, _Held):  # (a relayed one was read already)
                 t0 = time.perf_counter()
                 recv_exact(sock, dest)
                 rx.record_transfer(n, time.perf_counter() - t0)
@@ -1099,6 +1155,9 @@ class Link:
             pass
         sock.close()
         self._sendq.put(None)
+        with self._relayed_lock:
+            if self._relayed_q is not None:
+                self._relayed_q.put(None)
         if self.error is None:
             self.error = PeerFailure(f"connection to rank {self.peer} was closed", rank=self.peer)
         with self._lock:
