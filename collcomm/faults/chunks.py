@@ -58,11 +58,11 @@ class ChunkSizer:
     """:func:`chunk_for_rates` with confirmation: a new size applies once :data:`CONFIRM_ROUNDS`
     rounds in a row proposed it (one round with a descheduled receiver does not shrink chunks)."""
 
-    def __init__(self, ceiling: int, confirm: int = CONFIRM_ROUNDS):
+    def __init__(self, ceiling: int, size: int | None = None, confirm: int = CONFIRM_ROUNDS):
         self.ceiling = ceiling
-        self.size = ceiling
+        self.size = ceiling if size is None else size  # where it starts (a shrunk group goes on from its size)
         self.confirm = confirm
-        self._proposal: tuple[int, int] = (ceiling, 0)  # (size, rounds in a row)
+        self._proposal: tuple[int, int] = (self.size, 0)  # (size, rounds in a row)
 
     def observe(self, rates: Iterable[float | None], lower_bounds: Iterable[float | None] = ()) -> int:
         """The size from this round on, given this round's measured rates (see

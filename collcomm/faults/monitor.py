@@ -430,8 +430,7 @@ class GroupMonitor:
         # rank 0: the chunk size fitted to the measured rates, unless the user chose one
         self.chunks: ChunkSizer | None = None
         if not getattr(self.rt, "chunk_fixed", True):
-            self.chunks = ChunkSizer(self.rt.chunk_bytes)
-            self.chunks.size = group.chunk_bytes  # a shrunk group's monitor goes on from its size
+            self.chunks = ChunkSizer(self.rt.chunk_bytes, group.chunk_bytes)
 
     # ---------------------------------------------------------------- telemetry source
     @property
@@ -531,10 +530,7 @@ class GroupMonitor:
         round_failed = bool(missing) or self._round_failed(reports)
         now = time.time()
         obs, expected = merge_reports(reports)
-        # Per connection, before credits; timed (chunks over 64 KB) or a lower bound (small frames).
-        wire = [o for o in obs.values() if o.source == "wire" and o.rate is not None]
-        timed_rates = [o.rate for o in wire if o.transfers >= MIN_WIRE_CHUNKS]
-        rate_bounds = [o.rate for o in wire if o.transfers < MIN_WIRE_CHUNKS]
+        chunk = self._fit_chunks(obs)
         if not round_failed:
             obs = {k: in_completed_round(o) for k, o in obs.items()}
         obs = self._classify_by_route(obs)
@@ -544,8 +540,8 @@ class GroupMonitor:
                     "faults": [], "missing_reports": missing, "wall": now,
                     "verdicts": [v.to_dict() for v in verdicts.values() if v.state != HEALTHY],
                     "healthy": sum(1 for v in verdicts.values() if v.state == HEALTHY)}
-        if self.chunks is not None:
-            decision["chunk_bytes"] = self.chunks.observe(timed_rates, rate_bounds)
+        if chunk is not None:
+            decision["chunk_bytes"] = chunk
         faults = self._faults(verdicts, obs, r)
         key = tuple(sorted(faults.items()))
         if self._marginal[0] != key:  # the same faults round after round: decided once
@@ -583,6 +579,16 @@ class GroupMonitor:
             decision["plan_epoch"] = self.plan_epoch
             decision["topology"] = jsonio.to_dict(topo)
         return decision
+
+    def _fit_chunks(self, obs: Mapping) -> int | None:
+        """The chunk size from this round's merged observations (None: the user chose one). The
+        connections' own wire rates, before any credit: timed (chunks over 64 KB) or, from small
+        frames only, a lower bound (see collcomm.faults.chunks)."""
+        if self.chunks is None:
+            return None
+        wire = [o for o in obs.values() if o.source == "wire" and o.rate is not None]
+        return self.chunks.observe([o.rate for o in wire if o.transfers >= MIN_WIRE_CHUNKS],
+                                   [o.rate for o in wire if o.transfers < MIN_WIRE_CHUNKS])
 
     def _round_failed(self, reports: list[dict]) -> bool:
         """Whether some member had an operation fail since the previous round (a report without

@@ -15,9 +15,9 @@ number) asks the receiver to answer with an ECHO of the same number once it has 
 byte sent before the probe: since the stream is in order, a DATA frame sent before an echoed
 probe and neither acknowledged nor asked for again never reached the receiver (it was lost)
 and is sent again. A RELAY frame carries a whole frame of another pair of ranks one hop on,
-around a link that stopped carrying data (see :class:`collcomm.transport.tcp.Link`). A header is checked (magic,
-version, kind, crc) before anything else, and its length must be exactly what the
-receiving rank expects for that piece: nothing is allocated on a peer's word.
+around a link that stopped carrying data (see :class:`collcomm.transport.tcp.Link`). A
+header is checked (magic, version, kind, crc) before anything else, and its length must be
+exactly what the receiving rank expects for that piece: nothing is allocated on a peer's word.
 
 The handshake proves knowledge of the job token both ways (HMAC-SHA256
 challenge–response over both nonces) before a connection carries any frame.

@@ -674,6 +674,20 @@ class Link:
             return None
         return rto
 
+    def _count_lost(self, lost: list[_Pending], give_up: list[_Pending]) -> None:
+        """(Count lock held.) One more loss for each of ``lost``: sent again, or, past
+        MAX_LOST_RESENDS, given up (into ``give_up``). Frames settled meanwhile are skipped."""
+        for e in lost:
+            if e.tries < 0:
+                continue
+            e.lost += 1
+            if e.lost > MAX_LOST_RESENDS:
+                give_up.append(e)
+                self._pending.pop((e.header.op, e.header.tree, e.header.chunk), None)
+                e.tries = -1
+            else:
+                e.queued = True
+
     def _echoed(self, header: Header) -> None:
         """The peer read everything sent before our probe: what it has not answered was lost."""
         give_up: list[_Pending] = []
@@ -687,30 +701,14 @@ class Link:
                     if e.written and not e.queued and e.tries >= 0 and e.wseq <= mark]
             detour = DETOUR and any(e.lost + 1 > MAX_LOST_RESENDS for e in lost)
             if not detour:
-                for e in lost:
-                    e.lost += 1
-                    if e.lost > MAX_LOST_RESENDS:
-                        give_up.append(e)
-                        del self._pending[(e.header.op, e.header.tree, e.header.chunk)]
-                        e.tries = -1
-                    else:
-                        e.queued = True
+                self._count_lost(lost, give_up)
         if detour:
             # The path loses what it is given while the peer answers: another path, if there is
             # one, before giving up (a frame over the limit gets MAX_LOST_RESENDS more tries there).
             if self._try_detour(f"a frame to rank {self.peer} was lost {MAX_LOST_RESENDS + 1} times"):
                 return
             with self._count_lock:
-                for e in lost:
-                    if e.tries < 0:
-                        continue
-                    e.lost += 1
-                    if e.lost > MAX_LOST_RESENDS:
-                        give_up.append(e)
-                        self._pending.pop((e.header.op, e.header.tree, e.header.chunk), None)
-                        e.tries = -1
-                    else:
-                        e.queued = True
+                self._count_lost(lost, give_up)
         self._rtt_sample(time.monotonic() - sent)
         failed_ops: set[int] = set()
         for e in give_up:
