@@ -64,7 +64,7 @@ def rank_main() -> int:
     g = rt.world
     mon_seconds = [0.0]
     if rt.monitor_every > 0:
-        from collcomm.faults.monitor import GroupMonitor
+        from collcomm.runtime.monitor import GroupMonitor
 
         g.monitor = GroupMonitor(g, rt.monitor_every)
         inner = g.monitor.before_operation
@@ -125,7 +125,7 @@ def scaled_optimum(topo, scale: str, collective: str = "allreduce") -> float:
 
 
 def optima(scale: str) -> dict:
-    from collcomm.faults.monitor import reroute
+    from collcomm.faults.decisions import reroute
     from collcomm.topology import jsonio
 
     topo = jsonio.load(TWO_BOX)

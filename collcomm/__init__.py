@@ -15,7 +15,7 @@ from collcomm.api import (allgather, allreduce, alltoall, barrier, broadcast, in
                           recv, reduce, reduce_scatter, send, shutdown, world_size)
 from collcomm.api import grow, link_health, probe_topology, shrink
 
-__version__ = "0.1.0"
+from collcomm._version import __version__
 
 __all__ = [
     "AuthenticationError", "CollectiveError", "CollectiveTimeout", "CorruptionError", "EvictedError", "LinkFailure", "MismatchError", "PeerFailure",

@@ -2,7 +2,7 @@
 
 Buffers are NumPy arrays or CPU torch tensors, used in place. Every blocking call
 takes ``timeout`` (seconds; default from ``init(timeout=...)``, ``COLLCOMM_TIMEOUT``
-or 300). With ``async_op=True`` a call returns a :class:`~collcomm.runtime.Work`
+or 300). With ``async_op=True`` a call returns a :class:`~collcomm.runtime.group.Work`
 handle with ``wait(timeout)`` and ``is_completed()``.
 """
 
@@ -70,9 +70,18 @@ def init(rank: int | None = None, world_size: int | None = None, coordinator: st
             raise CollectiveError(f"init: {', '.join(missing)} unknown; run under `collcomm run`, set COLLCOMM_* "
                                   f"variables, run under torchrun, or pass them to init()")
         try:
-            _RUNTIME = Runtime(rank, world_size, coordinator, token, timeout=timeout, topology=topology,
-                               host=host, algorithm=algorithm, chunk_bytes=chunk_bytes, auto_shrink=auto_shrink,
-                               monitor_every=monitor_every)
+            rt = Runtime(rank, world_size, coordinator, token, timeout=timeout, topology=topology, host=host,
+                         algorithm=algorithm, chunk_bytes=chunk_bytes, auto_shrink=auto_shrink,
+                         monitor_every=monitor_every)
+            if rt.probe_at_init:  # COLLCOMM_TOPOLOGY=probe: measure the fabric before the first collective
+                from collcomm.probing import probe_at_init
+
+                try:
+                    rt.set_world_topology(probe_at_init(rt))
+                except BaseException:
+                    rt.close()
+                    raise
+            _RUNTIME = rt
         except BaseException:
             if _EMBEDDED is not None:
                 _EMBEDDED.stop(0)
@@ -122,84 +131,84 @@ def _timeout(timeout):
 
 def allreduce(x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` across the group, in place on every rank."""
-    from collcomm import runtime as r
+    from collcomm.runtime import collectives as c
 
     rt, g, t = _rt(), _group(group), _timeout(timeout)
-    return g.submit(lambda: r.allreduce(rt, g, x, op, t), "allreduce", async_op)
+    return g.submit(lambda: c.allreduce(rt, g, x, op, t), "allreduce", async_op)
 
 
 def allgather(out, x, *, group=None, async_op: bool = False, timeout: float | None = None):
     """Gather every rank's ``x`` into ``out`` (group size x x.size elements, in rank order)."""
-    from collcomm import runtime as r
+    from collcomm.runtime import collectives as c
 
     rt, g, t = _rt(), _group(group), _timeout(timeout)
-    return g.submit(lambda: r.allgather(rt, g, out, x, t), "allgather", async_op)
+    return g.submit(lambda: c.allgather(rt, g, out, x, t), "allgather", async_op)
 
 
 def reduce_scatter(out, x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` (group size x out.size elements) and leave this rank's part in ``out``."""
-    from collcomm import runtime as r
+    from collcomm.runtime import collectives as c
 
     rt, g, t = _rt(), _group(group), _timeout(timeout)
-    return g.submit(lambda: r.reduce_scatter(rt, g, out, x, op, t), "reduce_scatter", async_op)
+    return g.submit(lambda: c.reduce_scatter(rt, g, out, x, op, t), "reduce_scatter", async_op)
 
 
 def alltoall(out, x, *, group=None, async_op: bool = False, timeout: float | None = None):
     """Exchange blocks: ``x`` and ``out`` hold the same number of elements, a multiple of the group
     size n; block j of ``x`` goes to group rank j and lands there as block i (this rank's group
     rank) of ``out``. ``out`` may be ``x`` (in place)."""
-    from collcomm import runtime as r
+    from collcomm.runtime.alltoall import alltoall as run
 
     rt, g, t = _rt(), _group(group), _timeout(timeout)
-    return g.submit(lambda: r.alltoall(rt, g, out, x, t), "alltoall", async_op)
+    return g.submit(lambda: run(rt, g, out, x, t), "alltoall", async_op)
 
 
 def broadcast(x, root: int = 0, *, group=None, async_op: bool = False, timeout: float | None = None):
     """Copy the root's ``x`` to every rank of the group (``root`` is a group rank)."""
-    from collcomm import runtime as r
+    from collcomm.runtime import collectives as c
 
     rt, g, t = _rt(), _group(group), _timeout(timeout)
-    return g.submit(lambda: r.broadcast(rt, g, x, root, t), "broadcast", async_op)
+    return g.submit(lambda: c.broadcast(rt, g, x, root, t), "broadcast", async_op)
 
 
 def reduce(x, root: int = 0, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` across the group into the root's ``x`` (other ranks' buffers are unchanged)."""
-    from collcomm import runtime as r
+    from collcomm.runtime import collectives as c
 
     rt, g, t = _rt(), _group(group), _timeout(timeout)
-    return g.submit(lambda: r.reduce(rt, g, x, root, op, t), "reduce", async_op)
+    return g.submit(lambda: c.reduce(rt, g, x, root, op, t), "reduce", async_op)
 
 
 def barrier(*, group=None, async_op: bool = False, timeout: float | None = None):
     """Return once every member of the group has entered the barrier."""
-    from collcomm import runtime as r
+    from collcomm.runtime import collectives as c
 
     rt, g, t = _rt(), _group(group), _timeout(timeout)
-    return g.submit(lambda: r.barrier(rt, g, t), "barrier", async_op)
+    return g.submit(lambda: c.barrier(rt, g, t), "barrier", async_op)
 
 
 def send(x, dst: int, *, tag: int = 0, timeout: float | None = None) -> None:
     """Send ``x`` to world rank ``dst`` (matched in order with that rank's ``recv`` of the same tag)."""
-    from collcomm import runtime as r
+    from collcomm.runtime import p2p
 
-    rt = _rt()
-    r.send(rt, x, dst, tag, _timeout(timeout))
+    p2p.send(_rt(), x, dst, tag, _timeout(timeout))
 
 
 def recv(x, src: int, *, tag: int = 0, timeout: float | None = None) -> None:
     """Receive into ``x`` from world rank ``src``."""
-    from collcomm import runtime as r
+    from collcomm.runtime import p2p
 
-    rt = _rt()
-    r.recv(rt, x, src, tag, _timeout(timeout))
+    p2p.recv(_rt(), x, src, tag, _timeout(timeout))
 
 
 def probe_topology(*, group=None, seconds_per_pair: float | None = None, timeout: float | None = None):
     """Measure the fabric (latency, pairwise bandwidth, shared links) and return the inferred
     Topology; every member of the group (default: the world) calls it and gets the same one."""
-    from collcomm.topology.probe import probe_topology as probe
+    from collcomm.probing import probe_runtime
 
-    return probe(group=group, seconds_per_pair=seconds_per_pair, timeout=timeout)
+    members = None if group is None else _group(group).members
+    topo, _ = probe_runtime(_rt(), members, seconds_per_pair=seconds_per_pair, timeout=timeout)
+    return topo
 
 
 def new_group(ranks, name: str | None = None, *, timeout: float | None = None):
@@ -232,7 +241,7 @@ def link_health(*, group=None, format: str = "dict"):
     """The monitor's view of the group's links (default: the world): the verdicts of the last
     round, the current plan's epoch and fabric changes, and this rank's telemetry snapshot;
     ``format="prometheus"``: the same as Prometheus text exposition."""
-    from collcomm.faults.monitor import link_health as health
+    from collcomm.runtime.monitor import link_health as health
 
     return health(_rt(), _group(group), format=format)
 

@@ -353,7 +353,7 @@ def _probe_options(args) -> None:
 
 
 def probe_fabric(args):
-    """Run ``python -m collcomm.topology.probe`` as -np ranks (in the emulated fabric with --emulate);
+    """Run ``python -m collcomm.probing`` as -np ranks (in the emulated fabric with --emulate);
     print what was measured; return the inferred topology."""
     import json
     import tempfile
@@ -364,7 +364,7 @@ def probe_fabric(args):
 
     with tempfile.TemporaryDirectory(prefix="collcomm-probe-") as tmp:
         out, meas = os.path.join(tmp, "probed.json"), os.path.join(tmp, "measurements.json")
-        command = [sys.executable, "-m", "collcomm.topology.probe", "--out", out, "--measurements", meas]
+        command = [sys.executable, "-m", "collcomm.probing", "--out", out, "--measurements", meas]
         if args.topology_seconds is not None:
             command += ["--seconds", repr(args.topology_seconds)]
         options = {}
@@ -390,7 +390,7 @@ def describe_probe(data: dict, elapsed: float) -> str:
     """What a probe measured: time, pairwise bandwidth (MB/s) and latency (us)."""
     import statistics
 
-    from collcomm.topology.probe import Measurements
+    from collcomm.topology.inference import Measurements
 
     m = Measurements.from_json(data)
     lines = [f"probed     {m.n} ranks in {elapsed:.1f} s ({m.seconds:.1f} s measuring, {m.phases} transfer phases "
@@ -623,7 +623,7 @@ def _add_fabric_arguments(p: argparse.ArgumentParser, required: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from collcomm import __version__
+    from collcomm._version import __version__
     from collcomm.schedules import ALGORITHMS
 
     parser = _Parser(prog=PROG, description="Topology-aware collective communication: fabrics and schedules.")
@@ -812,7 +812,7 @@ def cmd_status(args) -> int:
 
     from collcomm.coordinator.client import CoordinatorClient
     from collcomm.errors import CollectiveTimeout
-    from collcomm.faults.monitor import prometheus
+    from collcomm.runtime.monitor import prometheus
 
     address = args.coordinator or os.environ.get("COLLCOMM_COORDINATOR")
     token = args.token or os.environ.get("COLLCOMM_TOKEN")

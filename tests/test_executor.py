@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collcomm.schedules.ir import ALLGATHER, Phase, Schedule, Tree, TreeEdge
-from collcomm.transport import executor
-from collcomm.transport.executor import ExecutionPlan, Operation
+from collcomm.runtime import executor
+from collcomm.runtime.executor import ExecutionPlan, Operation
 
 
 def two_node_schedule(shares: list[Fraction]) -> Schedule:

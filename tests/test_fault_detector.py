@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from collcomm.faults.detector import (DEGRADED, DOWN, FLAPPING, HEALTHY, DetectorConfig, LinkDetector,
                                       Observation, Verdict, classify, combine_reports)
-from collcomm.faults.telemetry import LinkTelemetry
+from collcomm.transport.telemetry import LinkTelemetry
 
 RATE = 10e6  # bytes/s of a healthy link
 

@@ -66,7 +66,7 @@ def test_mi250_x2_is_exactly_optimal_with_83_trees_per_root():
 def _two_box_without_a_nic():
     from pathlib import Path
 
-    from collcomm.faults.monitor import reroute
+    from collcomm.faults.decisions import reroute
     from collcomm.topology import jsonio
 
     two_box = jsonio.load(Path(__file__).parent.parent / "bench" / "topologies" / "two_box.json")

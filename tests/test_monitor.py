@@ -27,7 +27,7 @@ import pytest
 import multiproc
 from collcomm.errors import TopologyError
 from collcomm.faults.detector import DEGRADED, DOWN, FLAPPING, HEALTHY, Verdict
-from collcomm.faults.monitor import blame, merge_reports, partition, reroute, routes
+from collcomm.faults.decisions import blame, merge_reports, partition, reroute, routes
 from collcomm.schedules import evaluate, generate
 from collcomm.schedules.optimum import collective_bound
 from collcomm.topology import jsonio
@@ -174,7 +174,7 @@ def test_a_cut_cable_between_switches_alone_is_blamed_when_nothing_else_was_meas
 
 
 def test_the_senders_wire_rate_wins_over_per_chunk_times_and_shared_bottlenecks_are_credited():
-    from collcomm.faults.monitor import plan_routes, sharing
+    from collcomm.faults.decisions import plan_routes, sharing
 
     a = {"links": [{"src": 0, "dst": 1, "rate": 5e6, "source": "wire", "transfers": 4}]}
     b = {"links": [{"src": 0, "dst": 1, "rate": 2e5, "source": "chunks", "transfers": 4}]}
@@ -247,7 +247,7 @@ class FakeGroup:
     def __init__(self, topo, rank, client):
         from types import SimpleNamespace
 
-        from collcomm.planner import Planner
+        from collcomm.schedules.planner import Planner
 
         self.runtime = SimpleNamespace(rank=rank, client=client, timeout=10.0, transport=None)
         self.planner = Planner(topo)
@@ -256,7 +256,7 @@ class FakeGroup:
         self.failed_operations = 0  # what Group counts: operations that raised on this rank
 
     def set_topology(self, topo):
-        from collcomm.planner import Planner
+        from collcomm.schedules.planner import Planner
 
         self.planner = Planner(topo)
 
@@ -267,8 +267,8 @@ def run_monitors(topo, ops: int, feed, failed_at: int | None = None):
     returns per rank (changes, error raised at op)."""
     import threading
 
-    from collcomm.faults.monitor import GroupMonitor
-    from collcomm.faults.telemetry import LinkTelemetry
+    from collcomm.runtime.monitor import GroupMonitor
+    from collcomm.transport.telemetry import LinkTelemetry
 
     client = FakeClient()
     n = topo.num_ranks
@@ -414,7 +414,7 @@ def test_a_pair_healthy_again_on_probation_adds_no_link_to_the_faults():
 
 def test_a_sliver_of_a_slow_link_is_left_out_of_the_plan_unless_it_matters():
     """avoid_marginal_links against the exact optima of the rerouted fabrics."""
-    from collcomm.faults.monitor import avoid_marginal_links, reroute
+    from collcomm.faults.decisions import avoid_marginal_links, reroute
     from collcomm.schedules.optimum import collective_bound
 
     topo = jsonio.load(TWO_BOX)
@@ -446,8 +446,8 @@ def synthetic_worker(ops: int, slow_from: int | None, slow_pair: list[int], frac
     1000-8000 float64) and checks them exactly; returns the plan changes its monitor applied.
     ``synthetic=False``: the transport's own telemetry (real loopback rates) instead."""
     import collcomm as cc
-    from collcomm.faults.monitor import GroupMonitor
-    from collcomm.faults.telemetry import LinkTelemetry
+    from collcomm.runtime.monitor import GroupMonitor
+    from collcomm.transport.telemetry import LinkTelemetry
 
     rt = cc.api.runtime()
     g = rt.world

@@ -35,8 +35,8 @@ from collcomm.schedules import generate
 from collcomm.schedules.optimum import collective_bound
 from collcomm.topology import jsonio, presets
 from collcomm.topology.model import COMPUTE, SWITCH, Link, Node, Topology
-from collcomm.topology.probe import (Measurements, chunk_for, cluster_ranks, hop_count, infer_topology, max_min_rates,
-                                     round_robin, simulate, steady_rate)
+from collcomm.probing import chunk_for, hop_count, round_robin, simulate, steady_rate
+from collcomm.topology.inference import Measurements, cluster_ranks, infer_topology, max_min_rates
 
 REPO = Path(__file__).resolve().parent.parent
 WITHIN = 0.15

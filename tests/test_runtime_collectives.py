@@ -564,7 +564,7 @@ FABRICS = {  # fabric -> (topology, or None for the flat model of one host; worl
 def test_every_plan_of_a_fabric(fabric):
     """Every algorithm that has a plan on the fabric (COLLCOMM_TOPOLOGY), run by the executor, chunked."""
     from collcomm.errors import CollectiveError
-    from collcomm.planner import flat_topology
+    from collcomm.schedules.planner import flat_topology
     from collcomm.schedules import generate
 
     topo, n, required = FABRICS[fabric]

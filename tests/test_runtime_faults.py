@@ -39,7 +39,8 @@ from faultjobs import Job, RankDied, client_handshake, connect, raised, raw_head
 
 from collcomm.transport import frames
 from collcomm.transport.frames import ABORT, DATA
-from collcomm.transport.tcp import MAX_HANDSHAKES, P2P_BASE
+from collcomm.transport.interface import P2P_BASE
+from collcomm.transport.tcp import MAX_HANDSHAKES
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from collcomm.faults.telemetry import FORMAT, LinkTelemetry
+from collcomm.transport.telemetry import FORMAT, LinkTelemetry
 
 
 def fake_clock(start: float = 100.0):
@@ -143,7 +143,7 @@ def test_wire_counters_of_a_tcp_socket_and_the_observations_they_make():
     import socket
 
     from collcomm.faults.detector import STALL_SECONDS, observations_between
-    from collcomm.faults.telemetry import tcp_wire_counters
+    from collcomm.transport.telemetry import tcp_wire_counters
 
     srv = socket.create_server(("127.0.0.1", 0))
     a = socket.create_connection(srv.getsockname())

@@ -29,7 +29,7 @@ from typing import Callable, TextIO
 
 import grpc
 
-from collcomm import __version__
+from collcomm._version import __version__
 from collcomm.coordinator import coordinator_pb2 as pb
 from collcomm.coordinator import coordinator_pb2_grpc as pb_grpc
 from collcomm.coordinator import protocol

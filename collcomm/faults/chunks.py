@@ -8,7 +8,7 @@ event, which is what loopback at gigabytes per second pays for.
 
 So the right size is a time, not a size: about :data:`CHUNK_SECONDS` of the slowest link the plan
 uses, as measured (the kernel's wire rate of each pair's connection, see
-:mod:`collcomm.faults.telemetry`). On the emulated two-box fabric (inter-box NICs of 6.25 MB/s)
+:mod:`collcomm.transport.telemetry`). On the emulated two-box fabric (inter-box NICs of 6.25 MB/s)
 that is 64 KB, and with it 4 MB allreduces ran at 0.95 of the optimum against 0.83 with 256 KB
 chunks, and at 0.97 against 0.79 on the plan rerouted around a throttled NIC (bench/RESULTS.md,
 "Issue 6"). On loopback the rates give the configured maximum (1 MB), unchanged.

@@ -9,7 +9,7 @@ The decision is :func:`classify`, a pure function of one round of observations, 
 expected rates, the explicit state it returned last round, the time and a
 :class:`DetectorConfig`; it returns the verdicts and the next state, and touches nothing
 else. :class:`LinkDetector` keeps that state between rounds and turns
-:mod:`collcomm.faults.telemetry` snapshots into observations. :func:`combine_reports` merges
+:mod:`collcomm.transport.telemetry` snapshots into observations. :func:`combine_reports` merges
 the verdicts of the two ends of a link (the coordinator's job).
 
 Rules, per link and round (an observation is one operation, or one monitoring interval):
@@ -526,7 +526,7 @@ def observations_between(previous: Mapping | None, snapshot: Mapping,
         kinds = tuple(k for k, n in l["errors"].items() if k in fatal and n > perr.get(k, 0))
         nerr = sum(n - perr.get(k, 0) for k, n in l["errors"].items() if k in fatal)
         if l.get("wire_seconds") is not None:
-            # The kernel's view of the path (see collcomm.faults.telemetry): bytes the peer
+            # The kernel's view of the path (see collcomm.transport.telemetry): bytes the peer
             # acknowledged over the seconds the connection had data in flight. A round that kept
             # it busy for less than MIN_WIRE_SECONDS, or that sent a single timed chunk, says
             # nothing (timer granularity, slow start); one that sent chunks and got nothing

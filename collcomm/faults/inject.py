@@ -29,8 +29,9 @@ Every rule may also take ``seed=N`` (its own seed) and ``count=N`` (inject at mo
 a link). Example: ``corrupt:0->1:p=0.01;drop:*->2:p=0.001;delay:1->0:ms=20;seed=7``.
 A malformed plan raises ``ValueError`` in one line naming the bad part.
 
-A plan is applied by each :class:`~collcomm.transport.tcp.Link` to the frames it sends to its
-peer (src = this rank, dst = the peer); random choices are drawn from a generator seeded by
+The runtime gives the active plan to its transport (which knows it only as a
+:class:`collcomm.transport.interface.FaultPlan`); each link applies it to the frames it sends to
+its peer (src = this rank, dst = the peer); random choices are drawn from a generator seeded by
 (seed, src, dst, kind), so a plan replays the same choices link by link.
 """
 

@@ -112,9 +112,9 @@ def _coordinator_host() -> tuple[str, str]:
     if host and host not in ("0.0.0.0", ""):
         return host, host
     if host or (master and master not in ("127.0.0.1", "localhost", "::1")):
-        from collcomm.runtime import _own_address
+        from collcomm.runtime import own_address
 
-        return "0.0.0.0", _own_address(f"{master or '8.8.8.8'}:{os.environ.get('MASTER_PORT') or 29500}")
+        return "0.0.0.0", own_address(f"{master or '8.8.8.8'}:{os.environ.get('MASTER_PORT') or 29500}")
     return "127.0.0.1", "127.0.0.1"
 
 
@@ -1005,7 +1005,7 @@ class ProcessGroupCollcomm(dist.ProcessGroup):
         timeout = self._timeout
 
         def run(work_handle):
-            from collcomm.integrations._anysource import recv_any
+            from collcomm.runtime.p2p import recv_any
 
             work, orig = _contig(t)
             world_src = recv_any(api.runtime(), _move_view(work), [g for _, g in peers], tag, timeout)

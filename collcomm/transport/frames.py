@@ -15,9 +15,13 @@ number) asks the receiver to answer with an ECHO of the same number once it has 
 byte sent before the probe: since the stream is in order, a DATA frame sent before an echoed
 probe and neither acknowledged nor asked for again never reached the receiver (it was lost)
 and is sent again. A RELAY frame carries a whole frame of another pair of ranks one hop on,
-around a link that stopped carrying data (see :class:`collcomm.transport.tcp.Link`). A
+around a link that stopped carrying data (see :mod:`collcomm.transport.tcp.detours`). A
 header is checked (magic, version, kind, crc) before anything else, and its length must be
 exactly what the receiving rank expects for that piece: nothing is allocated on a peer's word.
+
+An ABORT frame's payload says why an operation failed on the sending rank
+(:func:`abort_text`: "kind|culprit rank|message"); the receiving rank raises the same typed
+error (:func:`error_from_abort`). The coordinator's abort records use the same text.
 
 The handshake proves knowledge of the job token both ways (HMAC-SHA256
 challenge–response over both nonces) before a connection carries any frame.
@@ -35,7 +39,8 @@ from typing import NamedTuple
 
 import xxhash
 
-from collcomm.errors import CollectiveError
+from collcomm.errors import (CollectiveError, CollectiveTimeout, CorruptionError, LinkFailure, MismatchError,
+                             PeerFailure)
 
 MAGIC = b"CCF1"
 VERSION = 1
@@ -46,7 +51,7 @@ ACK = 4   # header only: "(op, tree, chunk) arrived whole here" (the sender may 
 PROBE = 5  # header only: "answer with ECHO (same chunk field) once you have read everything before this"
 ECHO = 6   # header only: the answer to PROBE number ``chunk``
 # A frame of another pair carried one hop further: the payload is that frame (its header and
-# payload); ``op`` is the rank it is for, ``tree`` the rank it comes from (see tcp.Link detours).
+# payload); ``op`` is the rank it is for, ``tree`` the rank it comes from (see collcomm.transport.tcp.detours).
 RELAY = 7
 KINDS = (DATA, ABORT, NACK, ACK, PROBE, ECHO, RELAY)
 CONTROL = (NACK, ACK, PROBE, ECHO)  # header-only kinds
@@ -165,3 +170,34 @@ def mac(token: bytes, role: bytes, hello: bytes, server_nonce: bytes) -> bytes:
 
 def mac_ok(expected: bytes, got: bytes) -> bool:
     return hmac.compare_digest(expected, got)
+
+
+# ---------------------------------------------------------------------------- failures
+def abort_text(error: BaseException) -> str:
+    """How a failure travels to other ranks: "kind|culprit rank|message" (culprit -1: unknown)."""
+    kind = "mismatch" if isinstance(error, MismatchError) else (
+        "timeout" if isinstance(error, CollectiveTimeout) else (
+            "corrupt" if isinstance(error, CorruptionError) else (
+                "link" if isinstance(error, LinkFailure) else "failure")))
+    culprit = getattr(error, "rank", None)
+    return f"{kind}|{-1 if culprit is None else culprit}|{error}"
+
+
+def error_from_abort(text: str, reporter: int) -> CollectiveError:
+    """The typed error a rank raises for a failure another rank (``reporter``) told it about."""
+    kind, _, rest = text.partition("|")
+    culprit_text, _, message = rest.partition("|")
+    try:
+        culprit = int(culprit_text)
+    except ValueError:
+        culprit, message = -1, rest
+    if kind == "mismatch":
+        return MismatchError(message)
+    if kind == "timeout":
+        return CollectiveTimeout(message)
+    if kind == "corrupt":
+        return CorruptionError(message, rank=culprit if culprit >= 0 else reporter)
+    if kind == "link":
+        return LinkFailure(message, rank=culprit if culprit >= 0 else reporter)
+    rank = culprit if culprit >= 0 else reporter
+    return PeerFailure(message or f"rank {rank} failed", rank=rank)

@@ -18,7 +18,7 @@ is sent again (see :class:`Link`). Answers (ACK, NACK, ECHO) that cannot go out 
 priority lane: the sender thread writes them before its next queued frame, so a peer's operation,
 which completes on them, never waits behind this rank's own bulk sends. Each link records its traffic, errors,
 retransmissions and the last time its peer was heard from in the transport's
-:class:`~collcomm.faults.telemetry.LinkTelemetry`, and applies the faults of
+:class:`~collcomm.transport.telemetry.LinkTelemetry`, and applies the faults of
 :mod:`collcomm.faults.inject` (``COLLCOMM_FAULTS``) to what it sends.
 
 Connections are per group so that two groups with overlapping members never wait on
@@ -38,14 +38,16 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
 from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, CorruptionError, LinkFailure,
-                             MismatchError, PeerFailure)
-from collcomm.faults import inject
-from collcomm.faults.telemetry import LinkTelemetry, tcp_stalled_seconds
+                             PeerFailure)
 from collcomm.transport import frames
-from collcomm.transport.frames import ABORT, ACK, DATA, ECHO, HEADER_SIZE, NACK, PROBE, RELAY, Header, ProtocolError
+from collcomm.transport.frames import (ABORT, ACK, DATA, ECHO, HEADER_SIZE, NACK, PROBE, RELAY, Header, ProtocolError,
+                                       abort_text, error_from_abort)
+from collcomm.transport.interface import P2P_BASE, FaultPlan
+from collcomm.transport.mailbox import GroupMailbox
+from collcomm.transport.telemetry import LinkTelemetry, tcp_stalled_seconds
 
 log = logging.getLogger("collcomm.transport")
 
@@ -57,7 +59,6 @@ MAX_HANDSHAKES = 64  # pending handshakes per listener; beyond, the oldest is cu
 SMALL_PAYLOAD = 64 << 10
 CLOSE_JOIN_SECONDS = 2.0  # close() waits this long in all for the transport's threads to end
 CHECK_EVERY = 0.25  # seconds between looks at failures known elsewhere while waiting for a peer
-P2P_BASE = 1 << 31  # group ids from here on carry point-to-point messages (tag = id - P2P_BASE)
 MAX_RETRANSMITS = int(os.environ.get("COLLCOMM_MAX_RETRANSMITS", "5"))  # per piece, after checksum failures
 # Lost frames (sent, never read by the peer: see Link._echoed). A link that loses a frame this many
 # times over is given up (LinkFailure). Random loss at rate p loses one piece that often with
@@ -122,111 +123,6 @@ def _tune(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         except OSError:  # pragma: no cover - kernel limits
             pass
-
-
-class Receiver(Protocol):
-    """What an operation gives the transport so frames can land in place."""
-
-    def destination(self, header: Header, peer: int) -> memoryview: ...
-
-    def delivered(self, header: Header, view: memoryview, peer: int) -> None: ...
-
-    def failed(self, error: BaseException) -> None: ...
-
-
-class GroupMailbox:
-    """Which receiver takes the frames of each operation of one group."""
-
-    def __init__(self, group: int):
-        self.group = group
-        self._cond = threading.Condition()
-        self._receivers: dict[int, Receiver] = {}
-        self._aborts: dict[int, BaseException] = {}
-        self._floor = 0  # operations below are finished; their frames are stale
-        self._closed = False
-
-    def register(self, op: int, receiver: Receiver) -> None:
-        with self._cond:
-            self._receivers[op] = receiver
-            early = self._aborts.pop(op, None)
-            self._cond.notify_all()
-        if early is not None:
-            receiver.failed(early)
-
-    def finish(self, op: int) -> None:
-        with self._cond:
-            self._receivers.pop(op, None)
-            self._floor = max(self._floor, op + 1)
-            for stale in [o for o in self._aborts if o < self._floor]:
-                del self._aborts[stale]
-
-    def receiver_for(self, op: int) -> Receiver | None:
-        """Wait until ``op`` is registered; None when its frames are stale or the mailbox closed."""
-        with self._cond:
-            while True:
-                if self._closed or op < self._floor:
-                    return None
-                r = self._receivers.get(op)
-                if r is not None:
-                    return r
-                self._cond.wait(1.0)
-
-    def current(self, op: int) -> Receiver | None:
-        """The receiver of ``op`` if it is registered now (never waits)."""
-        return self._receivers.get(op)
-
-    @property
-    def floor(self) -> int:
-        return self._floor
-
-    def abort(self, op: int, error: BaseException) -> None:
-        with self._cond:
-            r = self._receivers.get(op)
-            if r is None and op >= self._floor:
-                self._aborts[op] = error
-        if r is not None:
-            r.failed(error)
-
-    def fail_all(self, error: BaseException) -> None:
-        with self._cond:
-            receivers = list(self._receivers.values())
-        for r in receivers:
-            r.failed(error)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-def abort_text(error: BaseException) -> str:
-    """How a failure travels to other ranks: "kind|culprit rank|message" (culprit -1: unknown)."""
-    kind = "mismatch" if isinstance(error, MismatchError) else (
-        "timeout" if isinstance(error, CollectiveTimeout) else (
-            "corrupt" if isinstance(error, CorruptionError) else (
-                "link" if isinstance(error, LinkFailure) else "failure")))
-    culprit = getattr(error, "rank", None)
-    return f"{kind}|{-1 if culprit is None else culprit}|{error}"
-
-
-def error_from_abort(text: str, reporter: int) -> CollectiveError:
-    """The typed error a rank raises for a failure another rank (``reporter``) told it about."""
-    kind, _, rest = text.partition("|")
-    culprit_text, _, message = rest.partition("|")
-    try:
-        culprit = int(culprit_text)
-    except ValueError:
-        culprit, message = -1, rest
-    if kind == "mismatch":
-        return MismatchError(message)
-    if kind == "timeout":
-        return CollectiveTimeout(message)
-    if kind == "corrupt":
-        return CorruptionError(message, rank=culprit if culprit >= 0 else reporter)
-    if kind == "link":
-        return LinkFailure(message, rank=culprit if culprit >= 0 else reporter)
-    rank = culprit if culprit >= 0 else reporter
-    return PeerFailure(message or f"rank {rank} failed", rank=rank)
 
 
 _ANSWERS = (0, b"", None, None, None)  # a send-queue item that only makes the sender write the priority lane
@@ -1173,11 +1069,10 @@ class TcpTransport:
 
     def __init__(self, rank: int, token: bytes | str, host: str = "127.0.0.1", port: int = 0,
                  advertise_host: str | None = None, telemetry: LinkTelemetry | None = None,
-                 faults: "inject.FaultPlan | None" = None):
+                 faults: FaultPlan | None = None):
         self.rank = rank
         self.telemetry = telemetry if telemetry is not None else LinkTelemetry(rank)
-        # Injected faults (collcomm.faults.inject): the given plan, else configure()'s or COLLCOMM_FAULTS.
-        self.faults = faults if faults is not None else inject.active_plan()
+        self.faults = faults  # injected faults (the runtime passes collcomm.faults.inject's active plan)
         self.token = token.encode() if isinstance(token, str) else bytes(token)
         self._listener = socket.create_server((host, port), backlog=128)
         self._listener.settimeout(None)

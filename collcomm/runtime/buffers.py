@@ -1,7 +1,8 @@
 """User buffers as flat NumPy views: NumPy arrays and CPU torch tensors, contiguous or refused.
 
 The transport moves bytes and the executor reduces NumPy arrays in place, so every
-buffer becomes a 1-D NumPy view of the same memory (no copy). bfloat16 has no NumPy
+buffer becomes a 1-D NumPy view of the same memory (no copy); :meth:`Buffer.reducer` picks the
+in-place reduction of an op for the buffer's dtype. bfloat16 has no NumPy
 type: a bfloat16 tensor travels as uint16 and is reduced through torch.
 """
 
@@ -12,10 +13,12 @@ from typing import Callable
 
 import numpy as np
 
-from collcomm.transport.executor import BITWISE, REDUCTIONS, numpy_reducer
-
 SUPPORTED = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32",
              "uint64")
+REDUCTIONS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor")
+BITWISE = ("band", "bor", "bxor")  # integer buffers only
+_UFUNC = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum, "avg": np.add,
+          "band": np.bitwise_and, "bor": np.bitwise_or, "bxor": np.bitwise_xor}
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,16 @@ class Buffer:
         else:
             view = self.array[part]
             np.divide(view, divisor, out=view, casting="unsafe")
+
+
+def numpy_reducer(op: str) -> Callable[[np.ndarray, np.ndarray], None]:
+    """dst = dst (op) src, in place (NumPy releases the GIL inside)."""
+    ufunc = _UFUNC[op]
+
+    def reduce_into(dst: np.ndarray, src: np.ndarray) -> None:
+        ufunc(dst, src, out=dst)
+
+    return reduce_into
 
 
 def check_reduction(op: str, buf: Buffer) -> None:

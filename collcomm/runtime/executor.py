@@ -27,14 +27,14 @@ from __future__ import annotations
 import heapq
 import os
 import threading
-import time
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
 import numpy as np
 
-from collcomm.errors import CollectiveError, CollectiveTimeout, MismatchError
+from collcomm.errors import CollectiveError, MismatchError
+from collcomm.runtime.operation import OperationEvents
 from collcomm.schedules.ir import ALLGATHER, REDUCE_SCATTER, Schedule
 from collcomm.transport import frames
 from collcomm.transport.frames import DATA, Header
@@ -43,24 +43,10 @@ from collcomm.transport.frames import DATA, Header
 # Operation._send): enough to keep the link busy (the ACK comes back one round trip after the
 # frame arrived), few enough that a frame to forward is not queued behind many.
 SEND_WINDOW = int(os.environ.get("COLLCOMM_SEND_WINDOW", "16"))
-REDUCTIONS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor")
-BITWISE = ("band", "bor", "bxor")  # integer buffers only
-_UFUNC = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum, "avg": np.add,
-          "band": np.bitwise_and, "bor": np.bitwise_or, "bxor": np.bitwise_xor}
 DEFAULT_CHUNK_BYTES = 1 << 20
 _PHASE_SHIFT = 24
 # Children of one piece reduce into the same slice from different receiver threads.
 _STRIPES = [threading.Lock() for _ in range(64)]
-
-
-def numpy_reducer(op: str) -> Callable[[np.ndarray, np.ndarray], None]:
-    """dst = dst (op) src, in place (NumPy releases the GIL inside)."""
-    ufunc = _UFUNC[op]
-
-    def reduce_into(dst: np.ndarray, src: np.ndarray) -> None:
-        ufunc(dst, src, out=dst)
-
-    return reduce_into
 
 
 @dataclass(frozen=True)
@@ -195,7 +181,7 @@ class ExecutionPlan:
             self.gated[(a.frame_tree, a.chunk)] = waits
 
 
-class Operation:
+class Operation(OperationEvents):
     """One collective on one group, as a set of frame events; implements the transport's Receiver."""
 
     def __init__(self, *, links: Callable[[int], object], member_of: Callable[[int], int], me: int, group: int,
@@ -203,23 +189,16 @@ class Operation:
                  desc: int, describe: str, work: np.ndarray, plan: ExecutionPlan,
                  reducer: Callable[[np.ndarray, np.ndarray], None] | None,
                  chained: bool, max_chunk_bytes: int):
-        self._links = links  # member index -> Link
-        self._member_of = member_of  # the transport's peer (world rank) -> member index
-        self.me, self.group, self.epoch, self.op_seq = me, group, epoch, op_seq
-        self.desc, self.describe = desc, describe
+        super().__init__(links=links, member_of=member_of, me=me, group=group, epoch=epoch, op_seq=op_seq,
+                         desc=desc, describe=describe, events=plan.events, from_peer=plan.from_peer)
         self.work = work
         self.bytes = work.view(np.uint8)
         self.itemsize = work.dtype.itemsize
         self.plan = plan
         self.reducer = reducer
         self.chained = chained  # allreduce: allgather of a shard starts when its reduce-scatter is final
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self.error: BaseException | None = None
         self._scratch: dict[int, np.ndarray] = {}
         self._max_chunk = max_chunk_bytes
-        self._events = plan.events
-        self._from_peer = dict(plan.from_peer)
         self._children_left = dict(plan.children_left)
         self._gated = dict(plan.gated) if chained else {}
         self._window: dict[int, int] = {}  # peer -> frames handed to its link and not yet acknowledged
@@ -284,15 +263,6 @@ class Operation:
         if nxt is not None:
             self._transmit(nxt, peer)
 
-    def _event_done(self, from_peer: int | None = None) -> None:
-        with self._lock:
-            self._events -= 1
-            if from_peer is not None:
-                self._from_peer[from_peer] -= 1
-            finished = self._events == 0
-        if finished:
-            self._done.set()
-
     # ------------------------------------------------------------------ receiving (transport calls these)
     def destination(self, header: Header, world_peer: int) -> memoryview:
         peer = self._member_of(world_peer)
@@ -342,39 +312,3 @@ class Operation:
             for child in a.children:
                 self._send(a, child)
         self._event_done(self._member_of(world_peer))
-
-    def failed(self, error: BaseException) -> None:
-        with self._lock:
-            rank = getattr(error, "rank", None)
-            if getattr(error, "while_receiving", False) and rank is not None and self.error is None:
-                try:
-                    peer = self._member_of(rank)
-                except (KeyError, IndexError, ValueError):
-                    peer = None
-                if peer is not None and self._from_peer.get(peer, 0) == 0:
-                    return  # a peer this operation expects nothing more from went away (it finished and left)
-            if self.error is None:
-                self.error = error
-        self._done.set()
-
-    # ------------------------------------------------------------------ waiting
-    def wait(self, timeout: float, poll: Callable[[], BaseException | None] | None = None,
-             poll_every: float = 0.25) -> None:
-        """Block until done; raise the operation's error, or CollectiveTimeout after ``timeout`` s.
-        ``poll`` (called every ``poll_every`` s while waiting) may report an outside failure."""
-        deadline = time.monotonic() + timeout
-        while not self._done.wait(min(poll_every, max(deadline - time.monotonic(), 0))):
-            if time.monotonic() >= deadline:
-                self.failed(CollectiveTimeout(f"{self.describe} did not complete within {timeout:g} s"))
-                break
-            if poll is not None:
-                outside = poll()
-                if outside is not None:
-                    self.failed(outside)
-                    break
-        if self.error is not None:
-            raise self.error
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()

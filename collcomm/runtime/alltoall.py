@@ -1,0 +1,106 @@
+"""Alltoall: a pairwise exchange of blocks on the group's connections, without a schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from collcomm.errors import CollectiveError, MismatchError
+from collcomm.runtime.buffers import as_buffer
+from collcomm.runtime.group import Group
+from collcomm.runtime.operation import OperationEvents
+from collcomm.transport import frames
+from collcomm.transport.frames import DATA, Header
+
+
+def alltoall(rt, group: Group, out, x, timeout: float) -> None:
+    """Block j of ``x`` goes to group rank j and lands there as block ``group.me`` of ``out``.
+
+    A pairwise exchange on the group's connections: in step k = 1..n-1 this rank sends its
+    block to member (me + k) mod n and receives from member (me - k) mod n, so in every step
+    each member sends to a different peer. Sends are queued on the links' sender threads and
+    every receive lands straight in ``out`` (registered before the first send), so no order of
+    arrival can deadlock. ``out`` may be ``x`` itself (the input is then copied first)."""
+    src, dst = as_buffer(x, "input"), as_buffer(out, "output")
+    n, me = group.size, group.me
+    if dst.dtype != src.dtype:
+        raise TypeError(f"alltoall: output dtype {dst.dtype} differs from input dtype {src.dtype}")
+    if dst.count != src.count:
+        raise ValueError(f"alltoall: output holds {dst.count} elements, input {src.count}; they must be equal")
+    if src.count % n:
+        raise ValueError(f"alltoall: {src.count} elements do not split into {n} equal blocks (one per group "
+                         f"rank); give a multiple of {n}")
+    block = src.count // n
+    data = src.array
+    if np.may_share_memory(data, dst.array):
+        data = data.copy()  # in place: blocks arrive over blocks not sent yet
+    dst.array[me * block:(me + 1) * block] = data[me * block:(me + 1) * block]
+    if block == 0 or n == 1:
+        return
+    seq = group.next_seq()
+    itemsize = data.dtype.itemsize
+    chunk_elems = max(1, group.chunk_bytes // itemsize)
+    desc = frames.describe(group.id, group.epoch, "alltoall", dst.dtype, dst.count, "", -1)
+    links: dict[int, object] = {}
+    op = Alltoall(links=links.__getitem__, member_of=group.member_index, me=me, n=n, group=group.id,
+                  epoch=group.epoch, op_seq=seq, desc=desc, describe=f"alltoall of {dst.count} {dst.dtype}",
+                  send=data, recv=dst.array, block=block, chunk_elems=chunk_elems)
+    group.execute(op, seq, [(me + k) % n for k in range(1, n)], links, timeout)
+
+
+class Alltoall(OperationEvents):
+    """An alltoall as frame events (an operation without a schedule): for every other
+    member, the chunks of the block to send and of the block to receive. Frames carry tree 0 and
+    the chunk number; a frame is accepted only from the member whose block it is, with exactly
+    the chunk's length and this operation's description (else MismatchError, as everywhere)."""
+
+    def __init__(self, *, links, member_of, me: int, n: int, group: int, epoch: int, op_seq: int, desc: int,
+                 describe: str, send: np.ndarray, recv: np.ndarray, block: int, chunk_elems: int):
+        chunks = -(-block // chunk_elems)
+        super().__init__(links=links, member_of=member_of, me=me, group=group, epoch=epoch, op_seq=op_seq,
+                         desc=desc, describe=describe, events=2 * (n - 1) * chunks,
+                         from_peer={p: chunks for p in range(n) if p != me})
+        self.n = n
+        self.itemsize = send.dtype.itemsize
+        self.send_bytes, self.recv_bytes = send.view(np.uint8), recv.view(np.uint8)
+        self.block, self.chunk_elems, self.chunks = block, chunk_elems, chunks
+        self._seen: set[tuple[int, int]] = set()
+
+    def _span(self, member: int, chunk: int) -> tuple[int, int]:
+        """Byte range of ``chunk`` of block ``member``."""
+        lo = member * self.block + chunk * self.chunk_elems
+        hi = min(lo + self.chunk_elems, (member + 1) * self.block)
+        return lo * self.itemsize, hi * self.itemsize
+
+    def start(self) -> None:
+        for k in range(1, self.n):  # pairwise order: step k sends to me + k
+            peer = (self.me + k) % self.n
+            for c in range(self.chunks):
+                if self.error is not None:
+                    return  # a failed operation sends nothing more
+                lo, hi = self._span(peer, c)
+                view = memoryview(self.send_bytes[lo:hi])
+                header = Header(DATA, self.group, self.epoch, self.op_seq, 0, c, self.desc, len(view),
+                                frames.checksum(view))
+                try:
+                    self._links(peer).send(header, view, self._event_done)
+                except CollectiveError as e:
+                    self.failed(e)
+                    return
+
+    def destination(self, header: Header, world_peer: int) -> memoryview:
+        peer = self._member_of(world_peer)
+        if header.desc != self.desc:
+            raise MismatchError(f"rank {peer} runs a different operation #{self.op_seq} than this rank's "
+                                f"{self.describe}")
+        c = header.chunk
+        lo, hi = self._span(peer, c) if 0 <= c < self.chunks else (0, -1)
+        with self._lock:
+            fresh = (peer, c) not in self._seen
+            self._seen.add((peer, c))
+        if header.tree != 0 or header.length != hi - lo or not fresh:
+            raise MismatchError(f"rank {peer} sent an unexpected piece (chunk {c}, {header.length} bytes) for "
+                                f"this rank's {self.describe}")
+        return memoryview(self.recv_bytes[lo:hi])
+
+    def delivered(self, header: Header, view: memoryview, world_peer: int) -> None:
+        self._event_done(self._member_of(world_peer))

@@ -1,0 +1,123 @@
+"""The collectives on a group: allreduce, allgather, reduce-scatter, broadcast, reduce, barrier.
+
+Each turns the user's buffer into a flat view (:mod:`collcomm.runtime.buffers`), checks what it
+can check locally, and runs the planner's schedule for it on the group
+(:meth:`~collcomm.runtime.group.Group.run_schedule`): allreduce, allgather and reduce-scatter
+their own plans; broadcast an allgather plan with the root's shard only, reduce a
+reduce-scatter plan into the root's shard, each followed by an agreement on what the operation
+was (:func:`_rooted`). Barrier is an allreduce of one integer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from collcomm.errors import MismatchError
+from collcomm.runtime.buffers import as_buffer
+from collcomm.runtime.executor import shard_layout
+from collcomm.runtime.group import Group
+from collcomm.schedules.ir import ALLGATHER, ALLREDUCE, REDUCE_SCATTER
+from collcomm.transport import frames
+
+
+def allreduce(rt, group: Group, x, op: str, timeout: float, watch_previous: bool = False) -> None:
+    buf = as_buffer(x)
+    reducer = buf.reducer(op)
+    if buf.count == 0 or group.size == 1:
+        return
+    shards = dict(enumerate(shard_layout(buf.count, group.size)))
+    group.run_schedule(ALLREDUCE, buf, buf.array, shards, reducer=reducer, chained=True,
+                       desc_fields=("allreduce", buf.dtype, buf.count, op, -1), timeout=timeout, nbytes=buf.nbytes,
+                       watch_previous=watch_previous)
+    if op == "avg":
+        buf.divide(group.size)
+
+
+def allgather(rt, group: Group, out, x, timeout: float) -> None:
+    src, dst = as_buffer(x, "input"), as_buffer(out, "output")
+    n = src.count
+    if dst.dtype != src.dtype:
+        raise TypeError(f"allgather: output dtype {dst.dtype} differs from input dtype {src.dtype}")
+    if dst.count != n * group.size:
+        raise ValueError(f"allgather: output holds {dst.count} elements, needs {group.size} x {n} = "
+                         f"{group.size * n}")
+    dst.array[group.me * n:(group.me + 1) * n] = src.array
+    if n == 0 or group.size == 1:
+        return
+    shards = {r: (r * n, n) for r in range(group.size)}
+    group.run_schedule(ALLGATHER, dst, dst.array, shards, reducer=None, chained=False,
+                       desc_fields=("allgather", dst.dtype, n, "", -1), timeout=timeout, nbytes=dst.nbytes)
+
+
+def reduce_scatter(rt, group: Group, out, x, op: str, timeout: float) -> None:
+    src, dst = as_buffer(x, "input"), as_buffer(out, "output")
+    m = dst.count
+    if dst.dtype != src.dtype:
+        raise TypeError(f"reduce_scatter: output dtype {dst.dtype} differs from input dtype {src.dtype}")
+    if src.count != m * group.size:
+        raise ValueError(f"reduce_scatter: input holds {src.count} elements, needs {group.size} x {m} = "
+                         f"{group.size * m}")
+    reducer = src.reducer(op)
+    work = src.array.copy()  # the input stays as the caller gave it
+    if m and group.size > 1:
+        shards = {r: (r * m, m) for r in range(group.size)}
+        group.run_schedule(REDUCE_SCATTER, src, work, shards, reducer=reducer, chained=False,
+                           desc_fields=("reduce_scatter", src.dtype, m, op, -1), timeout=timeout,
+                           nbytes=src.nbytes)
+    dst.array[:] = work[group.me * m:(group.me + 1) * m]
+    if op == "avg":
+        dst.divide(group.size)
+
+
+def broadcast(rt, group: Group, x, root: int, timeout: float) -> None:
+    buf = as_buffer(x)
+    check_root(group, root)
+    if buf.count == 0 or group.size == 1:
+        return
+    fields = ("broadcast", buf.dtype, buf.count, "", root)
+    _rooted(rt, group, fields, timeout, lambda: group.run_schedule(
+        ALLGATHER, buf, buf.array, {root: (0, buf.count)}, reducer=None, chained=False, desc_fields=fields,
+        timeout=timeout, nbytes=buf.nbytes * group.size))
+
+
+def reduce(rt, group: Group, x, root: int, op: str, timeout: float) -> None:
+    buf = as_buffer(x)
+    check_root(group, root)
+    reducer = buf.reducer(op)
+    if buf.count == 0 or group.size == 1:
+        return
+    work = buf.array if group.me == root else buf.array.copy()  # only the root's buffer changes
+    fields = ("reduce", buf.dtype, buf.count, op, root)
+    _rooted(rt, group, fields, timeout, lambda: group.run_schedule(
+        REDUCE_SCATTER, buf, work, {root: (0, buf.count)}, reducer=reducer, chained=False, desc_fields=fields,
+        timeout=timeout, nbytes=buf.nbytes * group.size))
+    if op == "avg" and group.me == root:
+        buf.divide(group.size)
+
+
+def _rooted(rt, group: Group, fields: tuple, timeout: float, run) -> None:
+    """Run a rooted collective, then agree on what it was.
+
+    In a broadcast or reduce some ranks only send, so the rank that finds a disagreement may be
+    the only one to see it while the others return. After the operation every rank allreduces
+    (max) the hash of its description and its negation; the allreduce also watches the abort
+    record of the operation itself. A rank whose operation failed does not take part: the
+    others learn of it from that record. A disagreement is a MismatchError on every rank."""
+    mine = frames.describe(*fields) >> 1  # fits int64
+    run()
+    seen = np.array([mine, -mine], dtype=np.int64)
+    allreduce(rt, group, seen, "max", timeout, watch_previous=True)
+    if int(seen[0]) != mine or int(seen[1]) != -mine:
+        raise MismatchError(f"ranks disagree on this {fields[0]} (this rank: {fields[2]} {fields[1]}, "
+                            f"root {fields[4]}{', ' + fields[3] if fields[3] else ''})")
+
+
+def barrier(rt, group: Group, timeout: float) -> None:
+    token = np.zeros(1, dtype=np.int32)
+    allreduce(rt, group, token, "sum", timeout)
+
+
+
+def check_root(group: Group, root: int) -> None:
+    if not isinstance(root, (int, np.integer)) or not 0 <= root < group.size:
+        raise ValueError(f"root {root!r} is not a rank of {group} (0..{group.size - 1})")

@@ -1,0 +1,180 @@
+"""The process-wide runtime behind the public API: rendezvous, the fabric, groups.
+
+A :class:`Runtime` registers this rank's transport address with the coordinator, learns the
+peer table, knows the world's fabric (a topology file, one probed at init, or a flat model of
+the hosts) and forms :class:`~collcomm.runtime.group.Group` objects, whose operations the
+collectives (:mod:`collcomm.runtime.collectives`), alltoall and point-to-point messages
+(:mod:`collcomm.runtime.p2p`) run; shrink and grow live in :mod:`collcomm.runtime.membership`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from collcomm.coordinator.client import CoordinatorClient
+from collcomm.errors import CollectiveError
+from collcomm.faults import inject
+from collcomm.runtime import membership
+from collcomm.runtime.executor import DEFAULT_CHUNK_BYTES
+from collcomm.runtime.group import Group
+from collcomm.runtime.membership import WORLD_GROUP
+from collcomm.runtime.p2p import MessageNumbers
+from collcomm.schedules.planner import flat_topology, restrict
+from collcomm.topology import jsonio
+from collcomm.topology.model import Topology
+from collcomm.transport.tcp import TcpTransport
+
+DEFAULT_TIMEOUT = 300.0
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {raw}")
+    return value
+
+
+class Runtime:
+    """Everything one process needs to take part in collectives."""
+
+    def __init__(self, rank: int, world_size: int, coordinator: str, token: str, *, timeout: float | None = None,
+                 topology: str | Topology | None = None, host: str | None = None,
+                 algorithm: str | None = None, chunk_bytes: int | None = None, auto_shrink: bool | None = None,
+                 monitor_every: int | None = None):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+        self.rank, self.world_size = rank, world_size
+        self.timeout = timeout if timeout is not None else _env_float("COLLCOMM_TIMEOUT", DEFAULT_TIMEOUT)
+        self.algorithm = algorithm or os.environ.get("COLLCOMM_ALGORITHM") or None
+        self.chunk_bytes = chunk_bytes or int(_env_float("COLLCOMM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+        # A size the user chose stays; the default one the link monitor may fit to the measured
+        # link rates (collcomm.faults.chunks), group by group.
+        self.chunk_fixed = bool(chunk_bytes) or bool(os.environ.get("COLLCOMM_CHUNK_BYTES", "").strip())
+        self.auto_shrink = bool(auto_shrink) if auto_shrink is not None else \
+            os.environ.get("COLLCOMM_AUTO_SHRINK", "").strip().lower() in ("1", "true", "yes", "on")
+        self.monitor_every = int(monitor_every) if monitor_every is not None else \
+            int(os.environ.get("COLLCOMM_MONITOR_EVERY") or 0)
+        if self.monitor_every < 0:
+            raise ValueError(f"monitor_every must be >= 0, got {self.monitor_every}")
+        listen = host or os.environ.get("COLLCOMM_HOST") or ("127.0.0.1" if coordinator.startswith(
+            ("127.", "localhost")) else "0.0.0.0")
+        advertise = None if listen not in ("0.0.0.0", "") else own_address(coordinator)
+        self.transport = TcpTransport(rank, token, host=listen, advertise_host=advertise, faults=inject.active_plan())
+        self.client = CoordinatorClient(coordinator, token, timeout=self.timeout)
+        try:
+            # A new process for a rank that stands reported dead (the old one failed and the others
+            # shrank): it takes the rank over and waits to be admitted by the survivors' grow().
+            self.rejoining = self._reported_dead(rank)
+            table = self.client.register(rank, world_size, self.transport.address, timeout=self.timeout)
+        except BaseException:
+            self.transport.close()
+            self.client.close()
+            raise
+        self.transport.set_peers({p.rank: p.address for p in table.peers})
+        self.peer_addresses = {p.rank: p.address for p in table.peers}
+        self.hostnames = [p.hostname for p in table.peers]
+        source = topology if topology is not None else os.environ.get("COLLCOMM_TOPOLOGY") or None
+        # "probe" (COLLCOMM_TOPOLOGY=probe, init(topology="probe")): collcomm.api.init measures the
+        # fabric once the runtime is up and sets it (set_world_topology); a single rank has none.
+        probe = isinstance(source, str) and source.strip().lower() == "probe"
+        self.probe_at_init = probe and world_size > 1
+        self._topology_source = None if probe else source
+        self._world_topology: Topology | None = None
+        self.world = Group(self, WORLD_GROUP, "world", list(range(world_size)), table.epoch)
+        self.groups: dict[int, Group] = {WORLD_GROUP: self.world}
+        self.p2p = MessageNumbers()
+        self.closed = False
+
+    def _reported_dead(self, rank: int) -> bool:
+        try:
+            status = self.client.group_status(WORLD_GROUP, timeout=min(self.timeout, 5.0))
+        except CollectiveError:  # the world is not formed yet: a first start
+            return False
+        return any(d.rank == rank for d in status.dead)
+
+    # ------------------------------------------------------------------ fabric
+    def world_topology(self) -> Topology:
+        if self._world_topology is None:
+            src = self._topology_source
+            if isinstance(src, Topology):
+                topo = src
+            elif src:
+                topo = jsonio.load(src)
+            else:
+                topo = flat_topology(self.hostnames, f"flat{self.world_size}")
+            if topo.num_ranks != self.world_size:
+                raise ValueError(f"topology {topo.name!r} has {topo.num_ranks} ranks but the world has "
+                                 f"{self.world_size}")
+            self._world_topology = topo
+        return self._world_topology
+
+    def set_world_topology(self, topo: Topology) -> None:
+        """The world's fabric from now on (a probed one); groups formed later plan on it."""
+        self._topology_source = topo
+        self._world_topology = None
+
+    def set_hostname(self, rank: int, hostname: str) -> None:
+        """``rank`` runs on ``hostname`` now (a restarted rank, see membership.grow)."""
+        if self.hostnames[rank] != hostname:
+            self.hostnames[rank] = hostname
+            self._world_topology = None
+
+    def group_topology(self, group: Group) -> Topology:
+        world = self.world_topology()
+        try:
+            return restrict(world, group.members, f"{world.name}/{group.name}")
+        except CollectiveError:
+            return flat_topology([self.hostnames[r] for r in group.members], f"flat/{group.name}")
+
+    # ------------------------------------------------------------------ groups
+    def new_group(self, ranks, name: str | None = None, timeout: float | None = None) -> Group:
+        members = [int(r) for r in ranks]
+        if len(set(members)) != len(members):
+            raise ValueError(f"new_group: duplicate ranks in {members}")
+        for r in members:
+            if not 0 <= r < self.world_size:
+                raise ValueError(f"new_group: rank {r} is not in the world of {self.world_size}")
+        if self.rank not in members:
+            raise ValueError(f"new_group: only the members call it; rank {self.rank} is not in {members}")
+        name = name or "group-" + "-".join(map(str, members))
+        info = self.client.form_group(name, members, self.rank, timeout=timeout or self.timeout)
+        group = Group(self, info.group_id, name, list(info.members), info.epoch)
+        self.groups[group.id] = group
+        return group
+
+    # ------------------------------------------------------------------ membership
+    def shrink(self, group: Group | None = None, timeout: float | None = None) -> Group:
+        """Re-form ``group`` (default: the world) without its failed members (see membership.shrink)."""
+        return membership.shrink(self, group, timeout)
+
+    def grow(self, group: Group | None = None, timeout: float | None = None) -> Group:
+        """Re-admit restarted ranks into ``group`` (default: the world) (see membership.grow)."""
+        return membership.grow(self, group, timeout)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for g in self.groups.values():
+            g.close()
+        self.transport.close()
+        self.client.close()
+
+
+def own_address(coordinator: str) -> str:
+    """The local address that reaches the coordinator (what peers on other machines can use)."""
+    host, _, port = coordinator.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, int(port)))
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
