@@ -1,0 +1,171 @@
+"""The TCP transport's listener and connector: how a connection to a peer is opened or accepted.
+
+Of each pair of ranks the lower connects and the higher accepts (a relay channel is opened by
+the relaying rank, whichever is lower). Every accepted connection is authenticated in a thread
+of its own (:mod:`.handshake`); at most MAX_HANDSHAKES are pending per listener, beyond which the
+oldest is cut off, so idle connections can never lock the job out. An accepted connection waits
+until the link that asks for it takes it (:meth:`Connections._wait_accepted`). A connection that
+asks to be re-opened after a break is admitted only while this rank still holds its link.
+
+:class:`Connections` is the part of :class:`~collcomm.transport.tcp.transport.TcpTransport` that
+does this.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+
+from collcomm.errors import AuthenticationError, CollectiveTimeout, PeerFailure
+from collcomm.transport import frames
+from collcomm.transport.frames import ProtocolError
+from collcomm.transport.interface import P2P_BASE
+from collcomm.transport.tcp.handshake import accept, client_handshake, refuse, server_handshake
+from collcomm.transport.tcp.sockets import PeerClosed, open_socket
+
+log = logging.getLogger("collcomm.transport")
+
+MAX_HANDSHAKES = 64  # pending handshakes per listener; beyond, the oldest is cut off
+CHECK_EVERY = 0.25  # seconds between looks at failures known elsewhere while waiting for a peer
+
+
+class Connections:
+    """Opening connections to peers and accepting theirs (see the module)."""
+
+    def _connect(self, peer: int, group: int, epoch: int, deadline: float, check=None,
+                 reconnect: bool = False, relay: bool = False) -> socket.socket:
+        if peer not in self._peers:
+            raise PeerFailure(f"rank {peer} has no known address", rank=peer)
+        host, port, local = self._peers[peer]
+        last: Exception | None = None
+        next_check = time.monotonic() + CHECK_EVERY
+        while time.monotonic() < deadline and not self._closed:
+            if check is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + CHECK_EVERY
+                known = check()
+                if known is not None:
+                    raise known
+            try:
+                sock = open_socket(host, port, local, deadline)
+            except ConnectionRefusedError:
+                self.telemetry.record_error(self.rank, peer, "refused")
+                # Ranks listen before they register, so nobody listening means the process is gone.
+                raise PeerFailure(f"rank {peer} is gone (nothing listens at {host}:{port})", rank=peer) from None
+            except OSError as e:
+                last = e
+                time.sleep(0.05)
+                continue
+            try:
+                client_handshake(sock, self.token, self.rank, peer, group, epoch, reconnect=reconnect, relay=relay,
+                                 deadline=deadline)
+                return sock
+            except AuthenticationError:
+                sock.close()
+                raise
+            except (OSError, ProtocolError) as e:
+                sock.close()
+                last = e
+                time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
+        if isinstance(last, (socket.timeout, TimeoutError)):
+            # The peer's process is there (its listener accepted) but it does not answer: hung or
+            # stopped; only the timeout can tell, as for an operation that waits for it.
+            what = f"tag {group - P2P_BASE}" if group >= P2P_BASE else f"group {group}"
+            raise CollectiveTimeout(f"rank {peer} did not answer the handshake for {what} in time")
+        raise PeerFailure(f"cannot connect to rank {peer} at {host}:{port}: {last}", rank=peer)
+
+    def _wait_accepted(self, peer: int, group: int, epoch: int, deadline: float, check=None) -> socket.socket:
+        while True:
+            with self._cond:
+                got = self._accepted.get((peer, group))
+                if got is not None and got[0] == epoch:
+                    del self._accepted[(peer, group)]
+                    return got[1]
+                left = deadline - time.monotonic()
+                if self._closed:
+                    raise PeerFailure(f"the transport of rank {self.rank} is closed", rank=peer)
+                if left <= 0:
+                    what = f"tag {group - P2P_BASE}" if group >= P2P_BASE else f"group {group}"
+                    raise CollectiveTimeout(f"rank {peer} did not connect for {what} in time")
+                self._cond.wait(min(left, CHECK_EVERY))
+            if check is not None:
+                known = check()
+                if known is not None:
+                    raise known
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept connections and authenticate each in a thread of its own. When MAX_HANDSHAKES are
+        already pending, the oldest pending one (a port scanner, a stuck client: ours complete in
+        milliseconds) is cut off to make room, so idle connections can never lock the job out."""
+        pending: deque = deque()
+        lock = threading.Lock()
+        while not self._closed:
+            try:
+                sock, addr = listener.accept()
+            except OSError:
+                return
+            with lock:
+                while len(pending) >= MAX_HANDSHAKES:
+                    oldest = pending.popleft()
+                    log.warning("rank %d: too many handshakes in progress; dropping the oldest", self.rank)
+                    try:
+                        oldest.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                pending.append(sock)
+            threading.Thread(target=self._serve_handshake, args=(sock, addr, pending, lock), daemon=True,
+                             name=f"collcomm-handshake-r{self.rank}").start()
+
+    def _serve_handshake(self, sock: socket.socket, addr, pending: deque, lock: threading.Lock) -> None:
+        try:
+            hello = server_handshake(sock, self.token, self.rank)
+            if hello.flags & frames.HELLO_RECONNECT:
+                # Only a connection this rank still holds may be re-opened (not one it closed on
+                # purpose: a shrunk group's, a replaced epoch's), or one accepted and not yet taken
+                # (what was sent on it is sent again on the new one).
+                # A link being opened right now is neither: give it a moment.
+                key = (hello.client, hello.group)
+                patience = time.monotonic() + 2.0
+                with self._cond:
+                    while True:
+                        mine, waiting = self._links.get(key), self._accepted.get(key)
+                        if mine is not None and mine.epoch == hello.epoch:
+                            ok = not mine._closing and mine.error is None
+                            state = "closed" if mine._closing else f"failed: {mine.error}"
+                            break
+                        if mine is None and waiting is not None and waiting[0] == hello.epoch:
+                            ok, state = True, ""
+                            break
+                        if time.monotonic() >= patience or self._closed:
+                            ok, state = False, "no such connection"
+                            break
+                        self._cond.wait(0.05)
+                if not ok:
+                    refuse(sock)
+                    raise ProtocolError(f"rank {hello.client} asked to reconnect group {hello.group} epoch "
+                                        f"{hello.epoch}, which this rank no longer holds ({state})")
+            accept(sock)
+            if hello.flags & frames.HELLO_RELAY:  # a relaying rank's: taken now, nobody asks for it
+                sock.settimeout(None)
+                self._adopt(hello.client, hello.group, hello.epoch, sock)
+                return
+            with self._cond:
+                old = self._accepted.get((hello.client, hello.group))
+                self._accepted[(hello.client, hello.group)] = (hello.epoch, sock)
+                self._cond.notify_all()
+            if old is not None:
+                old[1].close()
+        except PeerClosed:  # connected and left without a word: a liveness probe (LinkReliability._peer_gone)
+            sock.close()
+        except (OSError, ProtocolError, AuthenticationError) as e:
+            origin = addr[0] if isinstance(addr, tuple) and addr else "a local process"
+            log.warning("rank %d: refused connection from %s: %s", self.rank, origin, e)
+            sock.close()
+        finally:
+            with lock:
+                try:
+                    pending.remove(sock)
+                except ValueError:  # already cut off
+                    pass

@@ -1,0 +1,62 @@
+"""Socket helpers of the TCP transport: reading exactly, tuning, opening a connection to a peer."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from collcomm.errors import CollectiveTimeout
+
+SOCKET_BUFFER = 4 << 20
+CONNECT_TIMEOUT = 10.0  # one connection attempt (never past the caller's deadline)
+
+
+class PeerClosed(ConnectionResetError):
+    """The peer closed the connection (end of stream)."""
+
+
+def error_kind(e: BaseException) -> str:
+    """The telemetry label of a socket error: eof, reset, refused, timeout or error."""
+    if isinstance(e, PeerClosed):
+        return "eof"
+    if isinstance(e, ConnectionRefusedError):
+        return "refused"
+    if isinstance(e, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return "reset"
+    if isinstance(e, (socket.timeout, TimeoutError, CollectiveTimeout)):
+        return "timeout"
+    return "error"
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        r = sock.recv_into(view[got:], n - got)
+        if r == 0:
+            raise PeerClosed("connection closed by peer")
+        got += r
+
+
+def tune(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:  # pragma: no cover - kernel limits
+            pass
+
+
+
+def open_socket(host: str, port: int, local: str | None, deadline: float) -> socket.socket:
+    """A socket to the peer: its Unix socket when it is reachable from here, else TCP."""
+    wait = min(CONNECT_TIMEOUT, max(deadline - time.monotonic(), 0.1))
+    if local is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(wait)
+        try:
+            sock.connect("\0" + local)
+            return sock
+        except OSError:  # another machine or network namespace
+            sock.close()
+    return socket.create_connection((host, port), timeout=wait)
