@@ -143,7 +143,8 @@ def rank_main() -> int:
 def model(topo_path: Path, scale: str) -> dict:
     """Per collective and algorithm: the model algbw at the emulated rates, bytes/s (and the optimum)."""
     from collcomm.schedules import generate
-    from collcomm.topology import emulate, jsonio
+    from collcomm import emulation as emulate
+    from collcomm.topology import jsonio
 
     topo = jsonio.load(topo_path)
     bytes_per_gbps = emulate.parse_scale(scale) / 8  # bytes/s of goodput per GB/s of topology bandwidth

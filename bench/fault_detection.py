@@ -50,7 +50,7 @@ def rank_main() -> int:
 
     import collcomm as cc
     from collcomm.api import runtime
-    from collcomm.topology import emulate as emu
+    from collcomm import emulation as emu
 
     cfg = json.loads(os.environ["FD_CONFIG"])
     cc.init(timeout=cfg.get("timeout", 60.0))
@@ -117,7 +117,7 @@ def rank_main() -> int:
 def scaled_optimum(topo, scale: str, collective: str = "allreduce") -> float:
     """ForestColl's exact cut bound of ``topo`` at the emulated rates, bytes/s."""
     from collcomm.schedules import evaluate, generate
-    from collcomm.topology import emulate
+    from collcomm import emulation as emulate
 
     s = generate(topo, collective, "forestcoll")
     bw = evaluate.algbw(s, topo)
@@ -143,7 +143,7 @@ def run_job(*, ops: int, nbytes: int, events: list[dict], scale: str, chunk: int
     "mode", "percent"}``, faults (:func:`collcomm.topology.emulate.fault`) that rank 0 injects right
     before operation ``op``. Returns :func:`analyse` of the ranks' records."""
     from collcomm.launcher import run as launch
-    from collcomm.topology import emulate as emu
+    from collcomm import emulation as emu
     from collcomm.topology import jsonio
 
     topology = Path(topology)

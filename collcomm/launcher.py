@@ -1,10 +1,13 @@
-"""``collcomm run -n N [--topology T.json] program args...``: a job on this machine, like torchrun.
+"""``collcomm run -n N [--topology T.json] [--emulate T.json] program args...``: a job on this
+machine, like torchrun (also how ``collcomm topology --probe`` and ``collcomm-perf`` start ranks).
 
 Starts an embedded coordinator, spawns the ranks with their ``COLLCOMM_*``
 environment, prefixes every output line with its rank, forwards Ctrl-C / SIGTERM,
 and when a rank fails reports it to the coordinator (so every survivor raises
 PeerFailure naming it at once), gives the others a moment to report their own
-errors, stops them, and exits with the failing rank's exit code and error.
+errors, stops them, and exits with the failing rank's exit code and error. With
+``--emulate`` each rank runs inside its namespace of an emulated fabric
+(:mod:`collcomm.emulation`).
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ def run(nprocs: int, command: list[str], *, topology: str | None = None, timeout
 
     ``wrap(rank, argv) -> argv`` lets callers run each rank differently; ``env`` adds variables
     to every rank's environment. ``emulate=T.json`` runs each rank inside its namespace of the
-    emulated fabric of that topology (built now and removed afterwards, unless the same fabric
-    is already up from ``collcomm emulate up``); its topology is then the planner's unless
+    emulated fabric of that topology at ``scale`` under ``prefix`` (None: the defaults of
+    :mod:`collcomm.emulation`), built now and removed afterwards, unless the same fabric is
+    already up from ``collcomm emulate up``; its topology is then the planner's unless
     ``topology`` or ``COLLCOMM_TOPOLOGY`` says otherwise."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -84,17 +88,19 @@ def run(nprocs: int, command: list[str], *, topology: str | None = None, timeout
         return _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, env, fabric)
     finally:
         if built:
-            from collcomm.topology import emulate as emu
+            from collcomm import emulation as emu
 
             emu.down(fabric.prefix)
 
 
 def _fabric(path: str, nprocs: int, scale: str | None, prefix: str | None):
-    """The emulated fabric of topology file ``path``: the one already up, or a new one (built=True)."""
-    from collcomm.topology import emulate as emu
+    """The emulated fabric of topology file ``path``: the one already up under the prefix (the same
+    topology at the same scale, left up afterwards), or a new one (built=True: the caller removes it).
+    ValueError when another fabric is up under the prefix."""
+    from collcomm import emulation as emu
     from collcomm.topology import jsonio
 
-    emu.require_root("collcomm run --emulate")
+    emu.require_root("--emulate")
     topo = jsonio.load(path)
     if topo.num_ranks != nprocs:
         raise ValueError(f"emulated topology {path} has {topo.num_ranks} ranks but -n is {nprocs}")
@@ -137,7 +143,7 @@ def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_e
             env = rank_env(i, nprocs, address, token, topology, timeout)
             env.update(extra_env or {})
             if fabric is not None:
-                from collcomm.topology import emulate as emu
+                from collcomm import emulation as emu
 
                 env.update(emu.rank_environment(fabric, i))
                 argv = emu.wrap_command(fabric, i, argv)

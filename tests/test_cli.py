@@ -268,6 +268,15 @@ BAD = [
     (["schedule"], "--topology --preset is required"),
     ([], "required"),
     (["topology", "--preset", "star", "--frobnicate"], "unrecognized arguments"),
+    # emulation flags: checked before anything starts (and before the root check), as collcomm-perf checks them
+    (["run", "-n", "2", "--scale", "1GB/s=10Mbit", "true"], "--scale applies to --emulate only"),
+    (["run", "-n", "2", "--prefix", "ccx", "true"], "--prefix applies to --emulate only"),
+    (["run", "-n", "2", "--emulate", "good.json", "--scale", "fast", "true"], "--scale must look like"),
+    (["run", "-n", "2", "--emulate", "good.json", "--prefix", "Bad-1", "true"], "emulation prefix must be"),
+    (["emulate", "up", "good.json", "--scale", "1GB/s=-1Mbit"], "--scale must look like"),
+    (["emulate", "up", "good.json", "--prefix", "x"], "emulation prefix must be"),
+    (["topology", "--probe", "-np", "2", "--scale", "1GB/s=10Mbit"], "--scale applies to --emulate only"),
+    (["topology", "--probe", "--emulate", "good.json", "--prefix", "toolongname"], "emulation prefix must be"),
 ]
 
 
@@ -288,6 +297,14 @@ def test_bad_input_exits_2_with_one_line(bad_files, capsys, argv, words):
     assert lines[0].startswith("collcomm: error: ")
     assert words in lines[0]
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_a_missing_plotting_library_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "scipy", None)  # networkx's kamada_kawai_layout imports it
+    assert main(["topology", "--preset", "hypercube", "--plot", str(tmp_path / "h.png")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "cannot draw" in captured.err and "scipy" in captured.err
+    assert "Traceback" not in captured.err and not (tmp_path / "h.png").exists()
 
 
 @pytest.mark.parametrize("argv", [["topology", "--topology", "malformed.json"],

@@ -7,6 +7,8 @@
   measures, `down` leaves no namespace, link, process or state file, also after a job whose
   launcher was SIGKILLed, and never touches a namespace outside its prefix;
 * a short job under `collcomm run --emulate` gives exact results with every algorithm;
+* `collcomm-perf --emulate --scale --prefix` runs on the fabric `collcomm emulate up` built (and
+  leaves it up), builds and removes its own otherwise, and refuses another fabric under its prefix;
 * without root, a one-line error and exit 2.
 """
 
@@ -28,8 +30,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collcomm.topology import emulate, jsonio, presets
-from collcomm.topology.emulate import EmulationError
+from collcomm import emulation as emulate
+from collcomm.emulation import EmulationError, netns
+from collcomm.topology import jsonio, presets
 
 REPO = Path(__file__).resolve().parent.parent
 TWO_BOX = REPO / "bench" / "topologies" / "two_box.json"
@@ -291,7 +294,7 @@ def test_down_cleans_up_after_a_killed_launcher(prefix, tmp_path):
     assert "8 processes" in res.stdout
     nothing_left(prefix)
     for pid in ranks:
-        assert not emulate._alive(pid)
+        assert not netns._alive(pid)
 
 
 @needs_root
@@ -314,3 +317,131 @@ def test_a_different_fabric_under_the_same_prefix_is_not_clobbered(prefix, tmp_p
     res = cli("run", "-n", "8", "--emulate", str(TWO_BOX), "--prefix", prefix, "true")
     assert res.returncode == 2 and "another fabric" in res.stderr
     assert emulate.current(prefix).name == "ring8"
+
+
+# --------------------------------------------------------------------------- collcomm-perf --emulate
+DUO = {"format": "collcomm.topology/1", "name": "duo",
+       "nodes": [{"id": "r0", "kind": "compute"}, {"id": "r1", "kind": "compute"}, {"id": "sw", "kind": "switch"}],
+       "links": [{"src": f"r{i}", "dst": "sw", "bandwidth": 1} for i in range(2)]}
+PERF_QUICK = ("-b", "1K", "-e", "4K", "-f", "2", "-n", "2", "-w", "1")
+
+
+def perf_env() -> dict:
+    """This environment, less what would make collcomm-perf a rank of another job."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("COLLCOMM_RANK", "COLLCOMM_WORLD_SIZE", "COLLCOMM_COORDINATOR", "COLLCOMM_PERF_REPORT")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", COLLCOMM_TIMEOUT="60")
+    return env
+
+
+def perf(*args, timeout=150, unprivileged=False) -> subprocess.CompletedProcess:
+    """``python -m collcomm.perf ARGS`` as a user starts it (not as a rank of another job)."""
+    argv = [sys.executable, "-m", "collcomm.perf", *map(str, args)]
+    if unprivileged:
+        argv = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"] + argv
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=perf_env())
+
+
+def perf_watching_namespaces(prefix: str, *args, timeout=150) -> tuple[subprocess.CompletedProcess, list[set]]:
+    """:func:`perf`, meanwhile collecting the processes in the namespaces of ranks 0 and 1 under
+    ``prefix`` (a rank lives for seconds: the polls every 50 ms see it)."""
+    argv = [sys.executable, "-m", "collcomm.perf", *map(str, args)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=perf_env())
+    seen: list[set] = [set(), set()]
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            for i in (0, 1):
+                res = subprocess.run(["ip", "netns", "pids", f"{prefix}-{i}"], capture_output=True, text=True,
+                                     timeout=10)
+                seen[i] |= {int(x) for x in res.stdout.split()}
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err), seen
+
+
+def perf_rows(stdout: str) -> list[list[str]]:
+    return [line.split() for line in stdout.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.fixture
+def duo(tmp_path) -> Path:
+    path = tmp_path / "duo.json"
+    path.write_text(json.dumps(DUO))
+    return path
+
+
+@needs_root
+@pytest.mark.timeout(200)
+def test_perf_runs_on_the_fabric_emulate_up_built_and_leaves_it_up(prefix, duo, tmp_path):
+    res = cli("emulate", "up", str(duo), "--prefix", prefix, "--scale", "1GB/s=200Mbit")
+    assert res.returncode == 0, res.stderr
+    before = emulate.current(prefix)
+    try:
+        out = tmp_path / "perf.json"
+        res, seen = perf_watching_namespaces(prefix, "-np", 2, "--emulate", duo, "--prefix", prefix, "--scale",
+                                             "1GB/s=200Mbit", *PERF_QUICK, "--json", out)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        rows = perf_rows(res.stdout)
+        assert [r[0] for r in rows] == ["1024", "2048", "4096"]
+        assert all(r[8] == "0" and r[12] == "0" for r in rows), rows  # #wrong, out-of-place and in-place
+        doc = json.loads(out.read_text())
+        assert (doc["config"]["fabric"], doc["config"]["scale"], doc["config"]["prefix"]) == (
+            "duo", "1GB/s=200Mbit", prefix)
+        # Each rank ran inside its namespace of this fabric.
+        assert [r["pid"] in seen[r["rank"]] for r in doc["ranks"]] == [True, True], (doc["ranks"], seen)
+        # Used as it was, not rebuilt (that would have removed it afterwards), and left up.
+        assert emulate.current(prefix) == before
+    finally:
+        res = cli("emulate", "down", "--prefix", prefix)
+        assert res.returncode == 0, res.stderr
+    nothing_left(prefix)
+
+
+@needs_root
+@pytest.mark.timeout(200)
+def test_perf_builds_its_own_fabric_and_removes_it_afterwards(prefix, duo, tmp_path):
+    out = tmp_path / "perf.json"
+    res, seen = perf_watching_namespaces(prefix, "-np", 2, "--emulate", duo, "--prefix", prefix, "--scale",
+                                         "1GB/s=200Mbit", *PERF_QUICK, "--json", out)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert len(perf_rows(res.stdout)) == 3
+    ranks = json.loads(out.read_text())["ranks"]
+    assert [r["pid"] in seen[r["rank"]] for r in ranks] == [True, True], (ranks, seen)
+    nothing_left(prefix)
+
+
+@needs_root
+@pytest.mark.timeout(120)
+def test_perf_refuses_another_fabric_under_its_prefix(prefix, duo, tmp_path):
+    ring = tmp_path / "ring.json"
+    jsonio.save(presets.make_preset("ring", ranks=4), ring)
+    try:
+        assert cli("emulate", "up", str(ring), "--prefix", prefix).returncode == 0
+        res = perf("-np", 2, "--emulate", duo, "--prefix", prefix, *PERF_QUICK, timeout=60)
+        assert res.returncode == 2 and res.stdout == "", res.stdout + res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+        assert res.stderr.startswith(f"collcomm-perf: error: another fabric (ring4) is up under prefix '{prefix}'")
+        assert f"`collcomm emulate down --prefix {prefix}`" in res.stderr
+        assert emulate.current(prefix).name == "ring4"  # not clobbered
+        # The same topology at another scale is another fabric as well.
+        assert cli("emulate", "up", str(duo), "--prefix", prefix, "--scale", "1GB/s=200Mbit").returncode == 0
+        res = perf("-np", 2, "--emulate", duo, "--prefix", prefix, *PERF_QUICK, timeout=60)  # the default scale
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and "another fabric (duo)" in res.stderr
+        assert emulate.current(prefix).same_fabric(emulate.plan(jsonio.load(duo), prefix, "1GB/s=200Mbit"))
+    finally:
+        assert cli("emulate", "down", "--prefix", prefix).returncode == 0
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_perf_without_root_a_one_line_error(prefix, duo):
+    res = perf("-np", 2, "--emulate", duo, "--prefix", prefix, *PERF_QUICK, timeout=60, unprivileged=True)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "needs root" in res.stderr and "Traceback" not in res.stderr
+    nothing_left(prefix)

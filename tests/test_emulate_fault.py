@@ -16,8 +16,9 @@ import textwrap
 
 import pytest
 
-from collcomm.topology import emulate, jsonio
-from collcomm.topology.emulate import EmulationError
+from collcomm import emulation as emulate
+from collcomm.emulation import EmulationError, shaping
+from collcomm.topology import jsonio
 from test_emulate import CAN_EMULATE, cli, stream_rate
 
 needs_root = pytest.mark.skipif(not CAN_EMULATE, reason="emulated fabrics need root and iproute2 (ip, tc)")
@@ -52,11 +53,11 @@ def test_nodes_resolve_by_id_or_rank_and_only_links_that_exist_are_faulted():
     for bad in ("3", "r9", "", "-1"):
         with pytest.raises(EmulationError, match="neither a node"):
             emulate.resolve_node(p, bad)
-    ends = emulate._ends(p, "r0", "sw")
+    ends = shaping.link_ends(p, "r0", "sw")
     assert set(ends) == {("r0", "sw"), ("sw", "r0")}
     assert ends[("r0", "sw")][:2] == (p.namespaces[0], "e3") and ends[("sw", "r0")][:2] == (p.namespaces[3], "e0")
     with pytest.raises(EmulationError, match="no link between 'r0' and 'r1'.*'r0' is linked to sw"):
-        emulate._ends(p, "r0", "r1")
+        shaping.link_ends(p, "r0", "r1")
     with pytest.raises(EmulationError, match="two different nodes"):
         emulate.fault(p, "r0", "0", "down")
     with pytest.raises(EmulationError, match="fault mode"):

@@ -282,6 +282,15 @@ BAD = {
     "two collectives": (["allreduce", "-C", "broadcast"], "two collectives"),
     "too many sizes": (["-b", "1", "-e", "1G", "-i", "1"], "sizes"),
     "too much memory": (["-b", "1G", "-e", "64G", "-f", "2", "-np", "8"], "memory"),
+    # --scale and --prefix as `collcomm run --emulate` checks them, before any process starts
+    "bad emulation scale": (["--emulate", "bench/topologies/two_box.json", "--scale", "100Mbit"],
+                            "--scale must look like 1GB/s=100Mbit, got '100Mbit'"),
+    "zero emulation scale": (["--emulate", "bench/topologies/two_box.json", "--scale", "0GB/s=1Mbit"],
+                             "--scale: both sides must be positive"),
+    "bad emulation prefix": (["--emulate", "bench/topologies/two_box.json", "--prefix", "Bad-1"],
+                             "emulation prefix must be 2-9 lowercase letters"),
+    "scale without emulate": (["--scale", "1GB/s=10Mbit"], "--scale applies to --emulate only"),
+    "prefix without emulate": (["--prefix", "ccx"], "--prefix applies to --emulate only"),
 }
 
 
@@ -293,6 +302,16 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(case):
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("collcomm-perf: error: "), proc.stderr
     assert "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
+
+
+def test_emulation_scale_and_prefix_parse_as_collcomm_run_takes_them():
+    two_box = str(REPO / "bench" / "topologies" / "two_box.json")
+    opts = parse(["--emulate", two_box, "--scale", "2GB/s=1gbit", "--prefix", "ccperf"])
+    assert (opts.emulate, opts.scale, opts.prefix) == (two_box, "2GB/s=1gbit", "ccperf")
+    assert (opts.as_dict()["scale"], opts.as_dict()["prefix"]) == ("2GB/s=1gbit", "ccperf")
+    defaults = parse(["--emulate", two_box]).as_dict()  # the JSON records what the fabric ran at
+    assert (defaults["scale"], defaults["prefix"]) == ("1GB/s=100Mbit", "ccemu")
+    assert (parse([]).as_dict()["scale"], parse([]).as_dict()["prefix"]) == (None, None)
 
 
 def test_topology_of_another_size_is_refused(tmp_path):

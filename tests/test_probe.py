@@ -334,7 +334,7 @@ SCALE, PER_GBPS = "1GB/s=100Mbit", 0.0125  # 1 GB/s of the file is shaped to 12.
 
 @pytest.fixture
 def prefix():
-    from collcomm.topology import emulate
+    from collcomm import emulation as emulate
 
     name = f"ccpr{os.getpid() % 100000}"
     yield name

@@ -16,7 +16,9 @@ bfloat16 (needs torch) or all, ``-r`` root, ``-a`` 0 rank 0 / 1 average / 2 min 
 ranks' times, ``-N`` repeat the sweep (0, forever, is refused: every run is bounded), ``-T``
 seconds per collective call. Besides: ``-np`` ranks to launch, ``--algorithm``
 forestcoll|ring|tree|halving_doubling (default: the planner's choice per size),
-``--topology T.json`` (or ``probe``), ``--emulate T.json`` (network namespaces, through collcomm's launcher),
+``--topology T.json`` (or ``probe``), ``--emulate T.json [--scale BW=RATE] [--prefix NAME]``
+(network namespaces, exactly as ``collcomm run --emulate``: the fabric ``collcomm emulate up``
+built under that prefix when it is the same, else one built for the run and removed after it),
 ``--compare gloo[,mpi]``, ``--json FILE``, ``--plot IMAGE``.
 
 The table is nccl-tests' (size, count, type, redop, root, then time (us), algbw, busbw (GB/s,
@@ -35,7 +37,7 @@ JSON (``--json FILE``, format ``collcomm.perf/1``)::
     {"format": "collcomm.perf/1",
      "config": {"collective", "dtype", "op", "minbytes", "maxbytes", "stepfactor", "stepbytes",
                 "iters", "warmup_iters", "check_iters", "root", "average", "average_name",
-                "repeat", "nprocs", "algorithm", "topology", "emulate", "compare", "timeout",
+                "repeat", "nprocs", "algorithm", "topology", "emulate", "scale", "prefix", "compare", "timeout",
                 "argv", "world_size", "fabric", "libraries", "machine": {"hostname", "platform",
                 "cpus", "python", "numpy", "torch"?}, "date"},
      "ranks": [{"rank", "pid", "host"}, ...],
@@ -51,6 +53,8 @@ JSON (``--json FILE``, format ``collcomm.perf/1``)::
      "compare_avg_bus_bw": {"gloo": ...}}  # only with --compare
 
 ``nwrong`` is null when ``-c 0``. ``config.algorithm`` is null when the planner chooses.
+``config.scale`` and ``config.prefix`` are the emulated fabric's (defaults filled in), null
+without ``--emulate``.
 
 Exit status: 0; 1 when an element was wrong or a rank failed; 2 for bad input (one line on
 stderr: ``collcomm-perf: error: ...``). ``COLLCOMM_PERF_CORRUPT=RANK[:INDEX]`` is a

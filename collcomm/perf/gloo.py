@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from collcomm.perf.libraries import Library, as_bfloat16
+from collcomm.perf.library import Library, as_bfloat16
 
 _ADDRESS_BYTES = 256
 

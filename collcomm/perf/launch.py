@@ -9,7 +9,6 @@ out with the launcher's ``[rank N]`` prefix, like errors).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import secrets
@@ -103,18 +102,17 @@ def check_fabrics(opts: Options, nprocs: int) -> None:
 
 
 def launch(opts: Options) -> int:
+    """Start the ranks and print what rank 0 reports; returns the exit status. With ``--emulate``
+    the ranks run in the emulated fabric that ``collcomm emulate up`` built under ``--prefix``
+    (the same topology at the same scale; left up), or in one built now and removed afterwards:
+    collcomm's launcher decides, as for ``collcomm run --emulate``."""
     from collcomm import launcher
+    from collcomm.emulation import EmulationError
 
     nprocs = opts.nprocs or 1
     check_world(opts, nprocs)
     check_memory(opts, nprocs)
     check_fabrics(opts, nprocs)
-    accepts = inspect.signature(launcher.run).parameters
-    kwargs = {}
-    if opts.emulate:
-        if "emulate" not in accepts:
-            raise UsageError("--emulate: this collcomm's launcher cannot run ranks in emulated networks yet")
-        kwargs["emulate"] = opts.emulate
     command = [sys.executable, "-m", "collcomm.perf", *opts.argv]
     with tempfile.TemporaryDirectory(prefix="collcomm-perf-") as tmp:
         report = Path(tmp) / "report.jsonl"
@@ -122,23 +120,16 @@ def launch(opts: Options) -> int:
         reporter = Reporter(opts)
         follower = Follower(report, reporter.handle)
         follower.start()
-        previous = os.environ.get(REPORT_ENV)
-        if "env" in accepts:
-            kwargs["env"] = {REPORT_ENV: str(report)}
-        else:  # an older launcher gives each rank this process's environment
-            os.environ[REPORT_ENV] = str(report)
         try:
             if "mpi" in opts.compare:
                 code = _run_mpi(opts, nprocs, command, str(report))
             else:
-                code = launcher.run(nprocs, command, topology=opts.topology, timeout=opts.timeout, **kwargs)
-        except ValueError as e:  # the launcher's checks
+                code = launcher.run(nprocs, command, topology=opts.topology, timeout=opts.timeout,
+                                    env={REPORT_ENV: str(report)}, emulate=opts.emulate, scale=opts.scale,
+                                    prefix=opts.prefix)
+        except (ValueError, EmulationError) as e:  # the launcher's checks: another fabric under --prefix, not root
             raise UsageError(str(e)) from None
         finally:
-            if previous is None:
-                os.environ.pop(REPORT_ENV, None)
-            else:
-                os.environ[REPORT_ENV] = previous
             follower.finish()
         if code != 0:
             reporter.abort()

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from collcomm.perf.libraries import Library
+from collcomm.perf.library import Library
 
 RANK_FROM_MPI = "COLLCOMM_PERF_RANK_FROM_MPI"  # set by the launching process for mpiexec'd ranks
 

@@ -71,6 +71,8 @@ class Options:
     algorithm: str | None
     topology: str | None
     emulate: str | None
+    scale: str | None          # --scale and --prefix of --emulate, as given (None: the defaults)
+    prefix: str | None
     json: str | None
     plot: str | None
     compare: list[str]
@@ -99,8 +101,16 @@ class Options:
                 "iters": self.iters, "warmup_iters": self.warmup, "check_iters": self.check, "root": self.root,
                 "average": self.average, "average_name": AVERAGES[self.average], "repeat": self.repeat,
                 "nprocs": self.nprocs, "algorithm": self.algorithm, "topology": self.topology,
-                "emulate": self.emulate, "compare": self.compare, "timeout": self.timeout,
+                "emulate": self.emulate, **self._emulation(), "compare": self.compare, "timeout": self.timeout,
                 "argv": list(self.argv)}
+
+    def _emulation(self) -> dict:
+        """The scale and prefix the emulated fabric runs at (null without --emulate)."""
+        if not self.emulate:
+            return {"scale": None, "prefix": None}
+        from collcomm.emulation import DEFAULT_PREFIX, DEFAULT_SCALE
+
+        return {"scale": self.scale or DEFAULT_SCALE, "prefix": self.prefix or DEFAULT_PREFIX}
 
 
 # ---------------------------------------------------------------------------- values
@@ -165,6 +175,8 @@ def has_module(name: str) -> bool:
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from collcomm.emulation.options import add_emulation_arguments
+
     p = _Parser(prog=PROG, allow_abbrev=False,
                 description="nccl-tests-style bandwidth sweep of one collective over collcomm (all_reduce_perf "
                             "and friends): out-of-place and in-place time, algbw, busbw and #wrong per size.",
@@ -202,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the planner's choice per size; alltoall is always a pairwise exchange)")
     p.add_argument("--topology", metavar="T.json", help="the job's fabric (collcomm.topology/1), for the planner, or "
                                                          "'probe': the ranks measure it at start")
-    p.add_argument("--emulate", metavar="T.json", help="run the ranks in network namespaces wired as T.json says")
+    add_emulation_arguments(p, "--emulate", "run the ranks in network namespaces wired as T.json says (built for "
+                                            "the run unless `collcomm emulate up` built it; needs root)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON (see the module documentation)")
     p.add_argument("--plot", metavar="IMAGE", help="plot busbw against size (.png, .svg or .pdf)")
     p.add_argument("--compare", metavar="LIBS",
@@ -261,11 +274,23 @@ def parse(argv: list[str]) -> Options:
         check_output(args.plot, "--plot", image=True)
     if "mpi" in compare and args.emulate:
         raise UsageError("--compare mpi starts the ranks with mpiexec, which cannot run them in --emulate namespaces")
+    _check_emulation(args)
     return Options(coll, dtypes, ops, lo, hi, args.stepfactor, step, args.iters, args.warmup_iters, args.check,
                    args.root, args.average, args.run_cycles, args.nprocs, algorithm,
                    "probe" if probe else str(Path(args.topology).resolve()) if args.topology else None,
-                   str(Path(args.emulate).resolve()) if args.emulate else None, args.json, args.plot, compare,
-                   args.timeout, list(argv))
+                   str(Path(args.emulate).resolve()) if args.emulate else None, args.scale, args.prefix, args.json,
+                   args.plot, compare, args.timeout, list(argv))
+
+
+def _check_emulation(args) -> None:
+    """--scale and --prefix: checked as `collcomm run --emulate` checks them."""
+    from collcomm.emulation import EmulationError
+    from collcomm.emulation.options import check_emulation_arguments
+
+    try:
+        check_emulation_arguments(args.emulate, args.scale, args.prefix)
+    except EmulationError as e:
+        raise UsageError(str(e)) from None
 
 
 def _dtypes(text: str) -> list[str]:

@@ -26,7 +26,8 @@ from typing import Callable
 import numpy as np
 
 from collcomm.perf import collectives as C
-from collcomm.perf.libraries import Library, make
+from collcomm.perf.libraries import make
+from collcomm.perf.library import Library
 from collcomm.perf.options import Options, UsageError, check_world
 
 CORRUPT_ENV = "COLLCOMM_PERF_CORRUPT"

@@ -1,0 +1,116 @@
+"""The commands that run jobs or talk to them: ``collcomm run`` (N ranks on this machine, like
+torchrun, through :mod:`collcomm.launcher`), ``collcomm coordinator`` (the coordinator alone, for
+jobs that span machines) and ``collcomm status`` (a running job's link-monitor report)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from collcomm.cli.arguments import positive_int
+from collcomm.cli.errors import EXIT_OK, CommandFailed, UsageError
+
+
+def add_run_command(sub) -> None:
+    from collcomm.emulation.options import add_emulation_arguments
+
+    r = sub.add_parser("run", help="run a program as N ranks on this machine (like torchrun)",
+                       description="Start an embedded coordinator and N ranks of PROGRAM with their COLLCOMM_* "
+                                   "environment; prefix output lines with the rank; forward Ctrl-C; when a rank "
+                                   "fails, stop the others and exit with its status.")
+    r.add_argument("-n", "--nprocs", type=positive_int, required=True, metavar="N", help="number of ranks")
+    r.add_argument("--topology", metavar="FILE", help="the job's fabric (collcomm.topology/1), for the planner; "
+                                                      "'probe': the ranks measure it at init")
+    r.add_argument("--timeout", type=float, metavar="SECONDS", help="default timeout of every blocking call")
+    add_emulation_arguments(r, "--emulate", "run each rank inside its network namespace of this emulated fabric "
+                                            "(built for the job unless `collcomm emulate up` built it; needs root)")
+    r.add_argument("program", nargs=argparse.REMAINDER, help="the program and its arguments")
+    r.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from collcomm.emulation.options import check_emulation_arguments
+    from collcomm.launcher import run
+
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        raise UsageError("run: give the program to run, e.g. collcomm run -n 4 python train.py")
+    check_emulation_arguments(args.emulate, args.scale, args.prefix)
+    try:
+        return run(args.nprocs, program, topology=args.topology, timeout=args.timeout, emulate=args.emulate,
+                   scale=args.scale, prefix=args.prefix)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def add_coordinator_command(sub) -> None:
+    c = sub.add_parser("coordinator", help="run the coordinator alone, for jobs that span machines",
+                       description="Serve rendezvous, groups and the key-value store until Ctrl-C. Ranks find it "
+                                   "through COLLCOMM_COORDINATOR=host:port and share COLLCOMM_TOKEN.")
+    c.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    c.add_argument("--port", type=int, default=29400, help="port (default 29400; 0: any free port)")
+    c.set_defaults(func=cmd_coordinator)
+
+
+def cmd_coordinator(args) -> int:
+    from collcomm.coordinator.server import serve_forever
+
+    return serve_forever(args.host, args.port)
+
+
+def add_status_command(sub) -> None:
+    st = sub.add_parser("status", help="the link monitor's latest verdicts and plan changes of a running job",
+                        description="Ask the coordinator (COLLCOMM_COORDINATOR, COLLCOMM_TOKEN) for the latest "
+                                    "link-monitor report that group rank 0 published (jobs started with "
+                                    "COLLCOMM_MONITOR_EVERY or init(monitor_every=...)).")
+    st.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="default: $COLLCOMM_COORDINATOR")
+    st.add_argument("--token", default=None, help="default: $COLLCOMM_TOKEN")
+    st.add_argument("--group", type=int, default=None, metavar="ID", help="a group id (default: the latest report)")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the coordinator (default 5)")
+    st_fmt = st.add_mutually_exclusive_group()
+    st_fmt.add_argument("--json", action="store_true", help="print the report as JSON")
+    st_fmt.add_argument("--prometheus", action="store_true", help="print it in the Prometheus text format")
+    st.set_defaults(func=cmd_status)
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from collcomm.coordinator.client import CoordinatorClient
+    from collcomm.errors import CollectiveTimeout
+    from collcomm.runtime.monitor import prometheus
+
+    address = args.coordinator or os.environ.get("COLLCOMM_COORDINATOR")
+    token = args.token or os.environ.get("COLLCOMM_TOKEN")
+    if not address or not token:
+        raise UsageError("status: give --coordinator and --token (or set COLLCOMM_COORDINATOR and COLLCOMM_TOKEN)")
+    key = "monitor/latest" if args.group is None else f"monitor/latest/{args.group}"
+    with CoordinatorClient(address, token, timeout=args.timeout) as client:
+        try:
+            report = json.loads(client.kv_get(key, timeout=0))
+        except CollectiveTimeout:
+            raise CommandFailed(f"no link-monitor report at {address}" + (
+                f" for group {args.group}" if args.group is not None else "") +
+                "; is the job running with COLLCOMM_MONITOR_EVERY set?") from None
+    if args.json:
+        print(json.dumps(report, indent=1, sort_keys=True))
+        return EXIT_OK
+    if args.prometheus:
+        sys.stdout.write(prometheus({"group": report.get("group"), "verdicts": report.get("verdicts", []),
+                                     "plan_epoch": report.get("current_plan_epoch", 0),
+                                     "faults": report.get("faults", [])}))
+        return EXIT_OK
+    print(f"group {report.get('group')} ({report.get('group_name')}, members {report.get('members')}, epoch "
+          f"{report.get('epoch')}): round {report.get('round')}, plan epoch {report.get('current_plan_epoch')} "
+          f"on {report.get('topology_name')}; {report.get('healthy', 0)} healthy links")
+    if report.get("missing_reports"):
+        print(f"  missing reports from ranks {report['missing_reports']}")
+    for v in report.get("verdicts", []):
+        print(f"  {v['state']:<9} {v['reason']}")
+    for f in report.get("faults", []):
+        print(f"  fabric link {f['link'][0]} -> {f['link'][1]}: {f['state']}, planned at {f['fraction']} of its "
+              f"bandwidth")
+    if report.get("error"):
+        print(f"  error: {report['error']}")
+    return EXIT_OK
