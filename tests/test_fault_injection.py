@@ -220,13 +220,14 @@ class _Box:
         self.arrived.set()
 
 
-def _pair(plan: str | None):
+def _pair(plan: str | None, auth_frames: bool = False):
     import threading
 
     from collcomm.transport.tcp import TcpTransport
 
     faults = parse(plan) if plan else FaultPlan()
-    a, b = TcpTransport(0, "tok", faults=faults), TcpTransport(1, "tok", faults=faults)
+    a = TcpTransport(0, "tok", faults=faults, auth_frames=auth_frames)
+    b = TcpTransport(1, "tok", faults=faults, auth_frames=auth_frames)
     a.set_peers({1: b.address})
     b.set_peers({0: a.address})
     other = {}
@@ -241,15 +242,17 @@ def _pair(plan: str | None):
 @pytest.mark.parametrize("plan", [None, "corrupt:0->1:p=0.3;seed=3", "reset:0->1:after=1M",
                                   "reset:0->1:after=2M;corrupt:0->1:p=0.1;throttle:0->1:bps=2e8",
                                   "drop:0->1:p=0.3;seed=3", "drop:0->1:p=0.2;corrupt:0->1:p=0.2;seed=4"])
-def test_link_frames_arrive_whole_with_telemetry(plan):
+@pytest.mark.parametrize("auth_frames", [False, True], ids=["checksums", "frame-macs"])
+def test_link_frames_arrive_whole_with_telemetry(plan, auth_frames):
     """Frames from rank 0 to rank 1 (small and large) arrive exactly, their ``done`` runs once
-    acknowledged, and the telemetry counts bytes, transfers, heartbeats, checksum errors,
+    acknowledged, and the telemetry counts bytes, transfers, heartbeats, checksum errors (with
+    frame MACs, MAC failures: the corruption happens after the frame was sealed),
     retransmissions, lost frames sent again and broken connections."""
     import threading
 
     from collcomm.transport.frames import DATA, Header
 
-    a, b, la, lb = _pair(plan)
+    a, b, la, lb = _pair(plan, auth_frames)
     try:
         box = b.mailbox(5)
         rng = np.random.default_rng(0)
@@ -276,7 +279,9 @@ def test_link_frames_arrive_whole_with_telemetry(plan):
         assert got.transfers >= 20 and sent.transfers >= 20  # the large ones are timed
         assert got.heartbeat_mono is not None and a.telemetry.link(1, 0).heartbeat_mono is not None  # ACKs
         if plan and "corrupt" in plan:
-            assert got.errors.get("checksum", 0) > 0 and sent.retransmits >= got.errors["checksum"]
+            kind = "mac" if auth_frames else "checksum"
+            assert got.errors.get(kind, 0) > 0 and sent.retransmits >= got.errors[kind]
+            assert set(got.errors) <= {kind, "eof", "reset"}, got.errors
         if plan and "reset" in plan:
             assert la.reconnects == 1 and lb.reconnects == 1
             assert sent.errors.get("reset", 0) == 1

@@ -130,6 +130,7 @@ def describe(*fields) -> int:
 _HELLO = struct.Struct("<4sBB2xIIII16s")  # magic, version, flags, client rank, server rank, group, epoch, nonce
 HELLO_RECONNECT = 1  # flag: the client re-opens a connection that broke (the server must still hold its link)
 HELLO_RELAY = 2  # flag: opened to relay frames (either rank may open it; the server takes it at once)
+HELLO_AUTH_FRAMES = 4  # flag: every frame carries MACs (see collcomm.transport.tcp.frameauth)
 HELLO_SIZE = _HELLO.size
 HANDSHAKE_MAGIC = b"CCH1"
 MAC_SIZE = 32

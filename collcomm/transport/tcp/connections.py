@@ -23,6 +23,7 @@ from collcomm.errors import AuthenticationError, CollectiveTimeout, PeerFailure
 from collcomm.transport import frames
 from collcomm.transport.frames import ProtocolError
 from collcomm.transport.interface import P2P_BASE
+from collcomm.transport.tcp.frameauth import FrameAuth
 from collcomm.transport.tcp.handshake import accept, client_handshake, refuse, server_handshake
 from collcomm.transport.tcp.sockets import PeerClosed, open_socket
 
@@ -36,7 +37,8 @@ class Connections:
     """Opening connections to peers and accepting theirs (see the module)."""
 
     def _connect(self, peer: int, group: int, epoch: int, deadline: float, check=None,
-                 reconnect: bool = False, relay: bool = False) -> socket.socket:
+                 reconnect: bool = False, relay: bool = False) -> tuple[socket.socket, FrameAuth | None]:
+        """A new authenticated connection to ``peer`` (and its frame MACs, when on)."""
         if peer not in self._peers:
             raise PeerFailure(f"rank {peer} has no known address", rank=peer)
         host, port, local = self._peers[peer]
@@ -59,9 +61,9 @@ class Connections:
                 time.sleep(0.05)
                 continue
             try:
-                client_handshake(sock, self.token, self.rank, peer, group, epoch, reconnect=reconnect, relay=relay,
-                                 deadline=deadline)
-                return sock
+                auth = client_handshake(sock, self.token, self.rank, peer, group, epoch, reconnect=reconnect,
+                                        relay=relay, auth_frames=self.auth_frames, deadline=deadline)
+                return sock, auth
             except AuthenticationError:
                 sock.close()
                 raise
@@ -76,13 +78,15 @@ class Connections:
             raise CollectiveTimeout(f"rank {peer} did not answer the handshake for {what} in time")
         raise PeerFailure(f"cannot connect to rank {peer} at {host}:{port}: {last}", rank=peer)
 
-    def _wait_accepted(self, peer: int, group: int, epoch: int, deadline: float, check=None) -> socket.socket:
+    def _wait_accepted(self, peer: int, group: int, epoch: int, deadline: float,
+                       check=None) -> tuple[socket.socket, FrameAuth | None]:
+        """The connection ``peer`` opens for ``group`` at ``epoch`` (and its frame MACs, when on)."""
         while True:
             with self._cond:
                 got = self._accepted.get((peer, group))
                 if got is not None and got[0] == epoch:
                     del self._accepted[(peer, group)]
-                    return got[1]
+                    return got[1], got[2]
                 left = deadline - time.monotonic()
                 if self._closed:
                     raise PeerFailure(f"the transport of rank {self.rank} is closed", rank=peer)
@@ -120,7 +124,7 @@ class Connections:
 
     def _serve_handshake(self, sock: socket.socket, addr, pending: deque, lock: threading.Lock) -> None:
         try:
-            hello = server_handshake(sock, self.token, self.rank)
+            hello, auth = server_handshake(sock, self.token, self.rank, self.auth_frames)
             if hello.flags & frames.HELLO_RECONNECT:
                 # Only a connection this rank still holds may be re-opened (not one it closed on
                 # purpose: a shrunk group's, a replaced epoch's), or one accepted and not yet taken
@@ -149,11 +153,11 @@ class Connections:
             accept(sock)
             if hello.flags & frames.HELLO_RELAY:  # a relaying rank's: taken now, nobody asks for it
                 sock.settimeout(None)
-                self._adopt(hello.client, hello.group, hello.epoch, sock)
+                self._adopt(hello.client, hello.group, hello.epoch, sock, auth)
                 return
             with self._cond:
                 old = self._accepted.get((hello.client, hello.group))
-                self._accepted[(hello.client, hello.group)] = (hello.epoch, sock)
+                self._accepted[(hello.client, hello.group)] = (hello.epoch, sock, auth)
                 self._cond.notify_all()
             if old is not None:
                 old[1].close()

@@ -195,21 +195,22 @@ class LinkDetours:
         dst, origin, n = header.op, header.tree, header.length
         if n > MAX_RELAY_FRAME:
             raise ProtocolError(f"relay frame of {n} bytes exceeds {MAX_RELAY_FRAME}")
+        # Read whole (a relay holds what it passes on; this channel carries the frames of every
+        # member that relays through its peer to this rank, and must not wait on one of them, see
+        # _relayed), and checked (frame MACs) before anything is done with it.
+        frame = bytearray(n)
+        recv_exact(sock, memoryview(frame))
+        if not self._tail_ok(sock, frame):
+            log.info("rank %d: a relayed frame from rank %d failed its MAC; dropped", t.rank, self.peer)
+            return  # the origin's reliability layer sends it again
         if dst != me:
-            buf = bytearray(n)
-            recv_exact(sock, memoryview(buf))
-            t._forwarder.forward(origin, dst, self.group, self.epoch, buf)
+            t._forwarder.forward(origin, dst, self.group, self.epoch, frame)
             return
-        raw = bytearray(HEADER_SIZE)
-        recv_exact(sock, memoryview(raw))
-        inner = frames.unpack_header(raw)
+        inner = frames.unpack_header(memoryview(frame)[:HEADER_SIZE])
         if inner.kind == RELAY or inner.group != self.group & ~RELAY_BIT or inner.epoch != self.epoch or \
                 inner.length != n - HEADER_SIZE:
             raise ProtocolError(f"rank {self.peer} relayed a malformed frame from rank {origin}")
-        # Read whole: this channel carries the frames of every member that relays through its
-        # peer to this rank, and must not wait on one of them (see Link._relayed).
-        payload = bytearray(inner.length)
-        recv_exact(sock, memoryview(payload))
+        payload = memoryview(frame)[HEADER_SIZE:]
         with t._cond:
             target = t._links.get((origin, inner.group))
         if origin == me or target is None or target.epoch != self.epoch or target.error is not None:

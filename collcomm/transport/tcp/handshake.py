@@ -4,7 +4,8 @@ The client sends a hello (its rank, the server's, the group, the epoch, a nonce,
 server answers with its own nonce and an HMAC-SHA256 over both, proving the token; the client
 answers with its own HMAC; the server accepts (one byte) or refuses. Wire format:
 :mod:`collcomm.transport.frames`. Nothing is allocated or trusted on a peer's word before its
-proof checked.
+proof checked. With frame authentication (:mod:`.frameauth`) both ends must have it on (a flag of
+the hello), and the connection's keys come from the token and both nonces.
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ import time
 from collcomm.errors import AuthenticationError
 from collcomm.transport import frames
 from collcomm.transport.frames import Hello, ProtocolError
+from collcomm.transport.tcp.frameauth import FrameAuth, session_keys
 from collcomm.transport.tcp.sockets import recv_exact
 
 HANDSHAKE_TIMEOUT = 10.0  # client side: the peer is one of ours and may be busy (never past the operation's deadline)
 SERVE_HANDSHAKE_TIMEOUT = 3.0  # server side: an unknown connection gets this long to prove itself
 REFUSED = b"\x00"
+REFUSED_AUTH_FRAMES = b"\x02"  # the two ends differ on frame authentication
 
 
 def client_handshake(sock: socket.socket, token: bytes, rank: int, peer: int, group: int, epoch: int, *,
-                     reconnect: bool = False, relay: bool = False, deadline: float | None = None) -> None:
-    """Prove the token both ways, as the connecting side. Each socket call waits at most
-    HANDSHAKE_TIMEOUT, and never past ``deadline`` (the operation's): a stopped peer's kernel
-    accepts the connection, then nothing answers."""
+                     reconnect: bool = False, relay: bool = False, auth_frames: bool = False,
+                     deadline: float | None = None) -> FrameAuth | None:
+    """Prove the token both ways, as the connecting side; the connection's frame MACs when
+    ``auth_frames``. Each socket call waits at most HANDSHAKE_TIMEOUT, and never past ``deadline``
+    (the operation's): a stopped peer's kernel accepts the connection, then nothing answers."""
     end = time.monotonic() + HANDSHAKE_TIMEOUT
     if deadline is not None:
         end = min(end, deadline)
@@ -36,7 +40,8 @@ def client_handshake(sock: socket.socket, token: bytes, rank: int, peer: int, gr
         sock.settimeout(max(end - time.monotonic(), 0.05))
 
     bounded()
-    flags = (frames.HELLO_RECONNECT if reconnect else 0) | (frames.HELLO_RELAY if relay else 0)
+    flags = (frames.HELLO_RECONNECT if reconnect else 0) | (frames.HELLO_RELAY if relay else 0) | \
+        (frames.HELLO_AUTH_FRAMES if auth_frames else 0)
     hello = frames.new_hello(rank, peer, group, epoch, flags)
     raw_hello = hello.pack()
     sock.sendall(raw_hello)
@@ -51,14 +56,20 @@ def client_handshake(sock: socket.socket, token: bytes, rank: int, peer: int, gr
     ok = bytearray(1)
     bounded()
     recv_exact(sock, memoryview(ok))
+    if bytes(ok) == REFUSED_AUTH_FRAMES:
+        raise AuthenticationError(f"rank {peer} refused the connection: {_differ(auth_frames)}")
     if bytes(ok) != frames.ACCEPTED:
         raise AuthenticationError(f"rank {peer} refused the connection")
+    return FrameAuth.for_client(session_keys(token, raw_hello, server_nonce)) if auth_frames else None
 
 
-def server_handshake(sock: socket.socket, token: bytes, rank: int) -> Hello:
+def server_handshake(sock: socket.socket, token: bytes, rank: int,
+                     auth_frames: bool = False) -> tuple[Hello, FrameAuth | None]:
     """The accepting side, up to the verdict: read the hello (addressed to ``rank``), prove the
-    token, check the client's proof; the caller then accepts (:func:`accept`) or refuses
-    (:func:`refuse`). Raises AuthenticationError, ProtocolError or OSError."""
+    token, check the client's proof and that it authenticates frames exactly when this end does
+    (``auth_frames``); the caller then accepts (:func:`accept`) or refuses (:func:`refuse`).
+    Returns the hello and the connection's frame MACs (None without frame authentication).
+    Raises AuthenticationError, ProtocolError or OSError."""
     sock.settimeout(SERVE_HANDSHAKE_TIMEOUT)
     raw = bytearray(frames.HELLO_SIZE)
     recv_exact(sock, memoryview(raw))
@@ -71,7 +82,17 @@ def server_handshake(sock: socket.socket, token: bytes, rank: int) -> Hello:
     recv_exact(sock, memoryview(answer))
     if not frames.mac_ok(frames.mac(token, b"C", bytes(raw), server_nonce), bytes(answer)):
         raise AuthenticationError("client could not prove knowledge of the job token")
-    return hello
+    if bool(hello.flags & frames.HELLO_AUTH_FRAMES) != auth_frames:
+        sock.sendall(REFUSED_AUTH_FRAMES)
+        raise AuthenticationError(f"rank {hello.client}: {_differ(auth_frames)}")
+    keys = session_keys(token, bytes(raw), server_nonce) if auth_frames else None
+    return hello, (FrameAuth.for_server(keys) if keys else None)
+
+
+def _differ(mine: bool) -> str:
+    return ("this rank authenticates frames (COLLCOMM_AUTH_FRAMES=1) and that one does not" if mine else
+            "that rank authenticates frames (COLLCOMM_AUTH_FRAMES=1) and this one does not") + \
+        "; set it alike on every rank"
 
 
 def accept(sock: socket.socket) -> None:

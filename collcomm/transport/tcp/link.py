@@ -33,8 +33,9 @@ from collcomm.transport.frames import (ABORT, ACK, DATA, ECHO, HEADER_SIZE, NACK
                                        abort_text, error_from_abort)
 from collcomm.transport.interface import P2P_BASE
 from collcomm.transport.tcp.detours import RELAY_BIT, Held, LinkDetours, relays_data
+from collcomm.transport.tcp.frameauth import TAG_SIZE, FrameAuth, ForgedFrame
 from collcomm.transport.tcp.reliability import LinkReliability, Pending
-from collcomm.transport.tcp.sockets import error_kind, recv_exact, tune
+from collcomm.transport.tcp.sockets import error_kind, recv_exact, send_parts, tune
 
 log = logging.getLogger("collcomm.transport")
 
@@ -47,10 +48,12 @@ class Link(LinkReliability, LinkDetours):
     """One authenticated connection to ``peer`` for ``group``, with its sender and receiver threads
     (see the module; reliability and detours are the mixins' own)."""
 
-    def __init__(self, transport, peer: int, group: int, epoch: int, sock: socket.socket):
+    def __init__(self, transport, peer: int, group: int, epoch: int, sock: socket.socket,
+                 auth: FrameAuth | None = None):
         self.transport = transport
         self.peer, self.group, self.epoch = peer, group, epoch
         self.sock = sock
+        self._auth = auth  # the connection's frame MACs (COLLCOMM_AUTH_FRAMES); replaced with the socket
         tune(sock)
         sock.settimeout(None)
         self.mailbox = transport.mailbox(group, peer)
@@ -167,15 +170,19 @@ class Link(LinkReliability, LinkDetours):
             return
         if self._faults is None and self._queued == 0 and self._send_lock.acquire(blocking=False):
             try:
+                auth = self._auth
+                data = raw if auth is None else raw + auth.seal(raw, b"")[0]
                 try:
-                    sent = self.sock.send(raw, socket.MSG_DONTWAIT)
+                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     sent = 0
-                if sent == len(raw):
+                if sent == len(data):
                     return
-                if sent:  # rare: part of 64 bytes fitted; the rest must follow at once
-                    self.sock.sendall(raw[sent:])
+                if sent:  # rare: part of the frame fitted; the rest must follow at once
+                    self.sock.sendall(data[sent:])
                     return
+                if auth is not None:
+                    auth.unseal()  # nothing went out: the frame is sealed again when the lane is written
             except OSError:
                 return  # the receiver thread finds the broken socket; the peer resends what it lacks
             finally:
@@ -192,40 +199,41 @@ class Link(LinkReliability, LinkDetours):
             self._write(sock, ACK, answers.popleft(), None)
 
     def _write(self, sock: socket.socket, kind: int, raw: bytes, payload) -> None:
-        """The frame onto the socket (the send lock held), with injected faults and telemetry."""
+        """The frame onto the socket (the send lock held), with injected faults and telemetry. On a
+        connection with frame MACs the frame is sealed as it leaves, before a fault alters it."""
         if self.detour is not None and kind != RELAY:  # queued before the detour: it goes that way now
             self._relay_raw(raw, payload)
             return
         n = 0 if payload is None else len(payload)
         f = self._faults
+        action = None
+        if f is not None and (kind == DATA or (kind == RELAY and relays_data(raw, payload))):
+            action = f.before_data(n, corrupt=kind == DATA)
+            if action == "drop":  # lost before it left: it takes no place in the sealed stream either
+                return
+        tail = b""
+        if self._auth is not None:
+            head_tag, tail = self._auth.seal(raw[:HEADER_SIZE], _body(raw, payload))
+            raw = raw[:HEADER_SIZE] + head_tag + raw[HEADER_SIZE:]
         if f is not None:
-            if kind == DATA or (kind == RELAY and relays_data(raw, payload)):
-                action = f.before_data(n, corrupt=kind == DATA)
-                if action == "drop":
-                    return
-                if action == "corrupt":
-                    payload = memoryview(f.corrupted(payload))
+            if action == "corrupt":  # altered in flight, after it was sealed
+                payload = memoryview(f.corrupted(payload))
             cut = f.cut_after(HEADER_SIZE + n)
             if cut is not None:
-                sock.sendall((raw + (bytes(payload) if n else b""))[:cut])
+                sock.sendall((raw + (bytes(payload) if n else b"") + tail)[:cut])
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
                 raise ConnectionResetError("connection cut by fault injection")
         if n == 0:
-            sock.sendall(raw)
+            sock.sendall(raw + tail)
         elif n <= SMALL_PAYLOAD:
-            sock.sendall(raw + bytes(payload))
+            sock.sendall(raw + bytes(payload) + tail)
             self._tx.record_bytes(n, sock if kind in (DATA, RELAY) else None)
         else:
             t0 = time.perf_counter()
-            sent = sock.sendmsg([raw, payload])
-            if sent < len(raw):
-                sock.sendall(raw[sent:])
-                sent = len(raw)
-            if sent - len(raw) < n:
-                sock.sendall(payload[sent - len(raw):])
+            send_parts(sock, (raw, payload, tail) if tail else (raw, payload))
             self._tx.record_transfer(n, time.perf_counter() - t0, sock)
 
     def _send_loop(self) -> None:
@@ -309,8 +317,14 @@ class Link(LinkReliability, LinkDetours):
                 return
 
     def _receive(self, sock: socket.socket, view: memoryview, raw: bytearray, heartbeat, me: int) -> None:
+        auth = self._auth  # this connection's (a reconnection brings new ones)
+        tag = memoryview(bytearray(TAG_SIZE))
         while True:
             recv_exact(sock, view)
+            if auth is not None:
+                recv_exact(sock, tag)
+                if not auth.check_header(view, tag):  # before anything is done with it
+                    raise ForgedFrame(f"a frame header from rank {self.peer} failed its MAC")
             header = frames.unpack_header(view)
             if header.group != self.group or header.epoch != self.epoch:
                 raise ProtocolError(f"frame for group {header.group} epoch {header.epoch} on a connection of "
@@ -347,6 +361,8 @@ class Link(LinkReliability, LinkDetours):
         if kind == ABORT:
             text = bytearray(header.length)
             recv_exact(sock, memoryview(text))
+            if not self._tail_ok(sock, text):
+                raise ForgedFrame(f"an abort frame from rank {self.peer} failed its MAC")
             for key in [k for k in self._resume if k[0] == header.op]:
                 del self._resume[key]
             self.mailbox.abort(header.op, error_from_abort(text.decode(errors="replace"), self.peer))
@@ -384,15 +400,17 @@ class Link(LinkReliability, LinkDetours):
             else:
                 recv_exact(sock, dest)
                 rx.record_bytes(n)
+            sealed = self._tail_ok(sock, dest)
         except OSError:
             self._resume[key] = (receiver, dest)  # the piece comes again after a reconnect
             raise
-        if frames.checksum(dest) != header.checksum:
+        if not sealed or frames.checksum(dest) != header.checksum:
             # Never used: not delivered (so never reduced, never forwarded); where it landed in
             # the user's buffer (a copy), the retransmission overwrites it.
-            log.info("rank %d: payload checksum mismatch from rank %d (op %d, tree %d, chunk %d); "
-                     "asking for it again", self.transport.rank, self.peer, op, header.tree, header.chunk)
-            rx.record_error("checksum")
+            what = "checksum" if sealed else "mac"
+            log.info("rank %d: payload %s mismatch from rank %d (op %d, tree %d, chunk %d); asking for it again",
+                     self.transport.rank, what, self.peer, op, header.tree, header.chunk)
+            rx.record_error(what)
             self._resume[key] = (receiver, dest)
             self._control(NACK, header)
             return
@@ -413,15 +431,24 @@ class Link(LinkReliability, LinkDetours):
             receiver.delivered(header, dest, self.peer)
 
     def _skip(self, sock: socket.socket, length: int) -> None:
-        """Read and drop ``length`` payload bytes (a frame nobody takes)."""
+        """Read and drop ``length`` payload bytes (a frame nobody takes), and its MAC."""
         scratch = self._discard
         if scratch is None:
             scratch = self._discard = bytearray(1 << 16)
-        left = length
+        left = length + (TAG_SIZE if length and self._auth is not None and not isinstance(sock, Held) else 0)
         while left:
             part = memoryview(scratch)[:min(left, len(scratch))]
             recv_exact(sock, part)
             left -= len(part)
+
+    def _tail_ok(self, sock, data) -> bool:
+        """On a connection with frame MACs: read the tag of the payload ``data`` just read and check
+        it (a relayed frame's, read off a relay channel, was checked there). True without MACs."""
+        if self._auth is None or isinstance(sock, Held) or not len(data):
+            return True
+        tag = bytearray(TAG_SIZE)
+        recv_exact(sock, memoryview(tag))
+        return self._auth.check_payload(data, tag)
 
     # ------------------------------------------------------------------ broken connections and failure
     def _rx_error(self, e: BaseException, receiving: bool = False) -> None:
@@ -492,3 +519,11 @@ class Link(LinkReliability, LinkDetours):
         for t in (self._sender, self._receiver):
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _body(raw: bytes, payload) -> bytes | memoryview:
+    """What follows a frame's 64-byte header: its payload, or on a relayed frame of this rank's own
+    (``raw`` holds the RELAY header and the frame inside) the inner frame's header and payload."""
+    if len(raw) == HEADER_SIZE:
+        return b"" if payload is None else payload
+    return bytes(raw[HEADER_SIZE:]) + (b"" if payload is None else bytes(payload))

@@ -285,9 +285,9 @@ class LinkReliability:
         deadline = time.monotonic() + (RECONNECT_SECONDS if t.rank < self.peer else RECONNECT_ACCEPT_SECONDS)
         try:
             if t.rank < self.peer:
-                sock = t._connect(self.peer, self.group, self.epoch, deadline, reconnect=True)
+                sock, auth = t._connect(self.peer, self.group, self.epoch, deadline, reconnect=True)
             else:
-                sock = t._wait_accepted(self.peer, self.group, self.epoch, deadline, check=self._peer_gone)
+                sock, auth = t._wait_accepted(self.peer, self.group, self.epoch, deadline, check=self._peer_gone)
         except CollectiveError as e:
             if isinstance(e, CollectiveTimeout):
                 self._tx.record_error("timeout")
@@ -301,7 +301,7 @@ class LinkReliability:
                 if self._closing or self.error is not None:
                     sock.close()
                     return lost
-                self.sock = sock
+                self.sock, self._auth = sock, auth  # a new connection has keys of its own
                 self.reconnects += 1
                 self._swapped.notify_all()
             try:

@@ -48,6 +48,18 @@ def tune(sock: socket.socket) -> None:
 
 
 
+def send_parts(sock: socket.socket, parts) -> None:
+    """Write ``parts`` (bytes-like) in order as one stream, without joining them (``sendmsg``)."""
+    sent = sock.sendmsg(parts)
+    for part in parts:
+        size = len(part)
+        if sent >= size:
+            sent -= size
+            continue
+        sock.sendall(memoryview(part)[sent:])
+        sent = 0
+
+
 def open_socket(host: str, port: int, local: str | None, deadline: float) -> socket.socket:
     """A socket to the peer: its Unix socket when it is reachable from here, else TCP."""
     wait = min(CONNECT_TIMEOUT, max(deadline - time.monotonic(), 0.1))

@@ -6,7 +6,9 @@ TCP port and, for ranks on the same machine and network namespace, on an abstrac
 :class:`~collcomm.transport.tcp.link.Link` per (peer, group). Connections are per group so that
 two groups with overlapping members never wait on each other's frames; frames of an operation a
 rank has not started yet stay in the socket (TCP flow control holds the sender) until it starts,
-and frames of finished (or failed) operations are discarded.
+and frames of finished (or failed) operations are discarded. Every connection proves the job
+token in its handshake; with ``COLLCOMM_AUTH_FRAMES=1`` every frame carries MACs as well
+(:mod:`.frameauth`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Callable
 from collcomm.transport.interface import P2P_BASE, FaultPlan
 from collcomm.transport.mailbox import GroupMailbox
 from collcomm.transport.tcp.connections import Connections
+from collcomm.transport.tcp import frameauth
 from collcomm.transport.tcp.detours import RELAY_BIT, RelayForwarder
+from collcomm.transport.tcp.frameauth import FrameAuth
 from collcomm.transport.tcp.link import Link
 from collcomm.transport.tcp.reliability import RetransmitTimer
 from collcomm.transport.telemetry import LinkTelemetry
@@ -34,11 +38,13 @@ class TcpTransport(Connections):
 
     def __init__(self, rank: int, token: bytes | str, host: str = "127.0.0.1", port: int = 0,
                  advertise_host: str | None = None, telemetry: LinkTelemetry | None = None,
-                 faults: FaultPlan | None = None):
+                 faults: FaultPlan | None = None, auth_frames: bool | None = None):
         self.rank = rank
         self.telemetry = telemetry if telemetry is not None else LinkTelemetry(rank)
         self.faults = faults  # injected faults (the runtime passes collcomm.faults.inject's active plan)
         self.token = token.encode() if isinstance(token, str) else bytes(token)
+        # A MAC on every frame (COLLCOMM_AUTH_FRAMES=1, see frameauth); every rank must agree.
+        self.auth_frames = frameauth.enabled() if auth_frames is None else bool(auth_frames)
         self._listener = socket.create_server((host, port), backlog=128)
         self._listener.settimeout(None)
         bound = self._listener.getsockname()
@@ -55,7 +61,7 @@ class TcpTransport(Connections):
             self.address += f"#@{name}"
         self._peers: dict[int, tuple[str, int, str | None]] = {}
         self._cond = threading.Condition()
-        self._accepted: dict[tuple[int, int], tuple[int, socket.socket]] = {}
+        self._accepted: dict[tuple[int, int], tuple[int, socket.socket, FrameAuth | None]] = {}
         self._links: dict[tuple[int, int], Link] = {}
         self._opening: dict[tuple[int, int], threading.Lock] = {}
         self._mailboxes: dict[tuple[int, int | None], GroupMailbox] = {}
@@ -111,15 +117,15 @@ class TcpTransport(Connections):
                     return existing
             deadline = time.monotonic() + timeout
             if relay:
-                sock = self._connect(peer, group, epoch, deadline, check, relay=True)
+                sock, auth = self._connect(peer, group, epoch, deadline, check, relay=True)
             elif self.rank < peer:
-                sock = self._connect(peer, group, epoch, deadline, check)
+                sock, auth = self._connect(peer, group, epoch, deadline, check)
             else:
-                sock = self._wait_accepted(peer, group, epoch, deadline, check)
-            return self._adopt(peer, group, epoch, sock)
+                sock, auth = self._wait_accepted(peer, group, epoch, deadline, check)
+            return self._adopt(peer, group, epoch, sock, auth)
 
-    def _adopt(self, peer: int, group: int, epoch: int, sock: socket.socket) -> Link:
-        link = Link(self, peer, group, epoch, sock)
+    def _adopt(self, peer: int, group: int, epoch: int, sock: socket.socket, auth: FrameAuth | None) -> Link:
+        link = Link(self, peer, group, epoch, sock, auth)
         with self._cond:
             old = self._links.get((peer, group))
             self._links[(peer, group)] = link
@@ -156,7 +162,7 @@ class TcpTransport(Connections):
             accepted = [self._accepted.pop(k) for k in [k for k in self._accepted if k[1] == group]]
         for l in links:
             l.close()
-        for _, sock in accepted:
+        for _, sock, _ in accepted:
             try:
                 sock.close()
             except OSError:
@@ -183,7 +189,7 @@ class TcpTransport(Connections):
             self._cond.notify_all()
         for l in links:
             l.close()
-        for _, s in pending:
+        for _, s, _ in pending:
             s.close()
         for b in boxes:
             b.close()
