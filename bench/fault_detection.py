@@ -140,7 +140,7 @@ def run_job(*, ops: int, nbytes: int, events: list[dict], scale: str, chunk: int
             topology: Path | str = TWO_BOX) -> dict:
     """One allreduce loop of ``ops`` operations on the emulated fabric of ``topology`` (built and
     torn down here, under ``prefix``), one rank per compute node; ``events``: ``{"op", "a", "b",
-    "mode", "percent"}``, faults (:func:`collcomm.topology.emulate.fault`) that rank 0 injects right
+    "mode", "percent"}``, faults (:func:`collcomm.emulation.fault`) that rank 0 injects right
     before operation ``op``. Returns :func:`analyse` of the ranks' records."""
     from collcomm.launcher import run as launch
     from collcomm import emulation as emu

@@ -1,4 +1,6 @@
-"""Fabrics: the Topology model, its JSON format, presets and symmetry."""
+"""Fabrics: the Topology model, its JSON format, presets, symmetry, inference from measurements and
+plots. Pure: values in, values out (a test checks that importing it opens no socket and starts no
+process or thread)."""
 
 from collcomm.topology.jsonio import FORMAT, dumps, from_dict, load, loads, save, to_dict
 from collcomm.topology.model import COMPUTE, SWITCH, Link, Node, Topology
