@@ -364,8 +364,6 @@ def avoid_marginal_links(topo: Topology, faults: Mapping[Edge, tuple[str, Fracti
     return out
 
 
-
-
 def stalled_only(why: str) -> bool:
     """Whether a down verdict rests on the kernel's counters alone (connections read as stalled),
     not on connection errors or silence."""

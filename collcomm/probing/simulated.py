@@ -2,8 +2,8 @@
 
 :class:`SimulatedFabric` is a :class:`~collcomm.probing.procedure.Backend` over a Topology
 (single-path widest-shortest routing, max-min fair sharing of concurrent flows,
-:func:`~collcomm.topology.inference.max_min_rates`, optional noise), so the whole pipeline can be tested without processes:
-``infer_topology(simulate(topo, noise=0.1))``.
+:func:`~collcomm.topology.inference.max_min_rates`, optional noise), so the whole pipeline can
+be tested without processes: ``infer_topology(simulate(topo, noise=0.1))``.
 """
 
 from __future__ import annotations

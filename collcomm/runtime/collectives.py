@@ -117,7 +117,6 @@ def barrier(rt, group: Group, timeout: float) -> None:
     allreduce(rt, group, token, "sum", timeout)
 
 
-
 def check_root(group: Group, root: int) -> None:
     if not isinstance(root, (int, np.integer)) or not 0 <= root < group.size:
         raise ValueError(f"root {root!r} is not a rank of {group} (0..{group.size - 1})")

@@ -51,7 +51,6 @@ class Work:
         return self._future.exception() if self._future.done() else None
 
 
-
 class Group:
     """A set of ranks that run collectives together (``new_group`` / the world)."""
 

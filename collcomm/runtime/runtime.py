@@ -177,4 +177,3 @@ def own_address(coordinator: str) -> str:
             return s.getsockname()[0]
     except OSError:
         return socket.gethostbyname(socket.gethostname())
-

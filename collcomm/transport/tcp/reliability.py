@@ -89,7 +89,6 @@ class Pending:
             done()
 
 
-
 class LinkReliability:
     """ACKs and NACKs, the retransmission timeout and PROBE/ECHO, reconnection (see the module)."""
 

@@ -47,7 +47,6 @@ def tune(sock: socket.socket) -> None:
             pass
 
 
-
 def send_parts(sock: socket.socket, parts) -> None:
     """Write ``parts`` (bytes-like) in order as one stream, without joining them (``sendmsg``)."""
     sent = sock.sendmsg(parts)

@@ -74,7 +74,6 @@ class TcpTransport(Connections):
         for t in self._acceptors:
             t.start()
 
-
     # ------------------------------------------------------------------ peers and mailboxes
     def set_peers(self, table: dict[int, str]) -> None:
         """Peer addresses as registered: "host:port", optionally followed by "#@unix-name"."""
