@@ -8,12 +8,16 @@ PeerFailure naming it at once), gives the others a moment to report their own
 errors, stops them, and exits with the failing rank's exit code and error. With
 ``--emulate`` each rank runs inside its namespace of an emulated fabric
 (:mod:`collcomm.emulation`).
+
+The job token is fresh for every job and reaches the ranks only through their environment
+(``COLLCOMM_TOKEN``), never their argv; the launcher prints and logs nothing that holds it. The
+embedded coordinator listens on this machine in plaintext, so the ranks (and the launcher's own
+client) connect without TLS even when ``COLLCOMM_TLS_CA`` is set for other jobs.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -43,9 +47,15 @@ def _pump(stream, out, prefix: str, keep: deque | None, lock: threading.Lock) ->
     stream.close()
 
 
+# The embedded coordinator is plaintext on this machine: TLS settings meant for other jobs stay out.
+_NOT_INHERITED = ("COLLCOMM_TLS_CA", "COLLCOMM_TLS_SERVER_NAME")
+
+
 def rank_env(rank: int, world: int, coordinator: str, token: str, topology: str | None, timeout: float | None,
              base: dict | None = None) -> dict:
-    env = dict(os.environ if base is None else base)
+    """The environment of one rank of a launched job: ``base`` (default: this process's) with the
+    job's COLLCOMM_* variables, the token among them, and without COLLCOMM_TLS_* settings."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _NOT_INHERITED}
     env.update({"COLLCOMM_RANK": str(rank), "COLLCOMM_WORLD_SIZE": str(world), "COLLCOMM_LOCAL_RANK": str(rank),
                 "COLLCOMM_COORDINATOR": coordinator, "COLLCOMM_TOKEN": token, "PYTHONUNBUFFERED": "1"})
     if topology:
@@ -117,11 +127,12 @@ def _fabric(path: str, nprocs: int, scale: str | None, prefix: str | None):
 def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_env, fabric) -> int:
     from collcomm.coordinator.client import CoordinatorClient
     from collcomm.coordinator.server import CoordinatorServer
+    from collcomm.coordinator.tokens import generate
 
-    token = secrets.token_hex(16)
+    token = generate()
     server = CoordinatorServer(token, host=fabric.mgmt_host if fabric else "127.0.0.1", port=0)
     address = server.start()
-    client = CoordinatorClient(address, token, timeout=10.0)
+    client = CoordinatorClient(address, token, timeout=10.0, tls=False)
     lock = threading.Lock()
     ranks: list[_Rank] = []
     pumps: list[threading.Thread] = []

@@ -66,11 +66,11 @@ class Call(threading.Thread):
 
 # A worker in a separate process: runs one scenario, prints one JSON line.
 WORKER = r"""
-import json, sys
+import json, os, sys
 from collcomm.coordinator import CoordinatorClient
 from collcomm.errors import CollectiveError
 args = json.loads(sys.argv[1])
-client = CoordinatorClient(args["address"], args["token"], timeout=args.get("timeout", 20.0))
+client = CoordinatorClient(args["address"], os.environ["COLLCOMM_TOKEN"], timeout=args.get("timeout", 20.0))
 op = args["op"]
 try:
     if op == "register":
@@ -98,8 +98,10 @@ print(json.dumps(out))
 
 
 def spawn(server: CoordinatorServer, **args) -> subprocess.Popen:
-    args = {"address": server.address, "token": TOKEN, **args}
-    return subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(args)], cwd=REPO,
+    args = {"address": server.address, **args}  # the token goes by environment, never argv
+    env = {**os.environ, "COLLCOMM_TOKEN": TOKEN}
+    env.pop("COLLCOMM_TLS_CA", None)
+    return subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(args)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -407,26 +409,69 @@ def test_second_server_on_the_same_port_is_refused(server):
 
 
 @pytest.mark.timeout(40)
-def test_standalone_coordinator_prints_address_and_token_and_stops_on_shutdown():
-    env = {k: v for k, v in os.environ.items() if k != "COLLCOMM_TOKEN"}
+def test_standalone_coordinator_writes_a_generated_token_to_a_private_file_and_prints_its_path():
+    env = {k: v for k, v in os.environ.items() if k not in ("COLLCOMM_TOKEN", "COLLCOMM_TLS_CA")}
     proc = subprocess.Popen([sys.executable, "-m", "collcomm.coordinator", "--host", "127.0.0.1",
                              "--port", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         lines = Lines(proc)
         first = lines.next(15)
-        match = re.fullmatch(r"collcomm coordinator listening on (127\.0\.0\.1:\d+)\n", first)
+        match = re.fullmatch(r"collcomm coordinator listening on (127\.0\.0\.1:(\d+))\n", first)
         assert match, first
-        token = re.match(r"COLLCOMM_TOKEN=(\S+)", lines.next(5)).group(1)
+        second = lines.next(5)
+        path = Path(re.match(r"job token written to (\S+) \(mode 0600\)", second).group(1))
+        assert path.name.startswith(f"collcomm-coordinator-{match.group(2)}-")
+        assert path.stat().st_mode & 0o777 == 0o600
+        token = path.read_text().strip()
+        assert len(token) >= 32 and token not in first + second
         client = CoordinatorClient(match.group(1), token, timeout=10)
         assert client.ping().registered == 0
         client.shutdown("test over")
         assert proc.wait(timeout=15) == 0
+        assert token not in lines.rest(10) + proc.stderr.read()
+        assert not path.exists()  # a generated temporary token file goes with its coordinator
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
         proc.stderr.close()
+
+
+@pytest.mark.timeout(30)
+def test_token_files_are_read_only_when_closed_to_others_and_written_with_mode_0600(tmp_path):
+    from collcomm.coordinator.tokens import TokenError, read_token_file, write_new_token_file
+
+    path = write_new_token_file(TOKEN, tmp_path / "job.token")
+    assert path.stat().st_mode & 0o777 == 0o600 and read_token_file(path) == TOKEN
+    with pytest.raises(TokenError, match="already exists"):
+        write_new_token_file(TOKEN, path)
+    path.chmod(0o640)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    spaced = tmp_path / "spaced"
+    spaced.write_text("two words\n")
+    spaced.chmod(0o400)
+    for bad, why in ((path, "is open to other users (mode 0640); run chmod 600"), (fifo, "not a regular file"),
+                     (empty, "is empty"), (spaced, "does not hold a token"), (tmp_path / "none", "no such file")):
+        with pytest.raises(TokenError) as raised:
+            read_token_file(bad)  # a FIFO is refused at once, not waited on
+        assert why in str(raised.value) and str(bad) in str(raised.value), raised.value
+        assert "two" not in str(raised.value) and TOKEN not in str(raised.value)
+
+
+@pytest.mark.timeout(30)
+def test_reprs_and_refusals_never_show_the_token(server):
+    client = connect(server)
+    intruder = connect(server, token="not-the-token-4711")
+    err = Call(intruder.ping).outcome()
+    assert isinstance(err, AuthenticationError)
+    for text in (repr(client), repr(server), str(err), repr(err)):
+        assert TOKEN not in text and "not-the-token-4711" not in text, text
+    assert server.address in repr(server) and server.address in repr(client)
 
 
 @pytest.mark.timeout(30)

@@ -6,7 +6,8 @@
   (not at their timeout), ranks blocked elsewhere are stopped (SIGTERM, then SIGKILL), and the
   launcher exits with the failing rank's status and its last error line;
 * Ctrl-C (SIGINT to the launcher's process group) reaches every rank, even inside a collective;
-* `collcomm coordinator --host H --port P` serves a job whose ranks get their variables by hand,
+* `collcomm coordinator --host H --port P` serves a job whose ranks get their variables by hand
+  (a token from the environment, or a generated one read from the file whose path it prints),
   and refuses a rank with the wrong token;
 * `python -m torch.distributed.run --nproc-per-node 2 script.py`: init() from torchrun's variables.
 
@@ -142,7 +143,7 @@ ENV_SCRIPT = """
     r, n = cc.rank(), cc.world_size()
     env = {k: os.environ.get(k) for k in ("COLLCOMM_RANK", "COLLCOMM_WORLD_SIZE", "COLLCOMM_LOCAL_RANK",
                                           "COLLCOMM_COORDINATOR", "COLLCOMM_TOKEN", "COLLCOMM_TIMEOUT",
-                                          "COLLCOMM_TOPOLOGY", "USER_VARIABLE")}
+                                          "COLLCOMM_TOPOLOGY", "COLLCOMM_TLS_CA", "USER_VARIABLE")}
     x = np.full(1000, r + 1, np.float32)
     cc.allreduce(x)
     env["sum"] = float(x[0])
@@ -169,7 +170,9 @@ def test_run_gives_each_rank_its_environment_and_prefixes_every_line(tmp_path):
     exe = shutil.which("collcomm")
     cmd = [exe] if exe else collcomm_cmd()
     job = run_job(cmd + ["run", "-n", str(n), "--timeout", "7.5", "--topology", "star3.json", sys.executable,
-                         str(prog)], timeout=45, env=clean_env(USER_VARIABLE="kept"), cwd=tmp_path)
+                         str(prog)], timeout=45, cwd=tmp_path,
+                  # TLS settings for other jobs do not reach the ranks of a local job (its coordinator is plaintext)
+                  env=clean_env(USER_VARIABLE="kept", COLLCOMM_TLS_CA=str(tmp_path / "no-such-ca.pem")))
     assert job.proc.returncode == 0, job.story()
     envs = {}
     for line in job.stdout:
@@ -195,7 +198,7 @@ def test_run_gives_each_rank_its_environment_and_prefixes_every_line(tmp_path):
         assert (e["COLLCOMM_RANK"], e["COLLCOMM_WORLD_SIZE"], e["COLLCOMM_LOCAL_RANK"]) == (str(r), str(n), str(r))
         assert float(e["COLLCOMM_TIMEOUT"]) == 7.5 and e["timeout"] == 7.5
         assert Path(e["COLLCOMM_TOPOLOGY"]).is_absolute() and Path(e["COLLCOMM_TOPOLOGY"]) == topo.resolve()
-        assert e["USER_VARIABLE"] == "kept"
+        assert e["USER_VARIABLE"] == "kept" and e["COLLCOMM_TLS_CA"] is None
         assert e["sum"] == n * (n + 1) / 2
 
 
@@ -367,8 +370,10 @@ def test_standalone_coordinator_serves_ranks_started_by_hand(tmp_path, token_fro
     try:
         m = coord.wait_line(r"^collcomm coordinator listening on (\S+)$", timeout=20)
         assert m.group(1) == f"127.0.0.1:{port}"
-        if token_from == "generated":
-            token = coord.wait_line(r"^COLLCOMM_TOKEN=(\S+)", timeout=5).group(1)
+        if token_from == "generated":  # in a new mode-0600 file; only its path is printed
+            token_file = Path(coord.wait_line(r"^job token written to (\S+) \(mode 0600\)", timeout=5).group(1))
+            assert token_file.stat().st_mode & 0o777 == 0o600
+            token = token_file.read_text().strip()
         else:
             token = "job-token-1234"
         prog = script(tmp_path, RANK_SCRIPT)
@@ -390,6 +395,7 @@ def test_standalone_coordinator_serves_ranks_started_by_hand(tmp_path, token_fro
                     p.kill()
         coord.proc.send_signal(signal.SIGTERM)
         assert coord.wait(15) == 0, coord.story()
+        assert token not in coord.story()
     finally:
         if coord.proc.poll() is None:
             coord.kill()

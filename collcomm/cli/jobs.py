@@ -1,6 +1,12 @@
 """The commands that run jobs or talk to them: ``collcomm run`` (N ranks on this machine, like
 torchrun, through :mod:`collcomm.launcher`), ``collcomm coordinator`` (the coordinator alone, for
-jobs that span machines) and ``collcomm status`` (a running job's link-monitor report)."""
+jobs that span machines: :mod:`collcomm.coordinator.standalone`) and ``collcomm status`` (a
+running job's link-monitor report).
+
+The job token never appears on a command line: ``coordinator`` and ``status`` take it from
+``COLLCOMM_TOKEN`` or ``--token-file PATH`` (a file closed to other users) and refuse ``--token``;
+``run`` hands its ranks a fresh one in their environment. With ``COLLCOMM_TLS_CA`` set,
+``status`` verifies a TLS coordinator (``coordinator --tls-cert C --tls-key K``) with that CA."""
 
 from __future__ import annotations
 
@@ -45,27 +51,35 @@ def cmd_run(args) -> int:
 
 
 def add_coordinator_command(sub) -> None:
+    from collcomm.coordinator.standalone import add_arguments
+
     c = sub.add_parser("coordinator", help="run the coordinator alone, for jobs that span machines",
-                       description="Serve rendezvous, groups and the key-value store until Ctrl-C. Ranks find it "
-                                   "through COLLCOMM_COORDINATOR=host:port and share COLLCOMM_TOKEN.")
-    c.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    c.add_argument("--port", type=int, default=29400, help="port (default 29400; 0: any free port)")
+                       description="Serve rendezvous, groups and the key-value store until Ctrl-C or SIGTERM. Ranks "
+                                   "find it through COLLCOMM_COORDINATOR=host:port and share the job token "
+                                   "(COLLCOMM_TOKEN); with --tls-cert/--tls-key they verify it with COLLCOMM_TLS_CA "
+                                   "(the CA certificate that signed CERT). The token comes from --token-file or "
+                                   "COLLCOMM_TOKEN; without either one is generated into a new mode-0600 file whose "
+                                   "path is printed. The token is never printed or taken on the command line.")
+    add_arguments(c)
     c.set_defaults(func=cmd_coordinator)
 
 
 def cmd_coordinator(args) -> int:
-    from collcomm.coordinator.server import serve_forever
+    from collcomm.coordinator.standalone import run
 
-    return serve_forever(args.host, args.port)
+    return run(args)
 
 
 def add_status_command(sub) -> None:
     st = sub.add_parser("status", help="the link monitor's latest verdicts and plan changes of a running job",
-                        description="Ask the coordinator (COLLCOMM_COORDINATOR, COLLCOMM_TOKEN) for the latest "
-                                    "link-monitor report that group rank 0 published (jobs started with "
-                                    "COLLCOMM_MONITOR_EVERY or init(monitor_every=...)).")
+                        description="Ask the coordinator (COLLCOMM_COORDINATOR; the job token from COLLCOMM_TOKEN "
+                                    "or --token-file) for the latest link-monitor report that group rank 0 "
+                                    "published (jobs started with COLLCOMM_MONITOR_EVERY or "
+                                    "init(monitor_every=...)). A TLS coordinator is verified with COLLCOMM_TLS_CA.")
     st.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="default: $COLLCOMM_COORDINATOR")
-    st.add_argument("--token", default=None, help="default: $COLLCOMM_TOKEN")
+    st.add_argument("--token-file", default=None, metavar="PATH",
+                    help="read the job token from PATH (closed to other users: mode 0600); default: $COLLCOMM_TOKEN")
+    st.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused: argv is visible to every user
     st.add_argument("--group", type=int, default=None, metavar="ID", help="a group id (default: the latest report)")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the coordinator (default 5)")
     st_fmt = st.add_mutually_exclusive_group()
@@ -78,15 +92,24 @@ def cmd_status(args) -> int:
     import json
 
     from collcomm.coordinator.client import CoordinatorClient
+    from collcomm.coordinator.standalone import refuse_token_argument
+    from collcomm.coordinator.tokens import token_from
     from collcomm.errors import CollectiveTimeout
     from collcomm.runtime.monitor import prometheus
 
+    refuse_token_argument("status", args.token)
     address = args.coordinator or os.environ.get("COLLCOMM_COORDINATOR")
-    token = args.token or os.environ.get("COLLCOMM_TOKEN")
-    if not address or not token:
-        raise UsageError("status: give --coordinator and --token (or set COLLCOMM_COORDINATOR and COLLCOMM_TOKEN)")
+    if not address:
+        raise UsageError("status: no coordinator: give --coordinator HOST:PORT or set COLLCOMM_COORDINATOR")
+    token = token_from(args.token_file)
+    if not token:
+        raise UsageError("status: no job token: set COLLCOMM_TOKEN or give --token-file PATH")
     key = "monitor/latest" if args.group is None else f"monitor/latest/{args.group}"
-    with CoordinatorClient(address, token, timeout=args.timeout) as client:
+    try:
+        client = CoordinatorClient(address, token, timeout=args.timeout)
+    except ValueError as e:  # a malformed address or timeout (a bad CA file is a CollectiveError)
+        raise UsageError(f"status: {e}") from None
+    with client:
         try:
             report = json.loads(client.kv_get(key, timeout=0))
         except CollectiveTimeout:

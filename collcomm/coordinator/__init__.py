@@ -9,8 +9,14 @@ store with waiting gets and atomic counters. Every call proves the job token.
   ``coordinator_pb2*.py`` are committed; regenerate with
   ``python -m collcomm.coordinator.regenerate`` (needs ``grpcio-tools``, a build tool only).
 - :mod:`.state`: the decisions as pure data and functions, testable without a network.
-- :mod:`.server`: :class:`CoordinatorServer` and :func:`serve_forever` (``collcomm coordinator``).
-- :mod:`.client`: :class:`CoordinatorClient`, with typed, one-line errors.
+- :mod:`.server`: :class:`CoordinatorServer` (plaintext, or TLS with a certificate and key).
+- :mod:`.client`: :class:`CoordinatorClient`, with typed, one-line errors; verifies a TLS
+  coordinator with ``COLLCOMM_TLS_CA``.
+- :mod:`.tls`: reading and checking certificates, keys and CA files; what a failed TLS handshake
+  means, in one line.
+- :mod:`.tokens`: the job token outside the process (``COLLCOMM_TOKEN``, token files of mode 0600);
+  never in argv, logs or error messages.
+- :mod:`.standalone`: :func:`serve_forever` and the options of ``collcomm coordinator``.
 
 Names are imported lazily, so ``import collcomm.coordinator.state`` needs no gRPC.
 """
@@ -21,7 +27,8 @@ import importlib
 
 _EXPORTS = {
     "CoordinatorClient": "client", "CoordinatorError": "client", "CoordinatorUnavailable": "client",
-    "CoordinatorServer": "server", "serve_forever": "server",
+    "CoordinatorServer": "server", "serve_forever": "standalone",
+    "ClientTLS": "tls", "ServerTLS": "tls", "TLSConfigError": "tls", "TokenError": "tokens",
     "CoordinatorState": "state", "DeadRank": "state", "FailureOutcome": "state",
     "GroupInfo": "state", "Peer": "state", "PeerTable": "state", "Summary": "state",
     "WORLD_GROUP_ID": "state", "EXTERNAL_REPORTER": "state",

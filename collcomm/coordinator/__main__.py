@@ -1,6 +1,10 @@
-"""``python -m collcomm.coordinator [--host H] [--port P]``: run the coordinator alone.
+"""``python -m collcomm.coordinator [--host H] [--port P] [--tls-cert C --tls-key K] [--token-file F]``:
+run the coordinator alone, as ``collcomm coordinator`` does (:mod:`.standalone`).
 
-The token comes from ``$COLLCOMM_TOKEN``; without it one is generated and printed once.
+The token comes from ``--token-file`` or ``$COLLCOMM_TOKEN``; without either one is generated and
+written to a new file of mode 0600 whose path is printed (the token itself never is). Bad input
+(a token on the command line, a missing or mismatched certificate or key, a token file open to
+others) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -8,17 +12,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from collcomm.coordinator.server import serve_forever
+from collcomm.coordinator.standalone import add_arguments, run
+
+PROG = "python -m collcomm.coordinator"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage text
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m collcomm.coordinator",
-                                     description="Run the collcomm coordinator until Ctrl-C, SIGTERM "
-                                                 "or a Shutdown call.")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=29400, help="port (default 29400; 0: any free port)")
+    from collcomm.errors import CollectiveError
+
+    parser = _Parser(prog=PROG, description="Run the collcomm coordinator until Ctrl-C, SIGTERM or a Shutdown call.")
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    return serve_forever(args.host, args.port)
+    try:
+        return run(args)
+    except (CollectiveError, ValueError, OSError) as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,6 +21,16 @@ on the server. ``timeout=0`` asks once without waiting (``kv_get(key, timeout=0)
 ``CoordinatorUnavailable``        cannot reach the coordinator, lost it, or it shut down
 ``CoordinatorError``              any other refusal (bad argument, rank taken, unknown group)
 ================================  ==========================================================
+
+``AuthenticationError`` also covers TLS: with ``COLLCOMM_TLS_CA`` set (:mod:`.tls`) the client
+verifies the coordinator's certificate, and a certificate that CA did not sign, one that does not
+name the host, or a coordinator without TLS fails the call at the first handshake, not at its
+timeout (grpc alone would retry a failed handshake until the deadline); so does a plaintext
+client whose connections a TLS coordinator closes (three in a row, within about a second). A
+``COLLCOMM_TLS_CA`` that names a missing or malformed file fails the constructor
+(:class:`~collcomm.coordinator.tls.TLSConfigError`, naming the variable and the path).
+
+The token travels only in the call's metadata; neither ``repr()`` nor any error shows it.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import grpc
 
@@ -38,6 +48,7 @@ from collcomm.coordinator import coordinator_pb2 as pb
 from collcomm.coordinator import coordinator_pb2_grpc as pb_grpc
 from collcomm.coordinator import protocol
 from collcomm.coordinator import state as st
+from collcomm.coordinator import tls as tls_mod
 from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, MismatchError,
                              PeerFailure)
 
@@ -58,6 +69,8 @@ _CHANNEL_OPTIONS = (
 
 
 ROUND_TRIP_S = 0.5  # what a call with timeout 0 ("ask once, do not wait") allows the network
+PROBE_S = 2.0       # at most this long to learn why a connection attempt failed (one fail-fast Ping)
+UNCERTAIN_FAILURES = 3  # "socket closed" seen this many times in a row (over ~0.7 s): the server wants TLS
 
 
 def _slack(wait_s: float) -> float:
@@ -72,17 +85,34 @@ class CoordinatorClient:
     Thread-safe: one client may serve several threads of a rank.
     """
 
-    def __init__(self, address: str, token: str, timeout: float = 300.0):
+    def __init__(self, address: str, token: str, timeout: float = 300.0, *,
+                 tls: tls_mod.ClientTLS | Literal[False] | None = None):
+        """``tls``: None (default) verifies the coordinator with ``$COLLCOMM_TLS_CA`` when it is
+        set and connects in plaintext when not; False always connects in plaintext (a launcher's
+        own coordinator on this machine); a :class:`~collcomm.coordinator.tls.ClientTLS` uses that."""
         if st.parse_address(address) is None:
             raise ValueError(f"coordinator address {address!r} is not host:port")
         self.address = address
         self.timeout = self._check_timeout(timeout)
         self._metadata = ((protocol.TOKEN_KEY, protocol.check_token(token)),)
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        if tls is None:
+            tls = tls_mod.client_tls_from_env()
+        elif tls is not False and not isinstance(tls, tls_mod.ClientTLS):
+            raise TypeError("tls must be None (from COLLCOMM_TLS_CA), False (plaintext) or a ClientTLS")
+        self.tls: tls_mod.ClientTLS | None = tls or None
+        if self.tls is None:
+            self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(address, self.tls.credentials(),
+                                                options=_CHANNEL_OPTIONS + self.tls.channel_options())
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._connected = False
         self._closed = False
         self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        scheme = f"TLS, CA {self.tls.ca_path}" if self.tls else "plaintext"
+        return f"CoordinatorClient({self.address!r}, {scheme}, timeout={self.timeout:g})"
 
     # -------------------------------------------------------------------------- calls
     def register(self, rank: int, world_size: int, address: str, *, hostname: str | None = None,
@@ -217,27 +247,74 @@ class CoordinatorClient:
             return getattr(self._stub, method)(request(wait), timeout=rpc_timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise self._error(err, what, budget) from None
-        except ValueError as err:  # the channel was closed under us
+        except ValueError:  # the channel was closed under us
             if self._closed:
                 raise CoordinatorUnavailable(f"{what}: the coordinator client was closed") from None
             raise
 
     def _connect(self, deadline: float, budget: float, what: str) -> None:
-        """Wait (within the budget) until the channel is connected; gRPC retries with backoff."""
+        """Wait (within the budget) until the channel is connected; gRPC retries with backoff.
+
+        Each failed connection attempt is looked at (:meth:`_why_not_connected`): a refused
+        connection is waited out (the coordinator may be starting), a TLS failure ends the wait
+        with AuthenticationError, since retrying cannot mend a certificate."""
         if self._closed:
             raise CoordinatorUnavailable(f"{what}: the coordinator client was closed")
         if self._connected:
             return
+        changed = threading.Event()
         ready = grpc.channel_ready_future(self._channel)
+        ready.add_done_callback(lambda _: changed.set())
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                changed.set()
+
+        self._channel.subscribe(watch)
+        # grpc reports TRANSIENT_FAILURE once and stays there while it keeps retrying, so after a
+        # first failure the channel is looked at again every `poll` seconds (0.1 s, doubling to 1 s).
+        poll = None
+        doubts = 0  # plaintext connections closed before the server spoke, in a row: a TLS coordinator?
         try:
-            ready.result(timeout=max(deadline - time.monotonic(), 0.0))
-        except grpc.FutureTimeoutError:
-            ready.cancel()
-            raise CoordinatorUnavailable(f"cannot reach coordinator at {self.address} "
-                                         f"({what} gave up after {st.seconds(budget)})") from None
+            while not ready.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CoordinatorUnavailable(f"cannot reach coordinator at {self.address} "
+                                                 f"({what} gave up after {st.seconds(budget)})")
+                fired = changed.wait(left if poll is None else min(left, poll))
+                changed.clear()
+                if ready.done() or (not fired and poll is None):
+                    continue
+                problem = self._why_not_connected(deadline)
+                if problem is not None and (problem[1] or doubts + 1 >= UNCERTAIN_FAILURES):
+                    raise AuthenticationError(problem[0])
+                doubts = 0 if problem is None else doubts + 1
+                poll = 0.1 if poll is None else min(2 * poll, 1.0)
+            ready.result(timeout=0)
         except grpc.FutureCancelledError:
             raise CoordinatorUnavailable(f"{what}: the coordinator client was closed") from None
+        finally:
+            self._channel.unsubscribe(watch)
+            if not ready.done():
+                ready.cancel()
         self._connected = True
+
+    def _why_not_connected(self, deadline: float) -> tuple[str, bool] | None:
+        """After a failed connection attempt: what grpc's last error says about TLS (see
+        :func:`~collcomm.coordinator.tls.explain_connect_failure`), learnt from one Ping that does
+        not wait for the channel (it fails at once with that error, or, while the next attempt is
+        under way, with the next one's; at most PROBE_S)."""
+        timeout = min(PROBE_S, deadline - time.monotonic())
+        if timeout <= 0:
+            return None
+        try:
+            self._stub.Ping(pb.PingRequest(), timeout=timeout, metadata=self._metadata, wait_for_ready=False)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                return tls_mod.explain_connect_failure(err.details() or "", self.address, self.tls)
+        except ValueError:  # the channel was closed under us; the ready future says so next
+            pass
+        return None
 
     def _error(self, err: grpc.RpcError, what: str, budget: float) -> CollectiveError:
         code = err.code()
@@ -261,6 +338,9 @@ class CoordinatorClient:
                                      f"within {st.seconds(budget)}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             self._connected = False  # the next call waits for the coordinator again
+            problem = tls_mod.explain_connect_failure(details, self.address, self.tls)
+            if problem is not None and problem[1]:  # e.g. a coordinator restarted with another certificate
+                return AuthenticationError(problem[0])
             if self._closed:
                 return CoordinatorUnavailable(f"{what}: the coordinator client was closed")
             return CoordinatorUnavailable(f"lost the coordinator at {self.address} during {what}: "

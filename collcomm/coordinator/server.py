@@ -6,10 +6,15 @@ changes, the request's ``timeout_s`` or the gRPC deadline passes, the caller goe
 server shuts down (which wakes every waiter with a "shutdown" error). An interceptor refuses
 calls without the job token before any handler runs.
 
+With ``tls=`` (a certificate and its key, :mod:`.tls`) the service speaks TLS through grpc's
+own ``ssl_server_credentials``; clients verify it with ``COLLCOMM_TLS_CA``. Without it the
+channel is plaintext and the token is only as private as the network: fine on one machine or a
+trusted network, not across machines on a shared one.
+
 Known limits: the state lives in memory only (a restarted coordinator knows nothing); every
 waiting call holds a server thread (``max_workers`` bounds them; beyond that calls are refused
-with RESOURCE_EXHAUSTED); the channel is not encrypted, so the token is only as private as the
-network.
+with RESOURCE_EXHAUSTED); clients are authenticated by the token, not by certificates. The
+program around the server (``collcomm coordinator``) is :mod:`.standalone`.
 """
 
 from __future__ import annotations
@@ -19,13 +24,10 @@ import hmac
 import logging
 import math
 import os
-import secrets
-import signal
-import sys
 import threading
 import time
 from concurrent import futures
-from typing import Callable, TextIO
+from typing import Callable
 
 import grpc
 
@@ -34,11 +36,11 @@ from collcomm.coordinator import coordinator_pb2 as pb
 from collcomm.coordinator import coordinator_pb2_grpc as pb_grpc
 from collcomm.coordinator import protocol
 from collcomm.coordinator import state as st
+from collcomm.coordinator import tls as tls_mod
 from collcomm.errors import CollectiveError
 
 log = logging.getLogger("collcomm.coordinator")
 
-TOKEN_ENV = "COLLCOMM_TOKEN"
 MAX_WAIT_S = 7 * 24 * 3600.0  # a bound on any wait, whatever the request says
 
 
@@ -227,11 +229,17 @@ class CoordinatorServer:
             address = server.address               # "127.0.0.1:41234"
     """
 
-    def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0, *, max_workers: int = 1024):
+    def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0, *, max_workers: int = 1024,
+                 tls: "tls_mod.ServerTLS | tuple[bytes, bytes] | None" = None):
+        """``tls``: serve TLS with this certificate (chain) and private key, PEM bytes as a
+        ``(cert_pem, key_pem)`` pair or a checked :class:`~collcomm.coordinator.tls.ServerTLS`
+        (:func:`~collcomm.coordinator.tls.load_server_files` reads the files); None: plaintext.
+        A pair that does not parse, has expired or does not match raises TLSConfigError."""
         self._token = protocol.check_token(token)
         if not 0 <= int(port) < 65536:
             raise ValueError(f"port {port} is out of range 0-65535")
         self._host, self._port, self._max_workers = host, int(port), max_workers
+        self.tls: tls_mod.ServerTLS | None = tls_mod.as_server_tls(tls)
         self._cond = threading.Condition()
         self._state = st.CoordinatorState()
         self._closed = False
@@ -251,7 +259,10 @@ class CoordinatorServer:
         pb_grpc.add_CoordinatorServicer_to_server(_Servicer(self), server)
         host = f"[{self._host}]" if ":" in self._host and not self._host.startswith("[") else self._host
         try:
-            port = server.add_insecure_port(f"{host}:{self._port}")
+            if self.tls is None:
+                port = server.add_insecure_port(f"{host}:{self._port}")
+            else:
+                port = server.add_secure_port(f"{host}:{self._port}", self.tls.credentials())
         except RuntimeError:
             port = 0
         if not port:
@@ -260,8 +271,12 @@ class CoordinatorServer:
         server.start()
         self._server = server
         self.address = f"{host}:{port}"
-        log.info("coordinator listening on %s", self.address)
+        log.info("coordinator listening on %s%s", self.address, " with TLS" if self.tls else "")
         return self.address
+
+    def __repr__(self) -> str:
+        where = self.address or f"{self._host}:{self._port}, not started"
+        return f"CoordinatorServer({where}, {'TLS' if self.tls else 'plaintext'})"
 
     def _close(self) -> None:
         """Refuse new calls and wake every waiter (they end with a "shutdown" error)."""
@@ -303,36 +318,3 @@ class CoordinatorServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def serve_forever(host: str = "0.0.0.0", port: int = 29400, token: str | None = None,
-                  out: TextIO | None = None) -> int:
-    """Run the coordinator until a Shutdown call, SIGTERM or Ctrl-C; return an exit status.
-
-    The token comes from ``token``, else ``$COLLCOMM_TOKEN``, else a fresh random one that is
-    printed once. The first line printed is ``collcomm coordinator listening on HOST:PORT``.
-    """
-    out = out or sys.stdout
-    generated = False
-    if not token:
-        token = os.environ.get(TOKEN_ENV) or None
-    if not token:
-        token, generated = secrets.token_hex(16), True
-    server = CoordinatorServer(token, host, port)
-    address = server.start()
-    print(f"collcomm coordinator listening on {address}", file=out)
-    if generated:
-        print(f"{TOKEN_ENV}={token}  (generated; give it to every rank)", file=out)
-    out.flush()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
-    try:
-        while not server.wait_stopped(1.0):
-            pass
-    except KeyboardInterrupt:
-        server.stop()
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0
