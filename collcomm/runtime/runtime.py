@@ -66,8 +66,13 @@ class Runtime:
         listen = host or os.environ.get("COLLCOMM_HOST") or ("127.0.0.1" if coordinator.startswith(
             ("127.", "localhost")) else "0.0.0.0")
         advertise = None if listen not in ("0.0.0.0", "") else own_address(coordinator)
-        self.transport = TcpTransport(rank, token, host=listen, advertise_host=advertise, faults=inject.active_plan())
-        self.client = CoordinatorClient(coordinator, token, timeout=self.timeout)
+        self.client = CoordinatorClient(coordinator, token, timeout=self.timeout)  # first: a bad TLS file opens nothing
+        try:
+            self.transport = TcpTransport(rank, token, host=listen, advertise_host=advertise,
+                                          faults=inject.active_plan())
+        except BaseException:
+            self.client.close()
+            raise
         try:
             # A new process for a rank that stands reported dead (the old one failed and the others
             # shrank): it takes the rank over and waits to be admitted by the survivors' grow().
