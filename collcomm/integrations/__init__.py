@@ -1,4 +1,9 @@
-"""Integrations: the torch.distributed backend "collcomm" (:mod:`collcomm.integrations.torch`); Ray later.
+"""collcomm inside other frameworks: each subpackage or module makes collcomm the communication layer
+of one framework, and imports that framework only when it is used.
+
+* :mod:`collcomm.integrations.torch`: the ``torch.distributed`` backend "collcomm", registered on
+  ``import torch`` through the ``torch.backends`` entry point.
+* Ray is next (:mod:`collcomm.integrations.ray`, not written yet).
 
 Nothing is imported here: ``import torch`` loads :mod:`collcomm.integrations.torch` through its
 entry point, which must stay cheap and side-effect free beyond registering the backend."""

@@ -13,12 +13,28 @@ at the end of ``import torch`` (unless ``TORCH_DEVICE_BACKEND_AUTOLOAD=0``). Cal
 The first process group (the default one) makes this process join a collcomm job through the
 c10d store PyTorch hands over: rank 0 starts an embedded coordinator with a random token and
 publishes its address and the token in the store; the other ranks read them there. Later groups
-(``dist.new_group``, DeviceMesh dimensions) become collcomm groups. The implementation lives in
-:mod:`collcomm.integrations._torch_pg`, imported only when a process group is created, so this
-module (loaded by ``import torch`` itself) imports nothing heavy and never raises at import.
+(``dist.new_group``, DeviceMesh dimensions) become collcomm groups.
+
+This module is loaded by ``import torch`` itself, so it imports nothing heavy and never raises at
+import; the implementation, in the modules below, is imported only when a process group is created
+(or :class:`ProcessGroupCollcomm` is asked for):
+
+* :mod:`.process_group`: :class:`ProcessGroupCollcomm`, every collective, and the backend's creator;
+* :mod:`.rendezvous`: joining the collcomm job (embedded coordinator) and forming subgroups through
+  the c10d store;
+* :mod:`.work`: lanes that run a group's operations in order, and the ``Work`` handles and futures;
+* :mod:`.tensors`: torch tensors as the runtime's buffers (contiguous copies, flat views, checks);
+* :mod:`.reductions`: torch's ``ReduceOp`` as collcomm reductions, per dtype;
+* :mod:`.errors`: collcomm errors as torch's ``DistBackendError``;
+* :mod:`.timeouts`: torch's timeouts as seconds.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # at run time ProcessGroupCollcomm is loaded on first use (module __getattr__)
+    from collcomm.integrations.torch.process_group import ProcessGroupCollcomm
 
 BACKEND = "collcomm"
 
@@ -49,14 +65,14 @@ def _autoload() -> None:
 
 def _create_process_group(store, group_rank: int, group_size: int, timeout):
     """The creator PyTorch calls for every process group with backend "collcomm"."""
-    from collcomm.integrations import _torch_pg
+    from collcomm.integrations.torch import process_group
 
-    return _torch_pg.create_process_group(store, group_rank, group_size, timeout)
+    return process_group.create_process_group(store, group_rank, group_size, timeout)
 
 
 def __getattr__(name: str):
     if name == "ProcessGroupCollcomm":
-        from collcomm.integrations import _torch_pg
+        from collcomm.integrations.torch import process_group
 
-        return _torch_pg.ProcessGroupCollcomm
+        return process_group.ProcessGroupCollcomm
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
