@@ -173,6 +173,28 @@ def _quiet(fn):
         pass
 
 
+@pytest.mark.timeout(60)
+def test_a_frame_without_checksum_is_refused_on_a_connection_without_macs():
+    """Only a connection whose frame MACs cover the payload may carry DATA frames flagged
+    NO_CHECKSUM; elsewhere such a frame closes the connection and is never delivered."""
+    a, b = _pair(False)
+    try:
+        la, lb = _links(a, b)
+        box = b.mailbox(5)
+        r = _Box(1000)
+        box.register(0, r)
+        payload = os.urandom(1000)
+        header = frames.data_header(5, 0, 0, 0, 0, 0, payload, macs=True)
+        assert header.flags & frames.NO_CHECKSUM and header.checksum == 0
+        la.send(header, memoryview(payload))
+        assert r.arrived.wait(10)
+        assert r.error is not None and "without a checksum" in str(r.error), r.error
+        assert bytes(r.buf) != payload
+    finally:
+        a.close()
+        b.close()
+
+
 CORRUPTED_JOB = """
 import numpy as np
 n = world_size

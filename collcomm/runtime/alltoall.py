@@ -9,7 +9,7 @@ from collcomm.runtime.buffers import as_buffer
 from collcomm.runtime.group import Group
 from collcomm.runtime.operation import OperationEvents
 from collcomm.transport import frames
-from collcomm.transport.frames import DATA, Header
+from collcomm.transport.frames import Header
 
 
 def alltoall(rt, group: Group, out, x, timeout: float) -> None:
@@ -79,10 +79,10 @@ class Alltoall(OperationEvents):
                     return  # a failed operation sends nothing more
                 lo, hi = self._span(peer, c)
                 view = memoryview(self.send_bytes[lo:hi])
-                header = Header(DATA, self.group, self.epoch, self.op_seq, 0, c, self.desc, len(view),
-                                frames.checksum(view))
                 try:
-                    self._links(peer).send(header, view, self._event_done)
+                    link = self._links(peer)
+                    link.send(frames.data_header(self.group, self.epoch, self.op_seq, 0, c, self.desc, view,
+                                                 macs=link.macs), view, self._event_done)
                 except CollectiveError as e:
                     self.failed(e)
                     return

@@ -37,7 +37,7 @@ from collcomm.errors import CollectiveError, MismatchError
 from collcomm.runtime.operation import OperationEvents
 from collcomm.schedules.ir import ALLGATHER, REDUCE_SCATTER, Schedule
 from collcomm.transport import frames
-from collcomm.transport.frames import DATA, Header
+from collcomm.transport.frames import Header
 
 # DATA frames of one operation to one peer handed to the link and not yet acknowledged (see
 # Operation._send): enough to keep the link busy (the ACK comes back one round trip after the
@@ -243,10 +243,11 @@ class Operation(OperationEvents):
 
     def _transmit(self, pc: Piece, peer: int) -> None:
         view = memoryview(self.bytes[pc.start * self.itemsize:pc.stop * self.itemsize])
-        header = Header(DATA, self.group, self.epoch, self.op_seq, pc.frame_tree, pc.chunk, self.desc,
-                        len(view), frames.checksum(view))
         try:
-            self._links(peer).send(header, view, lambda: self._sent(peer))
+            link = self._links(peer)
+            header = frames.data_header(self.group, self.epoch, self.op_seq, pc.frame_tree, pc.chunk, self.desc,
+                                        view, macs=link.macs)
+            link.send(header, view, lambda: self._sent(peer))
         except CollectiveError as e:
             self.failed(e)
 

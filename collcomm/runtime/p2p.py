@@ -27,7 +27,7 @@ import numpy as np
 from collcomm.errors import CollectiveError, CollectiveTimeout, MismatchError
 from collcomm.runtime.buffers import as_buffer
 from collcomm.transport import frames
-from collcomm.transport.frames import DATA, Header
+from collcomm.transport.frames import Header
 from collcomm.transport.interface import P2P_BASE
 
 
@@ -107,8 +107,10 @@ def send(rt, x, dst: int, tag: int, timeout: float) -> None:
     desc = frames.describe("p2p", buf.dtype)
     msg = _PointToPoint(view, dst, seq, desc, f"send of {buf.count} {buf.dtype} to rank {dst}")
     link = rt.transport.link(dst, group, 0, timeout)
-    link.send(Header(DATA, group, 0, seq, desc=desc, length=len(view), checksum=frames.checksum(view)), view,
-              msg.sent)
+    # Always checksummed, frame MACs or not: a send is eager (it returns once the message left), so
+    # should the message have to be sent again after the caller reused the buffer, the MAC (taken
+    # as the frame is written) would cover the new contents; the checksum, taken now, refuses them.
+    link.send(frames.data_header(group, 0, seq, 0, 0, desc, view), view, msg.sent)
     msg.wait(timeout)
 
 

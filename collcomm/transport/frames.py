@@ -8,7 +8,8 @@ Every frame is a header followed by ``length`` payload bytes::
 ``op`` is the operation's sequence number within its group, ``tree``/``chunk`` say
 which piece of which tree the payload is, ``desc`` is a hash of what the operation
 is (collective, dtype, size, reduction, root) so ranks that disagree find out at the
-first frame, and ``checksum`` is xxh3-64 of the payload. A DATA frame is answered by
+first frame, and ``checksum`` is xxh3-64 of the payload (unless the flag NO_CHECKSUM says the
+connection's frame MACs cover it). A DATA frame is answered by
 an ACK (payload verified) or a NACK (checksum failed: send it again) carrying the same
 ``op``/``tree``/``chunk``, with no payload. A PROBE (header only, ``chunk`` = the probe's
 number) asks the receiver to answer with an ECHO of the same number once it has read every
@@ -119,6 +120,19 @@ def unpack_header(raw: bytes | bytearray | memoryview) -> Header:
 
 def checksum(payload) -> int:
     return xxhash.xxh3_64_intdigest(payload)
+
+
+NO_CHECKSUM = 1  # header flag of a DATA frame: ``checksum`` is not set, the connection's frame MACs cover the payload
+
+
+def data_header(group: int, epoch: int, op: int, tree: int, chunk: int, desc: int, payload, *,
+                macs: bool = False) -> Header:
+    """The header of a DATA frame carrying ``payload``: with its checksum, or, on a link whose frame
+    MACs cover every payload (``macs``), flagged NO_CHECKSUM instead (the MAC already reads every
+    byte; a checksum would be a second pass for nothing)."""
+    if macs:
+        return Header(DATA, group, epoch, op, tree, chunk, desc, len(payload), 0, NO_CHECKSUM)
+    return Header(DATA, group, epoch, op, tree, chunk, desc, len(payload), checksum(payload))
 
 
 def describe(*fields) -> int:

@@ -54,6 +54,11 @@ class Link(Protocol):
     @property
     def alive(self) -> bool: ...
 
+    @property
+    def macs(self) -> bool:
+        """Whether the link authenticates every payload itself (frame MACs): then a DATA frame's
+        header may leave out the payload checksum (:func:`collcomm.transport.frames.data_header`)."""
+
     def send(self, header: Header, payload: memoryview | None = None,
              done: Callable[[], None] | None = None) -> None:
         """Queue a frame; never blocks on the network. For a DATA frame of a collective ``done``

@@ -86,6 +86,10 @@ class Link(LinkReliability, LinkDetours):
     def alive(self) -> bool:
         return self.error is None
 
+    @property
+    def macs(self) -> bool:
+        return self.transport.auth_frames
+
     # ------------------------------------------------------------------ sending
     def send(self, header: Header, payload: memoryview | None = None,
              done: Callable[[], None] | None = None) -> None:
@@ -367,6 +371,9 @@ class Link(LinkReliability, LinkDetours):
                 del self._resume[key]
             self.mailbox.abort(header.op, error_from_abort(text.decode(errors="replace"), self.peer))
             return
+        if header.flags & frames.NO_CHECKSUM and not self.transport.auth_frames:
+            raise ProtocolError(f"rank {self.peer} sent a DATA frame without a checksum on a connection without "
+                                f"frame MACs")
         op = header.op
         key = (op, header.tree, header.chunk)
         again = self._resume.pop(key, None)
@@ -404,7 +411,7 @@ class Link(LinkReliability, LinkDetours):
         except OSError:
             self._resume[key] = (receiver, dest)  # the piece comes again after a reconnect
             raise
-        if not sealed or frames.checksum(dest) != header.checksum:
+        if not sealed or (not header.flags & frames.NO_CHECKSUM and frames.checksum(dest) != header.checksum):
             # Never used: not delivered (so never reduced, never forwarded); where it landed in
             # the user's buffer (a copy), the retransmission overwrites it.
             what = "checksum" if sealed else "mac"
