@@ -29,17 +29,12 @@ import queue
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from collcomm.errors import CollectiveError, PeerFailure
 from collcomm.transport import frames
 from collcomm.transport.frames import DATA, HEADER_SIZE, RELAY, Header, ProtocolError
 from collcomm.transport.tcp.sockets import recv_exact
 from collcomm.transport.telemetry import tcp_stalled_seconds
-
-if TYPE_CHECKING:
-    from collcomm.transport.tcp.link import Link
-    from collcomm.transport.tcp.reliability import Pending
 
 log = logging.getLogger("collcomm.transport")
 
@@ -78,7 +73,7 @@ class LinkDetours:
     """Sending and answering through a relay, and relaying for others (see the module)."""
 
     def _init_detours(self) -> None:
-        self.detour: "Link | None" = None  # the link to the member that relays for this one
+        self.detour: LinkDetours | None = None  # the link (a tcp.link.Link) to the member that relays for this one
         self._relays_tried: set[int] = set()
         self._direct_stopped = False  # the direct connection is no longer read (see _arrived_by_detour)
         self._relayed_q: queue.SimpleQueue | None = None  # frames from the peer by a relay (see _relayed)
@@ -151,8 +146,9 @@ class LinkDetours:
             self._relay_entry(e)
         return True
 
-    def _relay_entry(self, entry: "Pending") -> None:
-        """A DATA frame onto the detour (counted as written: the timer and probes follow it)."""
+    def _relay_entry(self, entry) -> None:
+        """A DATA frame (a reliability.Pending) onto the detour (counted as written: the timer and
+        probes follow it)."""
         with self._count_lock:
             if entry.tries < 0:
                 return
@@ -167,7 +163,7 @@ class LinkDetours:
         outer = Header(RELAY, via.group, via.epoch, self.peer, self.transport.rank, length=len(raw) + n).pack()
         via._enqueue_own(RELAY, outer + raw, payload)
 
-    def _arrived_by_detour(self, via: "Link") -> None:
+    def _arrived_by_detour(self, via: LinkDetours) -> None:
         """A frame from the peer came through ``via``: answer the same way, and stop reading the
         direct connection first (no piece may arrive by two paths at once: a reduce-scatter piece
         lands in the peer's one scratch chunk)."""
