@@ -22,9 +22,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 
+from collcomm.coordinator.files import read_small_file
 from collcomm.errors import CollectiveError
 
 CA_ENV = "COLLCOMM_TLS_CA"
@@ -39,33 +39,8 @@ class TLSConfigError(CollectiveError, ValueError):
 # ------------------------------------------------------------------------------ reading PEM files
 def read_pem(path: str, label: str) -> bytes:
     """The bytes of the PEM file ``path``; ``label`` starts every error ("--tls-cert cert.pem",
-    "COLLCOMM_TLS_CA=ca.pem"). Opened without blocking (a FIFO is refused, not waited on) and read
-    up to MAX_PEM_BYTES."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise TLSConfigError(f"{label}: no such file") from None
-    except PermissionError:
-        raise TLSConfigError(f"{label}: permission denied") from None
-    except OSError as e:
-        raise TLSConfigError(f"{label}: cannot open ({e.strerror})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TLSConfigError(f"{label}: not a regular file")
-        chunks, size = [], 0
-        while size <= MAX_PEM_BYTES:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as e:
-        raise TLSConfigError(f"{label}: cannot read ({e.strerror})") from None
-    finally:
-        os.close(fd)
-    if size > MAX_PEM_BYTES:
-        raise TLSConfigError(f"{label}: larger than {MAX_PEM_BYTES >> 20} MiB, not a PEM file")
-    return b"".join(chunks)
+    "COLLCOMM_TLS_CA=ca.pem"). Read up to MAX_PEM_BYTES, without blocking (see files.py)."""
+    return read_small_file(path, label, MAX_PEM_BYTES, TLSConfigError, too_large=", not a PEM file")
 
 
 def _certificates(data: bytes, label: str) -> list:

@@ -16,6 +16,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+from collcomm.coordinator.files import read_small_file
 from collcomm.coordinator.protocol import check_token
 from collcomm.errors import CollectiveError
 
@@ -38,28 +39,14 @@ def read_token_file(path: str | os.PathLike) -> str:
     group nor others may read or write. Never blocks (a FIFO is refused, not waited on); errors
     name the file, never its contents."""
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise TokenError(f"token file {path}: no such file") from None
-    except PermissionError:
-        raise TokenError(f"token file {path}: permission denied") from None
-    except OSError as e:
-        raise TokenError(f"token file {path}: cannot open ({e.strerror})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise TokenError(f"token file {path}: not a regular file")
+
+    def private(info: os.stat_result) -> None:
         if info.st_mode & 0o077:
             raise TokenError(f"token file {path} is open to other users (mode {stat.S_IMODE(info.st_mode):04o}); "
-                                 f"run chmod 600 {path}, and use a new token if others could read it")
-        data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
-    except OSError as e:
-        raise TokenError(f"token file {path}: cannot read ({e.strerror})") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_TOKEN_FILE_BYTES:
-        raise TokenError(f"token file {path}: larger than {MAX_TOKEN_FILE_BYTES} bytes; a token is one short line")
+                             f"run chmod 600 {path}, and use a new token if others could read it")
+
+    data = read_small_file(path, f"token file {path}", MAX_TOKEN_FILE_BYTES, TokenError,
+                           too_large="; a token is one short line", check=private)
     text = data.decode("ascii", "replace").strip()
     if not text:
         raise TokenError(f"token file {path} is empty")
