@@ -24,10 +24,11 @@ import time
 import numpy as np
 import pytest
 
+import linkpair
 from faultjobs import Job, raised
 
 from collcomm.faults import inject
-from collcomm.faults.inject import FaultPlan, LinkFaults, parse
+from collcomm.faults.inject import FaultPlan, parse
 from collcomm.transport import frames
 from collcomm.transport.frames import ACK, ECHO, NACK, PROBE, ProtocolError
 
@@ -199,43 +200,9 @@ def test_killed_peer_is_not_reconnected_to():
 
 
 # ============================================================================ two transports in one process
-class _Box:
-    """A receiver for one frame (what an operation gives the transport)."""
-
-    def __init__(self, n: int):
-        import threading
-
-        self.buf = bytearray(n)
-        self.arrived = threading.Event()
-        self.error = None
-
-    def destination(self, header, peer):
-        return memoryview(self.buf)
-
-    def delivered(self, header, view, peer):
-        self.arrived.set()
-
-    def failed(self, error):
-        self.error = error
-        self.arrived.set()
-
-
 def _pair(plan: str | None, auth_frames: bool = False):
-    import threading
-
-    from collcomm.transport.tcp import TcpTransport
-
-    faults = parse(plan) if plan else FaultPlan()
-    a = TcpTransport(0, "tok", faults=faults, auth_frames=auth_frames)
-    b = TcpTransport(1, "tok", faults=faults, auth_frames=auth_frames)
-    a.set_peers({1: b.address})
-    b.set_peers({0: a.address})
-    other = {}
-    t = threading.Thread(target=lambda: other.setdefault("link", b.link(0, 5, 0, 5.0)))
-    t.start()
-    link = a.link(1, 5, 0, 5.0)
-    t.join()
-    return a, b, link, other["link"]
+    a, b = linkpair.transports(parse(plan) if plan else FaultPlan(), auth_frames)
+    return (a, b) + linkpair.links(a, b)
 
 
 @pytest.mark.timeout(60)
@@ -260,7 +227,7 @@ def test_link_frames_arrive_whole_with_telemetry(plan, auth_frames):
         for i in range(40):
             n = 200_000 if i % 2 else 1000
             data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-            r = _Box(n)
+            r = linkpair.Box(n)
             box.register(i, r)
             acked = threading.Event()
             view = memoryview(data)
@@ -300,7 +267,7 @@ def _send_one(link, box, op: int, n: int):
     from collcomm.transport.frames import DATA, Header
 
     data = np.random.default_rng(op).integers(0, 256, n, dtype=np.uint8).tobytes()
-    r = _Box(n)
+    r = linkpair.Box(n)
     acked = threading.Event()
     view = memoryview(data)
     link.send(Header(DATA, 5, 0, op, 0, 0, 0, n, frames.checksum(view)), view, acked.set)

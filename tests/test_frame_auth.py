@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
-import numpy as np
 import pytest
 
 import multiproc
+from linkpair import Box, links, transports
 from collcomm.errors import AuthenticationError
 from collcomm.transport import frames
 from collcomm.transport.frames import DATA, Header
-from collcomm.transport.tcp import TcpTransport
 from collcomm.transport.tcp.frameauth import TAG_SIZE, FrameAuth, enabled, session_keys
 
 
@@ -87,40 +85,6 @@ def test_the_setting_reads_one_or_zero_and_refuses_anything_else(monkeypatch):
         enabled()
 
 
-class _Box:
-    def __init__(self, n: int):
-        self.buf = bytearray(n)
-        self.arrived = threading.Event()
-        self.error = None
-
-    def destination(self, header, peer):
-        return memoryview(self.buf)[:header.length]
-
-    def delivered(self, header, view, peer):
-        self.arrived.set()
-
-    def failed(self, error):
-        self.error = error
-        self.arrived.set()
-
-
-def _pair(auth_a: bool, auth_b: bool | None = None):
-    a = TcpTransport(0, "tok", auth_frames=auth_a)
-    b = TcpTransport(1, "tok", auth_frames=auth_a if auth_b is None else auth_b)
-    a.set_peers({1: b.address})
-    b.set_peers({0: a.address})
-    return a, b
-
-
-def _links(a, b):
-    other = {}
-    t = threading.Thread(target=lambda: other.setdefault("link", b.link(0, 5, 0, 5.0)))
-    t.start()
-    link = a.link(1, 5, 0, 5.0)
-    t.join(10)
-    return link, other["link"]
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("auth_frames", [False, True], ids=["checksums", "frame-macs"])
 def test_a_frame_injected_into_an_established_connection(auth_frames):
@@ -128,13 +92,13 @@ def test_a_frame_injected_into_an_established_connection(auth_frames):
     into the connection after the handshake. Without frame MACs it is taken: the receiver gets the
     forged bytes (the threat). With them it is refused (the connection is re-opened with new
     keys) and the real frame arrives whole."""
-    a, b = _pair(auth_frames)
+    a, b = transports(auth_a=auth_frames)
     try:
-        la, lb = _links(a, b)
+        la, lb = links(a, b)
         box = b.mailbox(5)
         n = 100_000
         real, forged = os.urandom(n), os.urandom(n)
-        r = _Box(n)
+        r = Box(n)
         box.register(0, r)
         with la._send_lock:  # the forger's bytes go in between two of the sender's frames
             la.sock.sendall(_frame(0, forged) + (bytes(TAG_SIZE) if auth_frames else b"") + forged)
@@ -154,7 +118,7 @@ def test_a_frame_injected_into_an_established_connection(auth_frames):
 
 @pytest.mark.timeout(60)
 def test_a_peer_that_differs_on_frame_macs_is_refused_with_one_clear_line():
-    a, b = _pair(True, False)
+    a, b = transports(auth_a=True, auth_b=False)
     try:
         threading.Thread(target=lambda: _quiet(lambda: b.link(0, 5, 0, 3.0)), daemon=True).start()
         with pytest.raises(AuthenticationError) as e:
@@ -177,11 +141,11 @@ def _quiet(fn):
 def test_a_frame_without_checksum_is_refused_on_a_connection_without_macs():
     """Only a connection whose frame MACs cover the payload may carry DATA frames flagged
     NO_CHECKSUM; elsewhere such a frame closes the connection and is never delivered."""
-    a, b = _pair(False)
+    a, b = transports()
     try:
-        la, lb = _links(a, b)
+        la, lb = links(a, b)
         box = b.mailbox(5)
-        r = _Box(1000)
+        r = Box(1000)
         box.register(0, r)
         payload = os.urandom(1000)
         header = frames.data_header(5, 0, 0, 0, 0, 0, payload, macs=True)
@@ -196,7 +160,6 @@ def test_a_frame_without_checksum_is_refused_on_a_connection_without_macs():
 
 
 CORRUPTED_JOB = """
-import numpy as np
 n = world_size
 for size in (1000, 300_000, 2_000_000):
     x = (np.arange(size, dtype=np.float64) % 97) * (rank + 1)
