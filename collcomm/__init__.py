@@ -11,15 +11,16 @@ public functions below (:mod:`collcomm.api`) are loaded when first used.
 
 from collcomm._version import __version__
 from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, CorruptionError, EvictedError,
-                             LinkFailure, MismatchError, PeerFailure, ScheduleError, TopologyError)
+                             LinkFailure, MismatchError, ObjectDeleted, ObjectError, ObjectExists, ObjectLost,
+                             ObjectStoreFull, PeerFailure, ScheduleError, TopologyError)
 
-_API = ("allgather", "allreduce", "alltoall", "barrier", "broadcast", "grow", "init", "is_initialized",
-        "link_health", "new_group", "probe_topology", "rank", "recv", "reduce", "reduce_scatter", "send",
-        "shrink", "shutdown", "world_size")
+_API = ("allgather", "allreduce", "alltoall", "barrier", "broadcast", "delete", "get", "grow", "init",
+        "is_initialized", "link_health", "new_group", "object_info", "probe_topology", "put", "rank", "recv",
+        "reduce", "reduce_objects", "reduce_scatter", "send", "shrink", "shutdown", "world_size")
 
 __all__ = [
     "AuthenticationError", "CollectiveError", "CollectiveTimeout", "CorruptionError", "EvictedError", "LinkFailure",
-    "MismatchError", "PeerFailure", "ScheduleError", "TopologyError", "__version__", *_API,
+    "MismatchError", "ObjectDeleted", "ObjectError", "ObjectExists", "ObjectLost", "ObjectStoreFull", "PeerFailure", "ScheduleError", "TopologyError", "__version__", *_API,
 ]
 
 

@@ -246,6 +246,55 @@ def link_health(*, group=None, format: str = "dict"):
     return health(_rt(), _group(group), format=format)
 
 
+# ---------------------------------------------------------------------------- objects in flight
+def _objects():
+    """This process's object layer (collcomm.objects), started on the first object call."""
+    rt = _rt()
+    if rt.objects is None:
+        with _LOCK:
+            if rt.objects is None:
+                from collcomm.objects import ObjectLayer
+
+                rt.objects = ObjectLayer(rt)
+    return rt.objects
+
+
+def put(key: str, buf, copy: bool = True, *, async_op: bool = False, timeout: float | None = None):
+    """Publish ``buf`` (NumPy array or CPU torch tensor) under ``key`` for any process to get.
+    The copy is registered before it is made, so readers start while it is; ``copy=False``
+    shares ``buf`` itself (do not change it until ``delete``). A key put twice before ``delete``
+    raises ObjectExists."""
+    layer = _objects()
+    return layer.submit(lambda: layer.put(key, buf, copy, timeout), f"put of '{key}'", async_op)
+
+
+def get(key: str, out=None, *, timeout: float | None = None, async_op: bool = False):
+    """The object ``key``, as soon as it exists anywhere: a read-only array (zero copy), or
+    copied into ``out``. Waits up to ``timeout`` for the object to be put."""
+    layer = _objects()
+    return layer.submit(lambda: layer.get(key, out, timeout), f"get of '{key}'", async_op)
+
+
+def reduce_objects(keys, out_key: str, op: str = "sum", num_required: int | None = None, *,
+                   timeout: float | None = None, async_op: bool = False):
+    """Reduce the objects ``keys`` into a new object ``out_key`` using the first ``num_required``
+    to become ready (all when None); returns the keys used. Any rank may then ``get(out_key)``,
+    pipelined behind the reduction."""
+    layer = _objects()
+    return layer.submit(lambda: layer.reduce_objects(keys, out_key, op, num_required, timeout),
+                        f"reduce_objects into '{out_key}'", async_op)
+
+
+def delete(key: str, *, timeout: float | None = None) -> bool:
+    """Forget ``key`` and free every copy of it; False if there was none."""
+    return _objects().delete(key, timeout)
+
+
+def object_info(key: str, *, timeout: float | None = None) -> dict:
+    """What the directory knows of ``key``: size, dtype, shape, complete, and its copies."""
+    return _objects().info(key, timeout)
+
+
 def shutdown() -> None:
     """Leave the job: close connections and the coordinator client (idempotent)."""
     global _RUNTIME, _EMBEDDED

@@ -63,3 +63,31 @@ class CorruptionError(CollectiveError):
     def __init__(self, message: str, rank: int | None = None):
         super().__init__(message)
         self.rank = rank
+
+
+class ObjectError(CollectiveError):
+    """An operation on a named object failed; ``key`` names the object."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class ObjectExists(ObjectError, ValueError):
+    """A key was put again before it was deleted."""
+
+
+class ObjectDeleted(ObjectError, KeyError):
+    """The object was deleted (or never existed, for a call that does not wait for it)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ObjectLost(ObjectError):
+    """Every copy of the object is gone (its holders died)."""
+
+
+class ObjectStoreFull(ObjectError, MemoryError):
+    """A bounded store (this process's, ``COLLCOMM_OBJECT_STORE_BYTES``, or the directory's,
+    ``COLLCOMM_DIRECTORY_BYTES``) has no room for the object; nothing in it was evicted."""

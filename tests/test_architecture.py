@@ -23,6 +23,7 @@ TIERS = {
     "collcomm.topology": 1, "collcomm.schedules": 1, "collcomm.faults": 1,
     "collcomm.transport": 2, "collcomm.coordinator": 2,
     "collcomm.runtime": 3,
+    "collcomm.objects": 3,
     "collcomm": 4,  # the faces: __init__, api, integrations, cli, perf, probing, emulation, launcher, sweep
 }
 MODEL = ("collcomm.topology", "collcomm.schedules")

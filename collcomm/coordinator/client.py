@@ -46,11 +46,15 @@ import grpc
 
 from collcomm.coordinator import coordinator_pb2 as pb
 from collcomm.coordinator import coordinator_pb2_grpc as pb_grpc
+from collcomm.coordinator import objects as ob
 from collcomm.coordinator import protocol
 from collcomm.coordinator import state as st
 from collcomm.coordinator import tls as tls_mod
 from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, MismatchError,
-                             PeerFailure)
+                             ObjectDeleted, ObjectExists, ObjectLost, ObjectStoreFull, PeerFailure)
+
+_OBJECT_ERRORS = {ob.EXISTS: ObjectExists, ob.DELETED: ObjectDeleted, ob.NOT_FOUND: ObjectDeleted,
+                  ob.LOST: ObjectLost, ob.FULL: ObjectStoreFull}
 
 
 class CoordinatorError(CollectiveError):
@@ -198,6 +202,43 @@ class CoordinatorClient:
         self._call("Shutdown", "shutdown", timeout, lambda wait: pb.ShutdownRequest(reason=reason),
                    waits=False)
 
+    # -------------------------------------------------------------------------- objects
+    def object_put(self, key: str, meta: ob.Meta, holder: ob.Holder | None, *, complete: bool = False,
+                   inline: bytes | None = None, timeout: float | None = None) -> None:
+        """Publish object ``key``: its bytes (``inline``) or ``holder``'s copy (see objects.py)."""
+        self._call("ObjectPut", f"put of object '{key}'", timeout, lambda wait: pb.ObjectPutRequest(
+            key=key, meta=protocol.meta_to_pb(meta), holder=protocol.holder_to_pb(holder) if holder else None,
+            complete=complete, inline=inline is not None, data=inline or b""), waits=False, key=key)
+
+    def object_locate(self, key: str, reader: ob.Holder, *, register: bool = True, lost_source: int | None = None,
+                      timeout: float | None = None) -> ob.Source:
+        """Wait until ``key`` exists; its bytes or the source ``reader`` pulls from."""
+        reply = self._call("ObjectLocate", f"get of object '{key}'", timeout, lambda wait: pb.ObjectLocateRequest(
+            key=key, reader=protocol.holder_to_pb(reader), timeout_s=wait, register=register,
+            lost_source=-1 if lost_source is None else lost_source), key=key)
+        return protocol.source_from_pb(reply)
+
+    def object_update(self, key: str, rank: int, event: str, *, timeout: float | None = None) -> None:
+        """``event``: "complete" (``rank``'s copy is whole) or "abandon" (it gave the copy up)."""
+        self._call("ObjectUpdate", f"{event} of object '{key}'", timeout,
+                   lambda wait: pb.ObjectUpdateRequest(key=key, rank=rank, event=event), waits=False, key=key)
+
+    def object_delete(self, key: str, *, timeout: float | None = None) -> tuple[bool, tuple[ob.Holder, ...]]:
+        reply = self._call("ObjectDelete", f"delete of object '{key}'", timeout,
+                           lambda wait: pb.ObjectDeleteRequest(key=key), waits=False, key=key)
+        return reply.existed, tuple(protocol.holder_from_pb(h) for h in reply.holders)
+
+    def object_info(self, key: str, *, timeout: float | None = None) -> ob.Info:
+        reply = self._call("ObjectInfo", f"object_info of '{key}'", timeout,
+                           lambda wait: pb.ObjectInfoRequest(key=key), waits=False, key=key)
+        return protocol.info_from_pb(reply)
+
+    def object_ready(self, keys: Sequence[str], known: int = 0, *, timeout: float | None = None) -> list[ob.Info]:
+        """Wait until more than ``known`` of ``keys`` exist (or all do); those that exist."""
+        reply = self._call("ObjectReady", f"wait for objects {', '.join(keys[:3])}", timeout,
+                           lambda wait: pb.ObjectReadyRequest(keys=list(keys), known=known, timeout_s=wait))
+        return [protocol.info_from_pb(i) for i in reply.ready]
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -231,7 +272,7 @@ class CoordinatorClient:
         return bytes(value)
 
     def _call(self, method: str, what: str, timeout: float | None,
-              request: Callable[[float], object], waits: bool = True):
+              request: Callable[[float], object], waits: bool = True, key: str | None = None):
         """Send one RPC within the budget ``timeout``; ``request(wait_s)`` builds the message.
 
         ``waits``: the server may wait up to ``wait_s``, so the gRPC deadline gets some slack.
@@ -246,7 +287,7 @@ class CoordinatorClient:
         try:
             return getattr(self._stub, method)(request(wait), timeout=rpc_timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise self._error(err, what, budget) from None
+            raise self._error(err, what, budget, key) from None
         except ValueError:  # the channel was closed under us
             if self._closed:
                 raise CoordinatorUnavailable(f"{what}: the coordinator client was closed") from None
@@ -316,12 +357,14 @@ class CoordinatorClient:
             pass
         return None
 
-    def _error(self, err: grpc.RpcError, what: str, budget: float) -> CollectiveError:
+    def _error(self, err: grpc.RpcError, what: str, budget: float, key: str | None = None) -> CollectiveError:
         code = err.code()
         details = st.one_line(err.details() or "", 2000)
         trailing = dict(err.trailing_metadata() or ())
         kind = trailing.get(protocol.ERROR_KIND_KEY)
         rank = trailing.get(protocol.ERROR_RANK_KEY)
+        if kind in _OBJECT_ERRORS:
+            return _OBJECT_ERRORS[kind](details, key)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return AuthenticationError(f"coordinator at {self.address} refused the job token during "
                                        f"{what}; check COLLCOMM_TOKEN")

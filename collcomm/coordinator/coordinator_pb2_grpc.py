@@ -84,6 +84,36 @@ class CoordinatorStub(object):
                 request_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
+        self.ObjectPut = channel.unary_unary(
+                '/collcomm.coordinator.v1.Coordinator/ObjectPut',
+                request_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectPutRequest.SerializeToString,
+                response_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectPutResponse.FromString,
+                _registered_method=True)
+        self.ObjectLocate = channel.unary_unary(
+                '/collcomm.coordinator.v1.Coordinator/ObjectLocate',
+                request_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectLocateRequest.SerializeToString,
+                response_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectLocateResponse.FromString,
+                _registered_method=True)
+        self.ObjectUpdate = channel.unary_unary(
+                '/collcomm.coordinator.v1.Coordinator/ObjectUpdate',
+                request_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectUpdateRequest.SerializeToString,
+                response_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectUpdateResponse.FromString,
+                _registered_method=True)
+        self.ObjectDelete = channel.unary_unary(
+                '/collcomm.coordinator.v1.Coordinator/ObjectDelete',
+                request_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectDeleteRequest.SerializeToString,
+                response_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectDeleteResponse.FromString,
+                _registered_method=True)
+        self.ObjectInfo = channel.unary_unary(
+                '/collcomm.coordinator.v1.Coordinator/ObjectInfo',
+                request_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectInfoRequest.SerializeToString,
+                response_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectInfoResponse.FromString,
+                _registered_method=True)
+        self.ObjectReady = channel.unary_unary(
+                '/collcomm.coordinator.v1.Coordinator/ObjectReady',
+                request_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectReadyRequest.SerializeToString,
+                response_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectReadyResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer(object):
@@ -156,6 +186,51 @@ class CoordinatorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ObjectPut(self, request, context):
+        """The object directory (collcomm/coordinator/objects.py). Refusals add the kinds
+        "exists" (ALREADY_EXISTS: a key put twice), "deleted" and "not_found" (NOT_FOUND),
+        "lost" (DATA_LOSS: no copy left), "full" (RESOURCE_EXHAUSTED: the directory's bound).
+        Publish an object: its bytes (small objects) or the caller's copy, before it is complete.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ObjectLocate(self, request, context):
+        """Wait until the object exists; answer its bytes or the source to pull from (the caller
+        becomes a partial copy itself when `register`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ObjectUpdate(self, request, context):
+        """A copy completed, or was given up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ObjectDelete(self, request, context):
+        """Forget the object; the answer names the holders whose copies are to be freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ObjectInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ObjectReady(self, request, context):
+        """Wait until more than `known` of the keys exist; answer those that do.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +283,36 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ShutdownRequest.FromString,
                     response_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ShutdownResponse.SerializeToString,
+            ),
+            'ObjectPut': grpc.unary_unary_rpc_method_handler(
+                    servicer.ObjectPut,
+                    request_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectPutRequest.FromString,
+                    response_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectPutResponse.SerializeToString,
+            ),
+            'ObjectLocate': grpc.unary_unary_rpc_method_handler(
+                    servicer.ObjectLocate,
+                    request_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectLocateRequest.FromString,
+                    response_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectLocateResponse.SerializeToString,
+            ),
+            'ObjectUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.ObjectUpdate,
+                    request_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectUpdateRequest.FromString,
+                    response_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectUpdateResponse.SerializeToString,
+            ),
+            'ObjectDelete': grpc.unary_unary_rpc_method_handler(
+                    servicer.ObjectDelete,
+                    request_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectDeleteRequest.FromString,
+                    response_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectDeleteResponse.SerializeToString,
+            ),
+            'ObjectInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ObjectInfo,
+                    request_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectInfoRequest.FromString,
+                    response_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectInfoResponse.SerializeToString,
+            ),
+            'ObjectReady': grpc.unary_unary_rpc_method_handler(
+                    servicer.ObjectReady,
+                    request_deserializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectReadyRequest.FromString,
+                    response_serializer=collcomm_dot_coordinator_dot_coordinator__pb2.ObjectReadyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +585,168 @@ class Coordinator(object):
             '/collcomm.coordinator.v1.Coordinator/Shutdown',
             collcomm_dot_coordinator_dot_coordinator__pb2.ShutdownRequest.SerializeToString,
             collcomm_dot_coordinator_dot_coordinator__pb2.ShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ObjectPut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collcomm.coordinator.v1.Coordinator/ObjectPut',
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectPutRequest.SerializeToString,
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectPutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ObjectLocate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collcomm.coordinator.v1.Coordinator/ObjectLocate',
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectLocateRequest.SerializeToString,
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectLocateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ObjectUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collcomm.coordinator.v1.Coordinator/ObjectUpdate',
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectUpdateRequest.SerializeToString,
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ObjectDelete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collcomm.coordinator.v1.Coordinator/ObjectDelete',
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectDeleteRequest.SerializeToString,
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectDeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ObjectInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collcomm.coordinator.v1.Coordinator/ObjectInfo',
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectInfoRequest.SerializeToString,
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ObjectReady(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collcomm.coordinator.v1.Coordinator/ObjectReady',
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectReadyRequest.SerializeToString,
+            collcomm_dot_coordinator_dot_coordinator__pb2.ObjectReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,

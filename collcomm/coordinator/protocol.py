@@ -7,6 +7,7 @@ from __future__ import annotations
 import grpc
 
 from collcomm.coordinator import coordinator_pb2 as pb
+from collcomm.coordinator import objects as ob
 from collcomm.coordinator import state as st
 
 TOKEN_KEY = "collcomm-token"        # request metadata: the job token
@@ -24,6 +25,11 @@ STATUS_OF_KIND = {
     st.PEER_FAILURE: grpc.StatusCode.ABORTED,
     SHUTDOWN: grpc.StatusCode.ABORTED,
     TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ob.EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ob.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ob.DELETED: grpc.StatusCode.NOT_FOUND,
+    ob.LOST: grpc.StatusCode.DATA_LOSS,
+    ob.FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -65,3 +71,51 @@ def failure_to_pb(outcome: st.FailureOutcome) -> pb.ReportFailureResponse:
 
 def failure_from_pb(msg: pb.ReportFailureResponse) -> st.FailureOutcome:
     return st.FailureOutcome(msg.newly_dead, tuple((b.group_id, b.epoch) for b in msg.bumped))
+
+
+# ------------------------------------------------------------------------------- objects
+def holder_to_pb(h: ob.Holder) -> pb.ObjectHolder:
+    return pb.ObjectHolder(rank=h.rank, address=h.address, host=h.host, box=h.box)
+
+
+def holder_from_pb(m: pb.ObjectHolder) -> ob.Holder:
+    return ob.Holder(m.rank, m.address, m.host, m.box)
+
+
+def meta_to_pb(meta: ob.Meta) -> pb.ObjectMeta:
+    return pb.ObjectMeta(size=meta.size, dtype=meta.dtype, shape=list(meta.shape))
+
+
+def meta_from_pb(m: pb.ObjectMeta) -> ob.Meta:
+    return ob.Meta(m.size, m.dtype, tuple(m.shape))
+
+
+def location_to_pb(loc: ob.LocationView) -> pb.ObjectLocation:
+    return pb.ObjectLocation(holder=holder_to_pb(loc.holder), complete=loc.complete,
+                             parent=-1 if loc.parent is None else loc.parent, children=loc.children)
+
+
+def location_from_pb(m: pb.ObjectLocation) -> ob.LocationView:
+    return ob.LocationView(holder_from_pb(m.holder), m.complete, None if m.parent < 0 else m.parent,
+                           m.children)
+
+
+def info_to_pb(info: ob.Info) -> pb.ObjectInfoResponse:
+    return pb.ObjectInfoResponse(key=info.key, meta=meta_to_pb(info.meta), inline=info.inline is not None,
+                                 data=info.inline or b"", locations=[location_to_pb(l) for l in info.locations])
+
+
+def info_from_pb(m: pb.ObjectInfoResponse) -> ob.Info:
+    return ob.Info(m.key, meta_from_pb(m.meta), bytes(m.data) if m.inline else None,
+                   tuple(location_from_pb(l) for l in m.locations))
+
+
+def source_to_pb(src: ob.Source) -> pb.ObjectLocateResponse:
+    return pb.ObjectLocateResponse(meta=meta_to_pb(src.meta), inline=src.inline is not None,
+                                   data=src.inline or b"",
+                                   source=location_to_pb(src.source) if src.source else None)
+
+
+def source_from_pb(m: pb.ObjectLocateResponse) -> ob.Source:
+    return ob.Source(meta_from_pb(m.meta), bytes(m.data) if m.inline else None,
+                     location_from_pb(m.source) if m.HasField("source") else None)

@@ -34,6 +34,7 @@ import grpc
 from collcomm._version import __version__
 from collcomm.coordinator import coordinator_pb2 as pb
 from collcomm.coordinator import coordinator_pb2_grpc as pb_grpc
+from collcomm.coordinator import objects as ob
 from collcomm.coordinator import protocol
 from collcomm.coordinator import state as st
 from collcomm.coordinator import tls as tls_mod
@@ -42,6 +43,15 @@ from collcomm.errors import CollectiveError
 log = logging.getLogger("collcomm.coordinator")
 
 MAX_WAIT_S = 7 * 24 * 3600.0  # a bound on any wait, whatever the request says
+
+
+def _env_bytes(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) <= 0:
+        raise ValueError(f"{name}={raw!r} is not a positive number of bytes")
+    return int(raw)
 
 
 class _Refused(Exception):
@@ -99,6 +109,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         self._owner = owner
         self._cond = owner._cond
         self._state = owner._state
+        self._objects = owner._objects
 
     # ----------------------------------------------------------------------- plumbing
     def _locked(self, action: Callable[[], object], notify: bool = False):
@@ -172,8 +183,14 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
     @_handled
     def ReportFailure(self, request, context):
-        outcome = self._locked(lambda: self._state.report_failure(
-            request.group_id, request.failed_rank, request.reporter_rank, request.reason), notify=True)
+        def report():
+            outcome = self._state.report_failure(request.group_id, request.failed_rank,
+                                                 request.reporter_rank, request.reason)
+            if not isinstance(outcome, st.Refusal):
+                self._objects.drop_rank(request.failed_rank)  # its copies are gone
+            return outcome
+
+        outcome = self._locked(report, notify=True)
         if outcome.newly_dead:
             log.warning("rank %d reported dead by %s: %s", request.failed_rank,
                         "the launcher" if request.reporter_rank < 0 else f"rank {request.reporter_rank}",
@@ -210,6 +227,54 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         return pb.PingResponse(world_size=summary.world_size, registered=summary.registered,
                                pid=os.getpid(), version=__version__)
 
+    # ----------------------------------------------------------------------- objects
+    @_handled
+    def ObjectPut(self, request, context):
+        meta = protocol.meta_from_pb(request.meta)
+        holder = protocol.holder_from_pb(request.holder) if request.HasField("holder") else None
+        self._locked(lambda: self._objects.put(request.key, meta, holder, complete=request.complete,
+                                               inline=bytes(request.data) if request.inline else None),
+                     notify=True)
+        return pb.ObjectPutResponse()
+
+    @_handled
+    def ObjectLocate(self, request, context):
+        reader = protocol.holder_from_pb(request.reader)
+        lost = [None if request.lost_source < 0 else request.lost_source]
+
+        def locate():
+            outcome = self._objects.locate(request.key, reader, register=request.register, lost_source=lost[0])
+            lost[0] = None  # dropped once; a wait goes on without it
+            return outcome
+
+        found = self._await(context, request.timeout_s, locate, f"get of object '{request.key}'")
+        self._wake()  # a registration changed the directory
+        return protocol.source_to_pb(found)
+
+    @_handled
+    def ObjectUpdate(self, request, context):
+        if request.event not in ("complete", "abandon"):
+            raise _Refused(st.INVALID, f"unknown object event {request.event!r}")
+        action = self._objects.complete if request.event == "complete" else self._objects.abandon
+        self._locked(lambda: action(request.key, request.rank), notify=True)
+        return pb.ObjectUpdateResponse()
+
+    @_handled
+    def ObjectDelete(self, request, context):
+        existed, holders = self._locked(lambda: self._objects.delete(request.key), notify=True)
+        return pb.ObjectDeleteResponse(existed=existed, holders=[protocol.holder_to_pb(h) for h in holders])
+
+    @_handled
+    def ObjectInfo(self, request, context):
+        return protocol.info_to_pb(self._locked(lambda: self._objects.info(request.key)))
+
+    @_handled
+    def ObjectReady(self, request, context):
+        keys = list(request.keys)
+        ready = self._await(context, request.timeout_s, lambda: self._objects.ready(keys, request.known),
+                            f"wait for {len(keys)} objects")
+        return pb.ObjectReadyResponse(ready=[protocol.info_to_pb(i) for i in ready])
+
     @_handled
     def Shutdown(self, request, context):
         reason = st.one_line(request.reason) or "no reason given"
@@ -230,11 +295,14 @@ class CoordinatorServer:
     """
 
     def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0, *, max_workers: int = 1024,
-                 tls: "tls_mod.ServerTLS | tuple[bytes, bytes] | None" = None):
+                 tls: "tls_mod.ServerTLS | tuple[bytes, bytes] | None" = None,
+                 directory_bytes: int | None = None):
         """``tls``: serve TLS with this certificate (chain) and private key, PEM bytes as a
         ``(cert_pem, key_pem)`` pair or a checked :class:`~collcomm.coordinator.tls.ServerTLS`
         (:func:`~collcomm.coordinator.tls.load_server_files` reads the files); None: plaintext.
-        A pair that does not parse, has expired or does not match raises TLSConfigError."""
+        A pair that does not parse, has expired or does not match raises TLSConfigError.
+        ``directory_bytes``: the object directory's memory bound (default
+        ``COLLCOMM_DIRECTORY_BYTES``, else 1 GiB)."""
         self._token = protocol.check_token(token)
         if not 0 <= int(port) < 65536:
             raise ValueError(f"port {port} is out of range 0-65535")
@@ -242,6 +310,8 @@ class CoordinatorServer:
         self.tls: tls_mod.ServerTLS | None = tls_mod.as_server_tls(tls)
         self._cond = threading.Condition()
         self._state = st.CoordinatorState()
+        self._objects = ob.ObjectDirectory(directory_bytes if directory_bytes is not None else
+                                           _env_bytes("COLLCOMM_DIRECTORY_BYTES", ob.DEFAULT_MAX_BYTES))
         self._closed = False
         self._stopped = threading.Event()
         self._server: grpc.Server | None = None

@@ -120,3 +120,10 @@ def _bfloat16_reducer(op: str) -> Callable[[np.ndarray, np.ndarray], None]:
         fn(d, _as_bf16(src), out=d)
 
     return reduce_into
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy type a dtype name travels and is reduced as (bfloat16: uint16 bits)."""
+    if name not in SUPPORTED:
+        raise TypeError(f"dtype {name} cannot be reduced; supported: {', '.join(SUPPORTED)}")
+    return np.dtype("uint16" if name == "bfloat16" else name)

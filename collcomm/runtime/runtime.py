@@ -66,6 +66,8 @@ class Runtime:
         listen = host or os.environ.get("COLLCOMM_HOST") or ("127.0.0.1" if coordinator.startswith(
             ("127.", "localhost")) else "0.0.0.0")
         advertise = None if listen not in ("0.0.0.0", "") else own_address(coordinator)
+        self.listen_host, self.advertise_host = listen, advertise  # (the object server listens alike)
+        self.objects = None  # the object layer, made on the first object call (collcomm.api)
         self.client = CoordinatorClient(coordinator, token, timeout=self.timeout)  # first: a bad TLS file opens nothing
         try:
             self.transport = TcpTransport(rank, token, host=listen, advertise_host=advertise,
@@ -169,6 +171,8 @@ class Runtime:
         self.closed = True
         for g in self.groups.values():
             g.close()
+        if self.objects is not None:
+            self.objects.close()
         self.transport.close()
         self.client.close()
 
