@@ -423,6 +423,7 @@ def _rank_main() -> int:
 
     groups: dict[str, object] = {}
     members: dict[str | None, list[int]] = {}
+    scope: dict = {}  # what "exec" commands keep between calls
 
     def fail(e: BaseException, **facts) -> dict:
         return {"ok": False, "error": type(e).__name__, "mro": [c.__name__ for c in type(e).__mro__],
@@ -506,6 +507,20 @@ def _rank_main() -> int:
                         errors[k] = errors.get(k, 0) + v
                 emit({"ok": True, "retransmits": sum(l["retransmits"] for l in snap["links"]), "errors": errors,
                       "bytes": sum(l["bytes"] for l in snap["links"]), "t0": t0, "t1": time.monotonic()})
+            elif what == "exec":  # Python text run with cc, np, time, os and `scope` (kept between calls);
+                # its `result` is answered; "async": run in a thread, answered when it ends
+                def run_code(code=cmd["code"], emit=emit, t0=t0):
+                    local = {"cc": cc, "np": np, "time": time, "os": os, "scope": scope, "result": None}
+                    try:
+                        exec(code, local)
+                        emit({"ok": True, "result": local["result"], "t0": t0, "t1": time.monotonic()})
+                    except Exception as e:  # noqa: BLE001 - reported to the test
+                        emit(fail(e, t0=t0, t1=time.monotonic()))
+
+                if cmd.get("async"):
+                    threading.Thread(target=run_code, daemon=True, name="faultjobs-exec").start()
+                else:
+                    run_code()
             elif what == "shutdown":
                 cc.shutdown()
                 emit({"ok": True, "t0": t0, "t1": time.monotonic()})

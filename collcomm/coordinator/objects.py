@@ -8,11 +8,12 @@ is itself still arriving (the Hoplite design, ``shared/notes/objects.md``). Smal
 
 How a reader is given a source (:meth:`ObjectDirectory.locate`): every location feeds at most
 one reader at a time, so copies form *chains* (source -> r1 -> r2 ...); a new reader takes the
-free location (one feeding nobody) that is nearest to it (same host, then same box), then the
-one at the shortest chain depth (a complete copy has depth 0), and becomes the new tail itself.
+free location (one feeding nobody) that is nearest to it (same box, then same host), then the
+one at the shortest chain depth (a complete copy has depth 0), and becomes the new tail itself
+(nearest: :func:`distance`, the box first, then the host).
 Readers that arrive together thus form one pipelined chain, and later readers hang shorter
 chains off copies that completed: a tree of chains built without a global schedule. Preferring
-the reader's host and box is what Hoplite does not do: a copy already behind a thin link is
+the reader's box and host is what Hoplite does not do: a copy already behind a thin link is
 read from there, so the object crosses that link once.
 
 Faults: a reader that lost its source (:meth:`ObjectDirectory.locate` with ``lost_source``)
@@ -118,12 +119,13 @@ def _view(loc: Location) -> LocationView:
 
 
 def distance(a: Holder, b: Holder) -> int:
-    """0: the same host; 1: the same box (an emulated node, a topology's host); 2: elsewhere."""
-    if a.host and a.host == b.host:
-        return 0
-    if a.box and a.box == b.box:
-        return 1
-    return 2
+    """How far apart two holders are: the box (a fabric node: a topology's host, an emulated
+    node; unknown boxes count as the same) first, then the host (machine and network
+    namespace): 0 same box and host, 1 same box, 2 another box on the same host (only in
+    emulation), 3 elsewhere. The box comes first because the links between boxes are the thin ones."""
+    other_box = bool(a.box and b.box and a.box != b.box)
+    other_host = not (a.host and a.host == b.host)
+    return 2 * other_box + other_host
 
 
 class ObjectDirectory:

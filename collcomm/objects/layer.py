@@ -67,7 +67,7 @@ class ObjectLayer:
         self.stages = Stages(self.store, self.token, self.rank, self.telemetry)
         self.server = ObjectServer(self.rank, self.token, self.store, host=runtime.listen_host,
                                    advertise_host=runtime.advertise_host, telemetry=self.telemetry,
-                                   stages=self.stages)
+                                   stages=self.stages, faults=runtime.transport.faults)
         self.holder = Holder(self.rank, self.server.address, f"{socket.gethostname()}/{_netns()}",
                              _box(runtime))
         self._lock = threading.Lock()
@@ -307,7 +307,12 @@ def _deliver(raw: np.ndarray, meta: Meta, out, key: str, readonly: bool = False)
             if torch is not None:
                 return torch.from_numpy(typed.copy()).view(torch.bfloat16)
         return typed
-    target = as_buffer(out, f"out of get('{key}')").array  # the caller's memory, seen through NumPy
+    if isinstance(out, np.ndarray):  # any dtype: only the bytes must fit
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"get of object '{key}': out must be a writable C-contiguous array")
+        target = out.reshape(-1)
+    else:
+        target = as_buffer(out, f"out of get('{key}')").array  # a tensor's memory, seen through NumPy
     if target.nbytes != meta.size:
         raise ValueError(f"get of object '{key}': out holds {target.nbytes} bytes, the object {meta.size}")
     np.copyto(target.view(np.uint8), raw)

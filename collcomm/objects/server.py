@@ -38,9 +38,10 @@ class ObjectServer:
     """Serves ``store`` to the other processes of the job (see the module)."""
 
     def __init__(self, rank: int, token: bytes, store: ObjectStore, *, host: str = "127.0.0.1",
-                 advertise_host: str | None = None, telemetry=None, stages=None):
+                 advertise_host: str | None = None, telemetry=None, stages=None, faults=None):
         self.rank, self.token, self.store = rank, token, store
         self.telemetry = telemetry
+        self.faults = faults          # injected faults (COLLCOMM_FAULTS): delay and throttle apply here too
         self.stages = stages          # runs "stage" requests (collcomm.objects.stage.Stages)
         self._listener = socket.create_server((host, 0), backlog=128)
         bound = self._listener.getsockname()
@@ -124,6 +125,7 @@ class ObjectServer:
                                                                            f"of object '{name}'"})
             return
         tx = self.telemetry.link(self.rank, peer) if self.telemetry is not None else None
+        injected = self.faults.for_link(self.rank, peer) if self.faults is not None else None
         with copy.cond:
             copy.streams += 1
             generation = copy.generation
@@ -147,6 +149,8 @@ class ObjectServer:
                     return
                 while offset < avail:
                     n = min(wire.MAX_CHUNK, avail - offset)
+                    if injected is not None:
+                        injected.before_data(n, corrupt=False)  # (delay, throttle)
                     t0 = time.perf_counter()
                     wire.send_frame(conn, wire.DATA, copy.view[offset:offset + n], offset=offset,
                                     generation=generation)
