@@ -53,6 +53,7 @@ class RankProcess:
         self.answers: queue.Queue = queue.Queue()
         self._ids = iter(range(1, 1 << 62))
         self._expect = 0  # the id of the last command sent: older answers (of calls given up on) are skipped
+        self.later: dict[int, dict] = {}  # answers of earlier commands that arrived meanwhile (async exec)
         self.stderr_tail: deque[str] = deque(maxlen=25)
         self._out = threading.Thread(target=self._read_stdout, daemon=True)
         self._err = threading.Thread(target=self._read_stderr, daemon=True)
@@ -72,13 +73,30 @@ class RankProcess:
         for raw in iter(self.proc.stderr.readline, b""):
             self.stderr_tail.append(raw.decode(errors="replace").rstrip())
 
-    def send(self, command: dict) -> None:
+    def send(self, command: dict) -> int:
+        """Send ``command``; its id (``answer_to`` waits for the answer of an earlier one)."""
         self._expect = next(self._ids)
         try:
             self.proc.stdin.write((json.dumps(dict(command, id=self._expect)) + "\n").encode())
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError) as e:
             raise RankDied(f"rank {self.rank} is gone (cannot send {command.get('cmd')}): {e}\n{self.story()}")
+        return self._expect
+
+    def answer_to(self, command_id: int, timeout: float) -> dict:
+        """The answer to the command ``command_id`` (an async exec sent before others)."""
+        deadline = time.monotonic() + timeout
+        while command_id not in self.later:
+            try:
+                got = self.answers.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                raise RankDied(f"rank {self.rank} did not answer command {command_id} within {timeout:g} s\n"
+                               f"{self.story()}") from None
+            if got is None:
+                self.answers.put(None)
+                raise RankDied(f"rank {self.rank} exited before answering command {command_id}\n{self.story()}")
+            self.later[got.get("id")] = got
+        return self.later.pop(command_id)
 
     def answer(self, timeout: float) -> dict:
         """The answer to the last command (or an event it announced), within ``timeout`` s."""
@@ -95,6 +113,7 @@ class RankProcess:
                                f"{self.story()}")
             if got.get("id", self._expect) == self._expect:
                 return got
+            self.later[got.get("id")] = got  # an async exec's answer: kept for answer_to
 
     def call(self, command: dict, timeout: float) -> dict:
         self.send(command)
