@@ -72,14 +72,19 @@ def big_worker(nbytes):
     assert np.array_equal(got, np.arange(n, dtype=np.float32))
     cc.barrier()
     info = cc.object_info("big")
+    # The transfer went through the link telemetry the monitor reads, like a collective's.
+    links = cc.api.runtime().transport.telemetry.snapshot()["links"]
+    received = sum(l["bytes"] for l in links if l["dst"] == cc.rank())
     cc.barrier()
-    return {"complete": info["complete"], "ranks": sorted(l["rank"] for l in info["locations"])}
+    return {"complete": info["complete"], "ranks": sorted(l["rank"] for l in info["locations"]),
+            "received": received}
 
 
 def test_one_hundred_megabytes_reach_every_reader():
     job = multiproc.run(4, big_worker, kwargs={"nbytes": 100_000_000}, timeout=170)
-    for v in job.values():
+    for r, v in enumerate(job.values()):
         assert v["complete"] and v["ranks"] == [0, 1, 2, 3]
+        assert r == 0 or v["received"] >= 100_000_000, v
 
 
 def reduce_first_k_worker(n_inputs, k, count, seed):
@@ -292,3 +297,46 @@ def test_delete_frees_memory_and_small_pairs_do_not_leak():
         (fd0, th0, m0), (fd1, th1, m1) = v["before"], v["after"]
         assert fd1 <= fd0 + 2 and th1 <= th0 + 2, v
         assert m1 <= m0 * 1.10, v
+
+
+def store_bound_worker(count):
+    """A store of 10 MB, objects of 4 MB: the third put is refused naming the key, nothing is
+    evicted from under it; a reader's idle replica makes room for a newer one (and the
+    directory stops naming it)."""
+    import collcomm as cc
+
+    me = cc.rank()
+    facts = {}
+    if me == 0:
+        cc.put("a", np.ones(count))
+        cc.put("b", np.ones(count))
+        try:
+            cc.put("c", np.ones(count))
+        except cc.ObjectStoreFull as e:
+            facts["full"] = e.key == "c" and "COLLCOMM_OBJECT_STORE_BYTES" in str(e)
+        facts["kept"] = bool(cc.get("a")[0] == 1 and cc.get("b")[-1] == 1)
+        try:
+            cc.object_info("c")
+            facts["c"] = "registered"
+        except cc.ObjectDeleted:
+            facts["c"] = "absent"
+        cc.delete("a")
+        cc.put("c", np.full(count, 3.0))          # room again after the delete
+        cc.put("d", np.full(count, 4.0), copy=False)  # shares the caller's array: costs the store nothing
+    cc.barrier()
+    if me == 1:
+        assert cc.get("b", timeout=20)[0] == 1 and cc.get("c", timeout=20)[0] == 3
+        facts["d"] = float(cc.get("d", timeout=20)[0])  # evicts the idle replica of b
+        facts["b_holders"] = sorted(l["rank"] for l in cc.object_info("b")["locations"])
+        facts["used"] = cc.api.runtime().objects.store.used
+    cc.barrier()
+    return facts
+
+
+def test_the_store_is_bounded_and_never_evicts_what_is_put_or_read():
+    count = 500_000  # 4 MB of float64
+    job = multiproc.run(2, store_bound_worker, kwargs={"count": count}, timeout=90,
+                        env={"COLLCOMM_OBJECT_STORE_BYTES": str(10_000_000)})
+    v0, v1 = job.values()
+    assert v0 == {"full": True, "kept": True, "c": "absent"}
+    assert v1 == {"d": 4.0, "b_holders": [0], "used": 2 * count * 8}

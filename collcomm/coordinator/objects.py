@@ -28,6 +28,7 @@ is refused (kind ``full``), nothing already stored is touched.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -112,6 +113,17 @@ class _Entry:
 
     def cost(self) -> int:
         return ENTRY_OVERHEAD * (1 + len(self.locations)) + (len(self.inline) if self.inline else 0)
+
+
+def inline_limit() -> int:
+    """Objects up to this many bytes live in the directory (``COLLCOMM_OBJECT_INLINE_BYTES``,
+    default 64 KiB; the coordinator and the ranks read the same variable)."""
+    raw = os.environ.get("COLLCOMM_OBJECT_INLINE_BYTES", "").strip()
+    if not raw:
+        return INLINE_LIMIT
+    if not raw.isdigit() or int(raw) > 1 << 20:
+        raise ValueError(f"COLLCOMM_OBJECT_INLINE_BYTES={raw!r} is not a number of bytes up to 1 MiB")
+    return int(raw)
 
 
 def _view(loc: Location) -> LocationView:

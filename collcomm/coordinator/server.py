@@ -311,7 +311,8 @@ class CoordinatorServer:
         self._cond = threading.Condition()
         self._state = st.CoordinatorState()
         self._objects = ob.ObjectDirectory(directory_bytes if directory_bytes is not None else
-                                           _env_bytes("COLLCOMM_DIRECTORY_BYTES", ob.DEFAULT_MAX_BYTES))
+                                           _env_bytes("COLLCOMM_DIRECTORY_BYTES", ob.DEFAULT_MAX_BYTES),
+                                           ob.inline_limit())
         self._closed = False
         self._stopped = threading.Event()
         self._server: grpc.Server | None = None

@@ -7,7 +7,7 @@ store (:mod:`.store`) and move by pull between object servers (:mod:`.server`, :
 - ``put`` registers the copy with the directory first, then copies the caller's array into the
   store chunk by chunk, so readers start pulling while it is made (``copy=False``: the store
   shares the caller's array, which must not change until ``delete``). Objects of at most
-  64 KiB go into the directory itself.
+  64 KiB (``COLLCOMM_OBJECT_INLINE_BYTES``) go into the directory itself.
 - ``get`` waits in the directory until the object exists, registers this process as a copy (the
   new tail of a chain) and pulls from the source it is given; if that source dies it asks again
   (naming the lost one) and resumes at its byte offset. It returns a read-only zero-copy view of
@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from collcomm.coordinator.objects import INLINE_LIMIT, Holder, Info, Meta
+from collcomm.coordinator.objects import Holder, Info, Meta, inline_limit
 from collcomm.errors import CollectiveError, CollectiveTimeout, ObjectError, ObjectLost
 from collcomm.objects import wire
 from collcomm.objects.pull import SourceLost, UpstreamFailed, pull
@@ -62,7 +62,7 @@ class ObjectLayer:
         self.client = runtime.client
         self.token = runtime.transport.token
         self.telemetry = runtime.transport.telemetry
-        self.inline_limit = INLINE_LIMIT
+        self.inline_limit = inline_limit()
         self.store = ObjectStore(on_evict=self._evicted)
         self.stages = Stages(self.store, self.token, self.rank, self.telemetry)
         self.server = ObjectServer(self.rank, self.token, self.store, host=runtime.listen_host,
@@ -191,7 +191,7 @@ class ObjectLayer:
             pass
 
     def _evicted(self, key: str) -> None:
-        threading.Thread(target=self._forget, args=(key,), daemon=True, name="collcomm-objects-evict").start()
+        self._forget(key)  # the directory stops sending readers here (before the new copy is made)
 
     # ------------------------------------------------------------------ reduce, delete, info
     def reduce_objects(self, keys, out_key: str, op: str = "sum", num_required: int | None = None,
