@@ -317,7 +317,8 @@ class ObjectDirectory:
 
     def ready(self, keys: Iterable[str], known: int = 0) -> list[Info] | Refusal | Waiting:
         """The objects among ``keys`` that exist, once more than ``known`` of them do (the
-        inputs of a reduction, as they become ready); a deleted one is refused."""
+        inputs of a reduction, as they become ready); a deleted one is refused. Inline objects
+        come without their bytes (``inline`` is empty)."""
         keys = list(keys)
         out = []
         for k in keys:
@@ -325,7 +326,10 @@ class ObjectDirectory:
             if bad:
                 return bad
             if k in self._entries:
-                out.append(self.info(k))
+                info = self.info(k)
+                if info.inline:  # the bytes are read with a locate (the answer stays small)
+                    info = Info(info.key, info.meta, b"", info.locations)
+                out.append(info)
             elif k in self._deleted:
                 return Refusal(DELETED, f"object '{k}' was deleted")
         if len(out) > known or len(out) == len(keys):

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from collcomm.coordinator.objects import Holder, Info, Meta, inline_limit
-from collcomm.errors import CollectiveError, CollectiveTimeout, ObjectError, ObjectLost
+from collcomm.errors import CollectiveError, CollectiveTimeout, ObjectExists, ObjectLost
 from collcomm.objects import wire
 from collcomm.objects.pull import SourceLost, UpstreamFailed, pull
 from collcomm.objects.reduce import Reduction
@@ -92,7 +92,8 @@ class ObjectLayer:
             self.publish_inline(key, meta, raw, timeout=timeout)
             return
         if key in self.store:
-            raise ObjectError(f"object '{key}' is already in this process's store (put before delete)", key)
+            raise ObjectExists(f"object '{key}' exists already (in this process's store); delete it before "
+                               f"putting it again", key)
         shared = raw if not copy else None
         c = self.store.create(key, meta, PRIMARY, share=shared)
         try:

@@ -205,6 +205,8 @@ class Reduction:
         chain.append(slot)
         try:
             wire.call(address, self.layer.token, self.layer.rank, rank, request, time.monotonic() + min(30.0, self._left()))
+        except wire.Refused as e:  # alive, and cannot: no room for the stage, or the input left its store
+            raise CollectiveError(f"reduce_objects into '{self.out_key}': a stage for '{key}' was refused: {e}") from None
         except (OSError, CollectiveError) as e:
             if isinstance(e, CollectiveTimeout) and time.monotonic() >= self.deadline:
                 raise

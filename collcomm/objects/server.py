@@ -94,7 +94,11 @@ class ObjectServer:
                 if self.stages is None:
                     wire.send_json(conn, wire.ERROR, {"kind": "refused", "message": "no reduce stages here"})
                 else:
-                    self.stages.start(request)
+                    try:
+                        self.stages.start(request)
+                    except (ValueError, TypeError, CollectiveError) as e:  # malformed, no input here, store full
+                        wire.send_json(conn, wire.ERROR, {"kind": "refused", "message": str(e)[:500]})
+                        return
                     wire.send_json(conn, wire.OK, {})
             elif op == "drop":
                 names = request.get("names")

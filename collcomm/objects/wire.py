@@ -37,6 +37,7 @@ import socket
 import struct
 import time
 
+from collcomm.errors import CollectiveError
 from collcomm.transport import frames
 from collcomm.transport.frames import ProtocolError
 from collcomm.transport.tcp.handshake import client_handshake
@@ -142,8 +143,12 @@ def bounded(sock: socket.socket, deadline: float, step: float = 30.0) -> None:
     sock.settimeout(max(0.05, min(step, deadline - time.monotonic())))
 
 
+class Refused(CollectiveError):
+    """The object server refused a request (an ERROR frame of kind "refused"); a live peer's no."""
+
+
 def call(address: str, token: bytes, me: int, peer: int, request: dict, deadline: float) -> dict:
-    """One request answered by an OK frame (stage, drop); raises what an ERROR frame says."""
+    """One request answered by an OK frame (stage, drop); :class:`Refused` when refused."""
     sock = connect(address, token, me, peer, deadline)
     try:
         bounded(sock, deadline)
@@ -151,7 +156,7 @@ def call(address: str, token: bytes, me: int, peer: int, request: dict, deadline
         kind, _, _, length, digest = read_header(sock)
         answer = read_json(sock, length, digest)
         if kind == ERROR:
-            raise ProtocolError(f"rank {peer} refused an object request: {answer.get('message', '')}")
+            raise Refused(f"rank {peer} refused: {str(answer.get('message', ''))[:500]}")
         if kind != OK:
             raise ProtocolError(f"rank {peer} answered an object request with frame kind {kind}")
         return answer
