@@ -6,11 +6,13 @@ part. A location is recorded before its copy is complete, so a reader can pull f
 is itself still arriving (the Hoplite design, ``shared/notes/objects.md``). Small objects
 (``inline``) live in the directory itself and are served from it.
 
-How a reader is given a source (:meth:`ObjectDirectory.locate`): every location feeds at most
-one reader at a time, so copies form *chains* (source -> r1 -> r2 ...); a new reader takes the
-free location (one feeding nobody) that is nearest to it (same box, then same host), then the
-one at the shortest chain depth (a complete copy has depth 0), and becomes the new tail itself
-(nearest: :func:`distance`, the box first, then the host).
+How a reader is given a source (:meth:`ObjectDirectory.locate`): a location feeds one reader
+at a time, so copies form *chains* (source -> r1 -> r2 ...); a new reader takes a free location
+(one feeding nobody), on its own host if it can, at the shortest chain depth (a complete copy
+has depth 0), and becomes the new tail itself. The box comes before all that
+(:func:`_preference`): a reader takes a copy in its own box (a fabric node: a topology's host,
+an emulated node), even a busy one, before any copy across the fabric, so the object crosses
+the thin link into a box once, however readers of different boxes interleave.
 Readers that arrive together thus form one pipelined chain, and later readers hang shorter
 chains off copies that completed: a tree of chains built without a global schedule. Preferring
 the reader's box and host is what Hoplite does not do: a copy already behind a thin link is
@@ -130,14 +132,13 @@ def _view(loc: Location) -> LocationView:
     return LocationView(loc.holder, loc.complete, loc.parent, loc.children)
 
 
-def distance(a: Holder, b: Holder) -> int:
-    """How far apart two holders are: the box (a fabric node: a topology's host, an emulated
-    node; unknown boxes count as the same) first, then the host (machine and network
-    namespace): 0 same box and host, 1 same box, 2 another box on the same host (only in
-    emulation), 3 elsewhere. The box comes first because the links between boxes are the thin ones."""
-    other_box = bool(a.box and b.box and a.box != b.box)
-    other_host = not (a.host and a.host == b.host)
-    return 2 * other_box + other_host
+def _preference(loc: Location, reader: Holder) -> tuple:
+    """Which copy a reader takes: one in its own box first (another box only when its own has
+    none: a thin link is crossed once), then one feeding nobody (chains), then on its own host,
+    then the shortest chain, complete before partial, lowest rank."""
+    other_box = bool(loc.holder.box and reader.box and loc.holder.box != reader.box)
+    other_host = not (loc.holder.host and loc.holder.host == reader.host)
+    return (other_box, loc.children, other_host, loc.depth, not loc.complete, loc.holder.rank)
 
 
 class ObjectDirectory:
@@ -207,22 +208,20 @@ class ObjectDirectory:
             return self._missing(key)
         if entry.inline is not None:
             return Source(entry.meta, inline=entry.inline)
-        if lost_source is not None:
-            self._drop_location(entry, lost_source)
         mine = entry.locations.get(reader.rank)
+        if lost_source is not None and (mine is None or mine.parent == lost_source):
+            # (a late report, from a reader already re-pointed, must not drop a live copy)
+            self._drop_location(entry, lost_source)
         if mine is not None and mine.complete:
             return Source(entry.meta, source=_view(mine))
-        if mine is not None and mine.parent is not None:  # it still has a source: let it go
+        if mine is not None and mine.parent is not None and register:  # it still has a source: let it go
             self._release(entry, mine)
         banned = self._downstream(entry, reader.rank) if mine is not None else set()
-        free = [l for r, l in entry.locations.items()
-                if r != reader.rank and r not in banned and l.children == 0]
-        if not free:
-            if not entry.locations or all(r == reader.rank or r in banned for r in entry.locations):
-                return Refusal(LOST, f"object '{key}' is lost: no copy is left that holds more than rank "
-                                     f"{reader.rank}'s")
-            return Waiting(f"every copy of object '{key}' is busy")  # (cannot happen with chains)
-        best = min(free, key=lambda l: (distance(l.holder, reader), l.depth, not l.complete, l.holder.rank))
+        candidates = [l for r, l in entry.locations.items() if r != reader.rank and r not in banned]
+        if not candidates:
+            return Refusal(LOST, f"object '{key}' is lost: no copy is left that holds more than rank "
+                                 f"{reader.rank}'s")
+        best = min(candidates, key=lambda l: _preference(l, reader))
         if register:
             if mine is None:
                 grow = ENTRY_OVERHEAD
@@ -259,6 +258,9 @@ class ObjectDirectory:
             return
         self.used -= ENTRY_OVERHEAD
         self._release(entry, loc)
+        for other in entry.locations.values():  # its readers are orphans until they ask again
+            if other.parent == rank:
+                other.parent = None
 
     def complete(self, key: str, rank: int) -> Refusal | None:
         """``rank``'s copy is whole: it becomes a chain head, and its source is free again."""
