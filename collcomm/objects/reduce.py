@@ -113,15 +113,15 @@ class Reduction:
                                     f"placed when its timeout passed")
         return left
 
-    def _gather(self, more: int = 0) -> None:
-        """Wait for inputs until ``k`` are placed (``more``: after a repair)."""
+    def _gather(self) -> None:
+        """Place inputs as they become ready until ``k`` are (again, after a repair)."""
         while len(self.used) < self.k:
             spare = [key for key in self.order if key not in self.used and self._usable(key)]
             if spare:
                 self._place(spare[0])
                 continue
             if len(self.order) == len(self.keys):
-                missing = sorted(self.lost) or ["?"]
+                missing = sorted(self.lost) or [k for k in self.order if not self._usable(k)] or ["?"]
                 raise ObjectLost(f"reduce_objects into '{self.out_key}': input '{missing[0]}' was lost with its "
                                  f"holder and no spare input is left ({len(self.used)} of {self.k} usable)",
                                  missing[0])

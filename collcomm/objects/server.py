@@ -26,6 +26,7 @@ from collcomm.objects import wire
 from collcomm.objects.store import ObjectStore, Restarted
 from collcomm.transport.frames import ProtocolError
 from collcomm.transport.tcp.handshake import accept, server_handshake
+from collcomm.transport.tcp.sockets import tune
 
 log = logging.getLogger("collcomm.objects")
 
@@ -81,6 +82,7 @@ class ObjectServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
+            tune(conn)  # (socket buffers of 4 MiB: the default ones cut every chunk into pieces)
             hello, _ = server_handshake(conn, self.token, self.rank)
             if hello.group != wire.OBJECT_CHANNEL:
                 raise ProtocolError(f"connection for group {hello.group} at the object server")
