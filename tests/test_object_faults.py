@@ -180,3 +180,27 @@ def test_coordinator_lost_is_a_typed_error_on_every_waiting_call():
         assert not a.get("ok") and raised(a, "CoordinatorUnavailable"), a
         assert a["t1"] - stopped_at < 10.0, a
     assert not late.get("ok") and raised(late, "CollectiveError"), late
+
+
+def test_a_restarted_rank_puts_and_gets_after_grow():
+    """Rank 2 held a copy and dies; the survivors shrink (its copies leave the directory), a new
+    process takes rank 2 and everyone grows: the newcomer gets the old object (from a survivor)
+    and puts a new one that a survivor gets."""
+    n = (8 * MiB) // 8
+    with Job(3, timeout=20.0) as job:
+        _exec(job, 0, PUT, key="w", seed=5, n=n)
+        assert _exec(job, 2, GET, key="w", seed=5, n=n, wait=30)["equal"]
+        job.ranks[2].signal(signal.SIGKILL)
+        job.ranks[2].wait_exit(10)
+        shrunk = job.call_all({"cmd": "shrink"}, ranks=[0, 1], timeout=60)
+        assert all(a.get("ok") for a in shrunk), shrunk
+        holders = _exec(job, 0, "result = sorted(l['rank'] for l in cc.object_info('w')['locations'])")
+        newcomer = job.restart(2)
+        assert newcomer.get("ok") and newcomer["rejoining"], newcomer
+        grown = job.call_all({"cmd": "grow"}, timeout=60)
+        assert all(a.get("ok") and a["members"] == [0, 1, 2] for a in grown), grown
+        again = _exec(job, 2, GET, key="w", seed=5, n=n, wait=30)
+        _exec(job, 2, PUT, key="x", seed=6, n=n)
+        there = _exec(job, 1, GET, key="x", seed=6, n=n, wait=30)
+    assert holders == [0], holders  # the dead rank's copy was dropped when it was reported
+    assert again["equal"] and there["equal"]
