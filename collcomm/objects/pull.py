@@ -44,9 +44,10 @@ class UpstreamFailed(CollectiveError):
 
 
 def pull(copy: Copy, address: str, peer: int, name: str, *, token: bytes, me: int, deadline: float,
-         telemetry=None, cancelled=None) -> int:
+         telemetry=None, cancelled=None, opened=None) -> int:
     """Fill ``copy`` from ``peer``'s copy ``name``; return the payload bytes received.
-    ``cancelled()``, looked at before each chunk, ends the pull early (CollectiveError)."""
+    ``cancelled()``, looked at before each chunk, ends the pull early (CollectiveError);
+    ``opened(sock)`` is told the connection (whoever cancels may shut it down to end a wait)."""
     try:
         sock = wire.connect(address, token, me, peer, deadline)
     except AuthenticationError:
@@ -55,6 +56,8 @@ def pull(copy: Copy, address: str, peer: int, name: str, *, token: bytes, me: in
         if time.monotonic() >= deadline:
             raise CollectiveTimeout(f"pull of object '{name}' from rank {peer}: no connection in time") from None
         raise SourceLost(f"rank {peer} cannot be reached for object '{name}': {e}", peer) from None
+    if opened is not None:
+        opened(sock)
     rx = telemetry.link(peer, me) if telemetry is not None else None
     received = 0
     try:

@@ -18,6 +18,7 @@ passes.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 
@@ -32,6 +33,7 @@ from collcomm.runtime.buffers import Buffer, check_reduction, numpy_dtype
 log = logging.getLogger("collcomm.objects")
 
 REAP_EVERY_S = 1.0
+JOIN_S = 5.0  # how long a finished combiner waits for its pulls to end
 
 
 class Upstream:
@@ -72,6 +74,7 @@ class Combiner:
         self._error: BaseException | None = None
         self._landings: list[Copy] = []
         self._stop = False
+        self._sockets: list = []  # the pulls' connections (shut down when the combiner ends)
 
     def _typed(self, array: np.ndarray) -> np.ndarray:
         return array.view(numpy_dtype(self._dtype))
@@ -79,6 +82,7 @@ class Combiner:
     def run(self) -> None:
         """Reduce until ``out`` is whole; on failure, fail ``out`` and raise."""
         out = self.out
+        threads: list[threading.Thread] = []
         try:
             if not self.upstreams and not self.locals:
                 raise ValueError("a reduce stage needs at least one input")
@@ -99,15 +103,34 @@ class Combiner:
             with self._cond:
                 self._stop = True
                 self._cond.notify_all()
+                sockets = list(self._sockets)
+            for sock in sockets:  # pulls still running (after a failure) end now, not a chunk later
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            end = time.monotonic() + JOIN_S
+            for t in threads:  # so none writes into a landing (out's buffer) once we return
+                t.join(max(0.0, end - time.monotonic()))
 
     def _pull(self, up: Upstream, land: Copy) -> None:
         try:
             pull(land, up.address, up.rank, up.name, token=self.token, me=self.me, deadline=self.deadline,
-                 telemetry=self.telemetry, cancelled=lambda: self._stop)
+                 telemetry=self.telemetry, cancelled=lambda: self._stop, opened=self._opened)
         except SourceLost as e:
             self._failed(UpstreamFailed(f"reduce stage lost rank {e.rank}: {e}", e.rank))
         except BaseException as e:  # UpstreamFailed passes on its rank; timeouts and the rest as they are
             self._failed(e)
+
+    def _opened(self, sock) -> None:
+        with self._cond:
+            self._sockets.append(sock)
+            stop = self._stop
+        if stop:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _failed(self, error: BaseException) -> None:
         with self._cond:
