@@ -31,15 +31,17 @@ def put_get_worker(sizes, dtypes):
             objects[f"{dt}/{nbytes}"] = raw.view(dt).reshape(-1)
     if cc.rank() == 0:
         cc.barrier()  # the readers are already waiting in get: they arrived before the writer
-        for key, arr in objects.items():
-            cc.put(key, arr)
+        puts = [cc.put(key, arr, async_op=(i % 2 == 0)) for i, (key, arr) in enumerate(objects.items())]
+        for work in puts[::2]:
+            assert work.result(60) is None
         checked = len(objects)
     else:
         works = [(key, cc.get(key, timeout=60, async_op=True)) for key in objects]
         cc.barrier()
         checked = 0
-        for key, work in works:
-            work.wait(60)
+        for key, work in works:  # the async gets' handles carry the arrays
+            got = work.result(60)
+            assert work.is_completed() and got.tobytes() == objects[key].tobytes(), key
         for key, arr in objects.items():
             got = cc.get(key, timeout=60)
             assert got.dtype == arr.dtype and got.shape == arr.shape, (key, got.dtype, got.shape)
@@ -104,7 +106,8 @@ def reduce_first_k_worker(n_inputs, k, count, seed):
     cc.barrier()
     start = time.monotonic()
     if me == 0:
-        used = cc.reduce_objects(keys, "total", op="sum", num_required=k, timeout=60)
+        work = cc.reduce_objects(keys, "total", op="sum", num_required=k, timeout=60, async_op=True)
+        used = work.result(60)
         cc.put("used", np.frombuffer(",".join(used).encode(), np.uint8))
     else:
         mine = [i for i in range(n_inputs) if i % (world - 1) == me - 1]

@@ -47,6 +47,12 @@ class Work:
     def is_completed(self) -> bool:
         return self._future.done()
 
+    def result(self, timeout: float | None = None):
+        """What the operation returned once it completed (``get``: the array, ``reduce_objects``:
+        the keys used; collectives: None); re-raises its error like :meth:`wait`."""
+        self.wait(timeout)
+        return self._future.result(timeout=0)
+
     def exception(self) -> BaseException | None:
         return self._future.exception() if self._future.done() else None
 
