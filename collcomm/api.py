@@ -263,7 +263,8 @@ def put(key: str, buf, copy: bool = True, *, async_op: bool = False, timeout: fl
     """Publish ``buf`` (NumPy array or CPU torch tensor) under ``key`` for any process to get.
     The copy is registered before it is made, so readers start while it is; ``copy=False``
     shares ``buf`` itself (do not change it until ``delete``). A key put twice before ``delete``
-    raises ObjectExists."""
+    raises ObjectExists. The call returns once the copy is made (a 64 MiB copy: tens of ms);
+    with ``async_op=True`` it returns at once, and ``buf`` must not change until the Work is done."""
     layer = _objects()
     return layer.submit(lambda: layer.put(key, buf, copy, timeout), f"put of '{key}'", async_op)
 

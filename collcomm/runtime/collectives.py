@@ -4,8 +4,8 @@ Each turns the user's buffer into a flat view (:mod:`collcomm.runtime.buffers`),
 can check locally, and runs the planner's schedule for it on the group
 (:meth:`~collcomm.runtime.group.Group.run_schedule`): allreduce, allgather and reduce-scatter
 their own plans; broadcast an allgather plan with the root's shard only, reduce a
-reduce-scatter plan into the root's shard, each followed by an agreement on what the operation
-was (:func:`_rooted`). Barrier is an allreduce of one integer.
+reduce-scatter plan into the root's shard (each plan chosen for the root's trees alone), each
+followed by an agreement on what the operation was (:func:`_rooted`). Barrier is an allreduce of one integer.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def broadcast(rt, group: Group, x, root: int, timeout: float) -> None:
     fields = ("broadcast", buf.dtype, buf.count, "", root)
     _rooted(rt, group, fields, timeout, lambda: group.run_schedule(
         ALLGATHER, buf, buf.array, {root: (0, buf.count)}, reducer=None, chained=False, desc_fields=fields,
-        timeout=timeout, nbytes=buf.nbytes * group.size))
+        timeout=timeout, nbytes=buf.nbytes, root=root))
 
 
 def reduce(rt, group: Group, x, root: int, op: str, timeout: float) -> None:
@@ -90,7 +90,7 @@ def reduce(rt, group: Group, x, root: int, op: str, timeout: float) -> None:
     fields = ("reduce", buf.dtype, buf.count, op, root)
     _rooted(rt, group, fields, timeout, lambda: group.run_schedule(
         REDUCE_SCATTER, buf, work, {root: (0, buf.count)}, reducer=reducer, chained=False, desc_fields=fields,
-        timeout=timeout, nbytes=buf.nbytes * group.size))
+        timeout=timeout, nbytes=buf.nbytes, root=root))
     if op == "avg" and group.me == root:
         buf.divide(group.size)
 

@@ -164,13 +164,14 @@ class Group:
 
     def run_schedule(self, kind: str, buf: Buffer, work: np.ndarray, shards: dict, *, reducer, chained: bool,
                      desc_fields: tuple, timeout: float, nbytes: int, algorithm: str | None = None,
-                     watch_previous: bool = False) -> None:
+                     watch_previous: bool = False, root: int | None = None) -> None:
         """Run the collective ``kind`` (allgather/reduce_scatter/allreduce schedule) on ``work``.
-        ``watch_previous``: also fail when the previous operation was aborted elsewhere."""
+        ``watch_previous``: also fail when the previous operation was aborted elsewhere; ``root``
+        (a group rank): only its trees run (broadcast, reduce), and the plan is chosen for them."""
         seq = self.next_seq()
         watch = (seq - 1,) if watch_previous and seq > 0 else ()
         rt = self.runtime
-        schedule = self.planner.schedule(kind, nbytes, algorithm or rt.algorithm)
+        schedule = self.planner.schedule(kind, nbytes, algorithm or rt.algorithm, root=root)
         itemsize = work.dtype.itemsize
         chunk_elems = max(1, self.chunk_bytes // itemsize)
         plan = self._plan(schedule, shards, chunk_elems)

@@ -17,7 +17,7 @@ from fractions import Fraction
 
 from collcomm.errors import CollectiveError, TopologyError
 from collcomm.schedules import evaluate, generate
-from collcomm.schedules.ir import ALLGATHER, ALLREDUCE, REDUCE_SCATTER, Schedule
+from collcomm.schedules.ir import ALLGATHER, ALLREDUCE, REDUCE_SCATTER, Phase, Schedule
 from collcomm.topology.model import COMPUTE, SWITCH, Link, Node, Topology
 
 CANDIDATES = ("forestcoll", "ring", "tree", "halving-doubling")
@@ -84,10 +84,19 @@ class Planner:
             raise TopologyError(f"no algorithm has a {collective} plan on {self.topo.name}")
         return out
 
-    def schedule(self, collective: str, nbytes: int, algorithm: str | None = None) -> Schedule:
-        """The schedule to run ``collective`` on a buffer of ``nbytes`` (or the named algorithm's)."""
+    def schedule(self, collective: str, nbytes: int, algorithm: str | None = None,
+                 root: int | None = None) -> Schedule:
+        """The schedule to run ``collective`` on a buffer of ``nbytes`` (or the named algorithm's).
+
+        ``root`` (a rank of the fabric): only that root's trees will run, moving all ``nbytes``
+        (a broadcast on an allgather plan, a reduce on a reduce-scatter plan), so the candidates
+        are compared on those trees alone: the allgather that is best when every rank sends its
+        part may send a single root's buffer over its one link n - 1 times (ForestColl on a star),
+        where a ring's chain from the root crosses every link once."""
         if collective not in (ALLGATHER, REDUCE_SCATTER, ALLREDUCE):
             raise ValueError(f"no schedule for {collective}")
+        if root is not None and not 0 <= root < self.topo.num_ranks:
+            raise ValueError(f"root {root} is not a rank of {self.topo.name}")
         with self._lock:
             cands = self.candidates(collective)
             if algorithm is not None:
@@ -96,9 +105,20 @@ class Planner:
                         return s
                 raise TopologyError(f"algorithm {algorithm!r} has no {collective} plan on {self.topo.name}")
             bucket = max(nbytes, 1).bit_length()
-            key = (collective, bucket)
+            key = (collective, bucket, root)
             if key not in self._choice:
                 size = 1 << bucket
-                self._choice[key] = min(cands, key=lambda s: evaluate.estimate_seconds(
-                    s, self.topo, size, self.chunk_bytes, self.alpha_us))
+                if root is None:
+                    self._choice[key] = min(cands, key=lambda s: evaluate.estimate_seconds(
+                        s, self.topo, size, self.chunk_bytes, self.alpha_us))
+                else:
+                    self._choice[key] = min(cands, key=lambda s: self._rooted_seconds(s, root, size))
             return self._choice[key]
+
+    def _rooted_seconds(self, schedule: Schedule, root: int, nbytes: int) -> float:
+        """The estimate for ``root``'s trees alone carrying ``nbytes`` (its shard is the whole buffer)."""
+        root_id = self.topo.compute[root]
+        phase = schedule.phases[0]
+        alone = Phase(phase.collective, [t for t in phase.trees if t.root == root_id])
+        return evaluate.estimate_phase_seconds(alone, self.topo, nbytes * self.topo.num_ranks,
+                                               self.chunk_bytes, self.alpha_us)
