@@ -768,7 +768,7 @@ def expand(op) -> list[tuple]:
     return [("drop_rank", rank), ("locate", key, rank, None)]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(scenarios())
 def test_random_operations_keep_the_chains_consistent(scenario):
     holders, max_bytes, ops = scenario

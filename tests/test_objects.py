@@ -89,7 +89,7 @@ def test_one_hundred_megabytes_reach_every_reader():
         assert r == 0 or v["received"] >= 100_000_000, v
 
 
-def reduce_first_k_worker(n_inputs, k, count, seed):
+def reduce_first_k_worker(n_inputs, k, count, seed, prefix="g"):
     """Every rank but 0 owns some inputs and releases them at random times; rank 0 reduces the
     first k; every rank then gets the result and checks it against NumPy over the keys used."""
     import time
@@ -97,7 +97,7 @@ def reduce_first_k_worker(n_inputs, k, count, seed):
     import collcomm as cc
 
     me, world = cc.rank(), cc.world_size()
-    keys = [f"g{i}" for i in range(n_inputs)]
+    keys = [f"{prefix}{i}" for i in range(n_inputs)]
 
     def value(i):
         return np.random.default_rng(seed + i).standard_normal(count).astype(np.float64)
@@ -106,19 +106,19 @@ def reduce_first_k_worker(n_inputs, k, count, seed):
     cc.barrier()
     start = time.monotonic()
     if me == 0:
-        work = cc.reduce_objects(keys, "total", op="sum", num_required=k, timeout=60, async_op=True)
+        work = cc.reduce_objects(keys, f"{prefix}total", op="sum", num_required=k, timeout=60, async_op=True)
         used = work.result(60)
-        cc.put("used", np.frombuffer(",".join(used).encode(), np.uint8))
+        cc.put(f"{prefix}used", np.frombuffer(",".join(used).encode(), np.uint8))
     else:
         mine = [i for i in range(n_inputs) if i % (world - 1) == me - 1]
         for i in sorted(mine, key=lambda i: delays[i]):
             time.sleep(max(0.0, start + delays[i] - time.monotonic()))
             cc.put(keys[i], value(i))
-    used = bytes(cc.get("used", timeout=60)).decode().split(",")
-    total = cc.get("total", timeout=60)
+    used = bytes(cc.get(f"{prefix}used", timeout=60)).decode().split(",")
+    total = cc.get(f"{prefix}total", timeout=60)
     expected = np.zeros(count)
     for key in used:
-        expected += value(int(key[1:]))
+        expected += value(int(key[len(prefix):]))
     assert len(used) == k and len(set(used)) == k and set(used) <= set(keys)
     np.testing.assert_allclose(total, expected, rtol=1e-12, atol=1e-12)
     order = sorted(range(n_inputs), key=lambda i: delays[i])
@@ -126,18 +126,26 @@ def reduce_first_k_worker(n_inputs, k, count, seed):
     return {"used": used, "first": [keys[i] for i in order[:k]]}
 
 
-@pytest.mark.parametrize("count", [1000, 600_000])  # 8 KB (a star at the root), 4.8 MB (chains)
-def test_reduce_first_k_of_n_with_inputs_released_at_random_times(count):
-    job = multiproc.run(5, reduce_first_k_worker, kwargs={"n_inputs": 8, "k": 5, "count": count, "seed": 11},
-                        timeout=170)
-    values = job.values()
-    assert all(v["used"] == values[0]["used"] for v in values)
-    # The inputs used are the first to become ready, give or take the ones released within a
-    # few milliseconds of each other (the readiness the directory sees, not the drawn delays).
-    assert len(set(values[0]["used"]) & set(values[0]["first"])) >= 4
+def reduce_first_k_both_sizes(n_inputs, k, seed):
+    """8 KB objects (reduced at the root, a star) and 4.8 MB ones (chains), in one job."""
+    import collcomm as cc
+
+    small = reduce_first_k_worker(n_inputs, k, 1000, seed, prefix="s")
+    cc.barrier()
+    return [small, reduce_first_k_worker(n_inputs, k, 600_000, seed + 1, prefix="b")]
 
 
-def reduce_ops_worker(count):
+def test_reduce_first_k_of_n_with_inputs_released_at_random_times():
+    job = multiproc.run(5, reduce_first_k_both_sizes, kwargs={"n_inputs": 8, "k": 5, "seed": 11}, timeout=170)
+    for size in range(2):
+        values = [v[size] for v in job.values()]
+        assert all(v["used"] == values[0]["used"] for v in values)
+        # The inputs used are the first to become ready, give or take the ones released within a
+        # few milliseconds of each other (the readiness the directory sees, not the drawn delays).
+        assert len(set(values[0]["used"]) & set(values[0]["first"])) >= 4
+
+
+def reduce_ops_worker(count, prefix):
     import collcomm as cc
 
     me, world = cc.rank(), cc.world_size()
@@ -145,13 +153,14 @@ def reduce_ops_worker(count):
              "bxor": np.int64}
     for op, dt in cases.items():
         x = (np.arange(count) % 7 + me + 1).astype(dt)
-        cc.put(f"{op}/{me}", x)
+        cc.put(f"{prefix}{op}/{me}", x)
     results = {}
     for op, dt in cases.items():
         if me == 1:
-            used = cc.reduce_objects([f"{op}/{r}" for r in range(world)], f"{op}/out", op=op, timeout=60)
-            assert sorted(used) == sorted(f"{op}/{r}" for r in range(world))
-        got = cc.get(f"{op}/out", timeout=60)
+            used = cc.reduce_objects([f"{prefix}{op}/{r}" for r in range(world)], f"{prefix}{op}/out", op=op,
+                                     timeout=60)
+            assert sorted(used) == sorted(f"{prefix}{op}/{r}" for r in range(world))
+        got = cc.get(f"{prefix}{op}/out", timeout=60)
         xs = [(np.arange(count) % 7 + r + 1).astype(dt) for r in range(world)]
         if op == "avg":
             ref = (np.sum(np.stack(xs).astype(np.float64), axis=0) / world).astype(dt)
@@ -168,10 +177,13 @@ def reduce_ops_worker(count):
     return sorted(results)
 
 
+def reduce_ops_both_sizes():
+    return [reduce_ops_worker(100, "s"), reduce_ops_worker(400_000, "b")]
+
+
 def test_reduce_every_op_streaming_and_small():
-    for count in (100, 400_000):
-        job = multiproc.run(4, reduce_ops_worker, kwargs={"count": count}, timeout=120)
-        assert all(len(v) == 6 for v in job.values())
+    job = multiproc.run(4, reduce_ops_both_sizes, timeout=120)
+    assert all(len(small) == 6 and len(big) == 6 for small, big in job.values())
 
 
 def bad_use_worker():
@@ -293,7 +305,7 @@ def memory_worker(nbytes, rounds):
 
 def test_delete_frees_memory_and_small_pairs_do_not_leak():
     nbytes = 100_000_000
-    job = multiproc.run(2, memory_worker, kwargs={"nbytes": nbytes, "rounds": 2}, timeout=170)
+    job = multiproc.run(2, memory_worker, kwargs={"nbytes": nbytes, "rounds": 1}, timeout=170)
     for v in job.values():
         assert v["peak"] >= v["base"] + nbytes * 0.9, v  # the object really was held
         assert v["after_delete"] <= v["base"] * 1.10, v  # and really freed
