@@ -47,13 +47,14 @@ import datetime
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bounded_job import run_bounded
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("A-loopback", "A-star", "B")
@@ -266,52 +267,6 @@ def rank_main() -> int:
 
 
 # =========================================================================== the driver
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(p.name))
-    out, frontier = [], [pid]
-    while frontier:
-        for c in children.get(frontier.pop(), []):
-            out.append(c)
-            frontier.append(c)
-    return out
-
-
-def _run_bounded(argv: list[str], env: dict, timeout: float, log: Path) -> tuple[int | None, float]:
-    """Run ``argv`` with output to ``log`` (and echoed after), at most ``timeout`` s; (exit code or None, seconds)."""
-    t0 = time.monotonic()
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-            family = _descendants(proc.pid)
-            proc.send_signal(signal.SIGTERM)  # the launcher forwards it to its ranks
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            for pid in [proc.pid] + family:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-    return code, time.monotonic() - t0
-
-
 def _collcomm(args: list[str], env: dict, timeout: float = 120) -> str:
     res = subprocess.run([sys.executable, "-m", "collcomm.cli"] + args, env=env, capture_output=True, text=True,
                          timeout=timeout, stdin=subprocess.DEVNULL)
@@ -336,7 +291,7 @@ def run_job(part: str, iters: int, nbytes: int, spread: float, job_timeout: floa
     cmd += [sys.executable, str(Path(__file__).resolve()), "--rank"]
     log = workdir / f"{part}.log"
     print(f"== {part}: {' '.join(cmd[1:])}", flush=True)
-    code, seconds = _run_bounded(cmd, env, job_timeout, log)
+    code, seconds = run_bounded(cmd, env, job_timeout, log)
     text = log.read_text(errors="replace")
     ranks = {}
     for r in range(n):

@@ -55,13 +55,14 @@ import datetime
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bounded_job import run_bounded
 
 HERE = Path(__file__).resolve().parent
 WORKERS = 8
@@ -334,52 +335,6 @@ def model_async(cfg: dict, sc: int, rnd: int, k: int) -> float:
 
 
 # =========================================================================== the driver
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(p.name))
-    out, frontier = [], [pid]
-    while frontier:
-        for ch in children.get(frontier.pop(), []):
-            out.append(ch)
-            frontier.append(ch)
-    return out
-
-
-def _run_bounded(argv: list[str], env: dict, cwd: str, timeout: float, log: Path) -> tuple[int | None, float]:
-    """Run ``argv`` with output to ``log``, at most ``timeout`` s; (exit code or None, seconds)."""
-    t0 = time.monotonic()
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-            family = _descendants(proc.pid)
-            proc.send_signal(signal.SIGTERM)  # the launcher forwards it to its ranks
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            for pid in [proc.pid] + family:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-    return code, time.monotonic() - t0
-
-
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     if not xs:
@@ -621,7 +576,7 @@ def main() -> int:
                str(args.op_timeout), sys.executable, str(Path(__file__).resolve()), "--rank"]
         log = Path(tmp) / "job.log"
         print(f"== job: collcomm {' '.join(cmd[3:]).replace(sys.executable, 'python')}", flush=True)
-        code, seconds = _run_bounded(cmd, env, tmp, args.job_timeout, log)  # cwd: not /work/main
+        code, seconds = run_bounded(cmd, env, args.job_timeout, log, cwd=tmp)  # cwd: not /work/main
         text = log.read_text(errors="replace")
         ranks = {}
         for r in range(WORKERS + 1):

@@ -36,7 +36,7 @@ from collcomm.objects.reduce import Reduction
 from collcomm.objects.server import ObjectServer
 from collcomm.objects.stage import Stages
 from collcomm.objects.store import PRIMARY, REPLICA, ObjectStore
-from collcomm.runtime.buffers import as_buffer
+from collcomm.runtime.buffers import as_buffer, loaded_torch
 from collcomm.runtime.group import Work
 
 log = logging.getLogger("collcomm.objects")
@@ -275,9 +275,7 @@ def _as_array(x, key: str) -> tuple[np.ndarray, Meta]:
             raise TypeError(f"object '{key}': dtype {x.dtype} cannot travel (objects or records)")
         a = np.ascontiguousarray(x)
         return a, Meta(a.nbytes, a.dtype.str if a.dtype.byteorder == ">" else a.dtype.name, tuple(a.shape))
-    import sys
-
-    torch = sys.modules.get("torch")
+    torch = loaded_torch()
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise TypeError(f"object '{key}' is on {x.device}; put takes CPU tensors")
@@ -302,9 +300,7 @@ def _deliver(raw: np.ndarray, meta: Meta, out, key: str, readonly: bool = False)
             typed = typed.view()
             typed.flags.writeable = False
         if meta.dtype == "bfloat16":
-            import sys
-
-            torch = sys.modules.get("torch")
+            torch = loaded_torch()
             if torch is not None:
                 return torch.from_numpy(typed.copy()).view(torch.bfloat16)
         return typed

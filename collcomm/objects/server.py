@@ -14,10 +14,8 @@ second, and a stream idle for :data:`IDLE_S` ends too.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
-import sys
 import threading
 import time
 
@@ -26,7 +24,7 @@ from collcomm.objects import wire
 from collcomm.objects.store import ObjectStore, Restarted
 from collcomm.transport.frames import ProtocolError
 from collcomm.transport.tcp.handshake import accept, server_handshake
-from collcomm.transport.tcp.sockets import tune
+from collcomm.transport.tcp.sockets import listen, tune
 
 log = logging.getLogger("collcomm.objects")
 
@@ -44,17 +42,7 @@ class ObjectServer:
         self.telemetry = telemetry
         self.faults = faults          # injected faults (COLLCOMM_FAULTS): delay and throttle apply here too
         self.stages = stages          # runs "stage" requests (collcomm.objects.stage.Stages)
-        self._listener = socket.create_server((host, 0), backlog=128)
-        bound = self._listener.getsockname()
-        self.address = f"{advertise_host or bound[0]}:{bound[1]}"
-        self._local = None
-        if sys.platform.startswith("linux") and os.environ.get("COLLCOMM_TRANSPORT", "auto") != "tcp":
-            name = "collcomm-obj-" + os.urandom(8).hex()
-            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            local.bind("\0" + name)
-            local.listen(128)
-            self._local = local
-            self.address += f"#@{name}"
+        self._listener, self._local, self.address = listen(host, 0, advertise_host, "collcomm-obj-")
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = False
         self._conns: set[socket.socket] = set()

@@ -41,7 +41,7 @@ from collcomm.errors import CollectiveError
 from collcomm.transport import frames
 from collcomm.transport.frames import ProtocolError
 from collcomm.transport.tcp.handshake import client_handshake
-from collcomm.transport.tcp.sockets import open_socket, recv_exact, tune
+from collcomm.transport.tcp.sockets import open_socket, recv_exact, split_address, tune
 
 OBJECT_CHANNEL = (1 << 32) - 1  # the handshake's "group" for object streams (no group has this id)
 MAX_CHUNK = 256 << 10
@@ -52,12 +52,6 @@ KINDS = {META, DATA, END, RESTART, ERROR, OK}
 _HEADER = struct.Struct("<B3xIQQQ")
 HEADER_SIZE = _HEADER.size
 MAX_CONTROL = 1 << 20  # bytes of a META, ERROR or OK payload
-
-
-def split_address(address: str) -> tuple[str, int, str | None]:
-    tcp, _, local = address.partition("#@")
-    host, _, port = tcp.rpartition(":")
-    return host.strip("[]"), int(port), local or None
 
 
 def connect(address: str, token: bytes, me: int, peer: int, deadline: float) -> socket.socket:

@@ -84,7 +84,7 @@ def as_buffer(x, what: str = "buffer") -> Buffer:
         if name not in SUPPORTED:
             raise TypeError(f"{what} has dtype {name}; supported: {', '.join(SUPPORTED)}")
         return Buffer(x.reshape(-1), name)
-    torch = _torch()
+    torch = loaded_torch()
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise TypeError(f"{what} is on {x.device}; the TCP transport takes CPU tensors")
@@ -100,19 +100,20 @@ def as_buffer(x, what: str = "buffer") -> Buffer:
     raise TypeError(f"{what} must be a NumPy array or a CPU torch tensor, got {type(x).__name__}")
 
 
-def _torch():
+def loaded_torch():
+    """The torch module if the program imported it, else None (the runtime does not import it itself)."""
     import sys
 
     return sys.modules.get("torch")  # only if the user's program imported it
 
 
 def _as_bf16(arr: np.ndarray):
-    torch = _torch()
+    torch = loaded_torch()
     return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
 
 
 def _bfloat16_reducer(op: str) -> Callable[[np.ndarray, np.ndarray], None]:
-    torch = _torch()
+    torch = loaded_torch()
     fn = {"sum": torch.add, "avg": torch.add, "prod": torch.mul, "min": torch.minimum, "max": torch.maximum}[op]
 
     def reduce_into(dst: np.ndarray, src: np.ndarray) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import time
 
 from collcomm.errors import CollectiveTimeout
@@ -57,6 +59,33 @@ def send_parts(sock: socket.socket, parts) -> None:
             continue
         sock.sendall(memoryview(part)[sent:])
         sent = 0
+
+
+def listen(host: str, port: int, advertise_host: str | None,
+           name_prefix: str) -> tuple[socket.socket, socket.socket | None, str]:
+    """A TCP listener on ``host:port`` and, on Linux unless ``COLLCOMM_TRANSPORT=tcp``, one on an
+    abstract Unix socket (peers on the same machine and network namespace meet there: the same
+    bytes, without the TCP/IP stack on loopback); and the address to register: ``host:port``,
+    followed by ``#@name`` when there is a Unix socket."""
+    listener = socket.create_server((host, port), backlog=128)
+    listener.settimeout(None)
+    bound = listener.getsockname()
+    address = f"{advertise_host or bound[0]}:{bound[1]}"
+    local = None
+    if sys.platform.startswith("linux") and os.environ.get("COLLCOMM_TRANSPORT", "auto") != "tcp":
+        name = name_prefix + os.urandom(8).hex()
+        local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        local.bind("\0" + name)
+        local.listen(128)
+        address += f"#@{name}"
+    return listener, local, address
+
+
+def split_address(address: str) -> tuple[str, int, str | None]:
+    """``(host, port, unix name or None)`` of an address made by :func:`listen`."""
+    tcp, _, local = address.partition("#@")
+    host, _, port = tcp.rpartition(":")
+    return host.strip("[]"), int(port), local or None
 
 
 def open_socket(host: str, port: int, local: str | None, deadline: float) -> socket.socket:

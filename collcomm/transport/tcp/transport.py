@@ -13,9 +13,7 @@ token in its handshake; with ``COLLCOMM_AUTH_FRAMES=1`` every frame carries MACs
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import threading
 import time
 from typing import Callable
@@ -28,6 +26,7 @@ from collcomm.transport.tcp.detours import RELAY_BIT, RelayForwarder
 from collcomm.transport.tcp.frameauth import FrameAuth
 from collcomm.transport.tcp.link import Link
 from collcomm.transport.tcp.reliability import RetransmitTimer
+from collcomm.transport.tcp.sockets import listen, split_address
 from collcomm.transport.telemetry import LinkTelemetry
 
 CLOSE_JOIN_SECONDS = 2.0  # close() waits this long in all for the transport's threads to end
@@ -45,20 +44,9 @@ class TcpTransport(Connections):
         self.token = token.encode() if isinstance(token, str) else bytes(token)
         # A MAC on every frame (COLLCOMM_AUTH_FRAMES=1, see frameauth); every rank must agree.
         self.auth_frames = frameauth.enabled() if auth_frames is None else bool(auth_frames)
-        self._listener = socket.create_server((host, port), backlog=128)
-        self._listener.settimeout(None)
-        bound = self._listener.getsockname()
-        self.address = f"{advertise_host or bound[0]}:{bound[1]}"
         # Ranks on the same machine (and network namespace) also meet on an abstract Unix socket:
         # the same frames and handshake, without the TCP/IP stack on loopback.
-        self._local_listener = None
-        if sys.platform.startswith("linux") and os.environ.get("COLLCOMM_TRANSPORT", "auto") != "tcp":
-            name = "collcomm-" + os.urandom(8).hex()
-            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            local.bind("\0" + name)
-            local.listen(128)
-            self._local_listener = local
-            self.address += f"#@{name}"
+        self._listener, self._local_listener, self.address = listen(host, port, advertise_host, "collcomm-")
         self._peers: dict[int, tuple[str, int, str | None]] = {}
         self._cond = threading.Condition()
         self._accepted: dict[tuple[int, int], tuple[int, socket.socket, FrameAuth | None]] = {}
@@ -78,9 +66,7 @@ class TcpTransport(Connections):
     def set_peers(self, table: dict[int, str]) -> None:
         """Peer addresses as registered: "host:port", optionally followed by "#@unix-name"."""
         for r, addr in table.items():
-            tcp, _, local = addr.partition("#@")
-            host, _, port = tcp.rpartition(":")
-            self._peers[int(r)] = (host, int(port), local or None)
+            self._peers[int(r)] = split_address(addr)
 
     def mailbox(self, group: int, peer: int | None = None) -> GroupMailbox:
         """The mailbox of a group; point-to-point groups (>= P2P_BASE) have one per peer, since each
