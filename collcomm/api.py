@@ -32,7 +32,7 @@ def _env_int(name: str) -> int | None:
 def init(rank: int | None = None, world_size: int | None = None, coordinator: str | None = None,
          token: str | None = None, *, timeout: float | None = None, topology=None, host: str | None = None,
          algorithm: str | None = None, chunk_bytes: int | None = None, auto_shrink: bool | None = None,
-         monitor_every: int | None = None) -> None:
+         monitor_every: int | None = None, hostname: str | None = None) -> None:
     """Join the job: from explicit arguments, ``COLLCOMM_*`` variables (set by ``collcomm run``),
     or torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (rank 0 then starts
     the coordinator on MASTER_PORT + 1 unless ``COLLCOMM_COORDINATOR`` names one).
@@ -40,7 +40,12 @@ def init(rank: int | None = None, world_size: int | None = None, coordinator: st
     ``auto_shrink`` (or ``COLLCOMM_AUTO_SHRINK=1``): a collective that fails on a dead or hung
     member still raises, but leaves its group (the world included) shrunk to the survivors for
     the next call. ``monitor_every`` (or ``COLLCOMM_MONITOR_EVERY``): every that many operations
-    the members report link telemetry and the group re-plans around bad links (0: off)."""
+    the members report link telemetry and the group re-plans around bad links (0: off).
+
+    ``world_size=0`` joins an *open* job (what the Ray integration does): no rank is given, the
+    coordinator's counter draws one, other processes join whenever they start, and collectives
+    run on groups (``new_group``) and objects, not on a world. ``hostname`` (or
+    ``COLLCOMM_HOSTNAME``): the host this process registers as (default: the machine's name)."""
     global _RUNTIME, _EMBEDDED
     from collcomm.runtime import Runtime
 
@@ -65,14 +70,14 @@ def init(rank: int | None = None, world_size: int | None = None, coordinator: st
                         "127.0.0.1", "localhost") else "127.0.0.1", port=port)
                     _EMBEDDED.start()
         missing = [name for name, v in (("rank", rank), ("world_size", world_size), ("coordinator", coordinator),
-                                        ("token", token)) if v is None]
+                                        ("token", token)) if v is None and not (name == "rank" and world_size == 0)]
         if missing:
             raise CollectiveError(f"init: {', '.join(missing)} unknown; run under `collcomm run`, set COLLCOMM_* "
                                   f"variables, run under torchrun, or pass them to init()")
         try:
             rt = Runtime(rank, world_size, coordinator, token, timeout=timeout, topology=topology, host=host,
                          algorithm=algorithm, chunk_bytes=chunk_bytes, auto_shrink=auto_shrink,
-                         monitor_every=monitor_every)
+                         monitor_every=monitor_every, hostname=hostname)
             if rt.probe_at_init:  # COLLCOMM_TOPOLOGY=probe: measure the fabric before the first collective
                 from collcomm.probing import probe_at_init
 
@@ -114,11 +119,14 @@ def rank() -> int:
 
 
 def world_size() -> int:
+    """The number of ranks of the world (0 in an open job)."""
     return _rt().world_size
 
 
 def _group(group):
     rt = _rt()
+    if group is None and rt.world is None:
+        raise CollectiveError("this process joined an open job, which has no world: pass group= (cc.new_group)")
     g = rt.world if group is None else group
     while getattr(g, "successor", None) is not None:  # a shrunk group: its survivors' group
         g = g.successor

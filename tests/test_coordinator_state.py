@@ -72,12 +72,34 @@ def test_world_size_mismatch_names_both_values():
 
 @pytest.mark.parametrize("args, words", [
     ((4, 4, "h:1", "box", 1), "out of range"),
-    ((0, 0, "h:1", "box", 1), "world size 0"),
+    ((0, -1, "h:1", "box", 1), "world size -1"),
+    ((1 << 20, 0, "h:1", "box", 1), "open job"),
     ((0, 2, "nohost", "box", 1), "host:port"),
 ])
 def test_malformed_registrations_are_refused(args, words):
     refusal = CoordinatorState().register(*args)
     assert refusal.kind == INVALID and words in refusal.message
+
+
+def test_an_open_job_lists_whoever_joined_and_forms_groups_of_them():
+    state = CoordinatorState()
+    assert state.register(5, 0, "h:5", "nodeA", 5) is None   # open: any rank, no world size
+    table = state.peer_table()
+    assert [p.rank for p in table.peers] == [5] and table.epoch == 0
+    assert state.register(2, 0, "h:2", "nodeB", 2) is None
+    assert [p.rank for p in state.peer_table().peers] == [2, 5]
+    assert state.group_status(0).kind == NOT_FOUND                # no world group in an open job
+    t5, t2 = state.join_group("g", [5, 2], 5), state.join_group("g", [5, 2], 2)
+    info = state.formation_outcome(t2)
+    assert info.members == (5, 2) and state.formation_outcome(t5) == info
+    refusal = state.register(3, 4, "h:7", "nodeC", 7)
+    assert refusal.kind == MISMATCH and "open" in refusal.message
+
+
+def test_a_fixed_job_refuses_an_open_joiner():
+    state = registered(2)
+    refusal = state.register(2, 0, "h:9", "box", 9)
+    assert refusal.kind == MISMATCH and "world size is 2" in refusal.message
 
 
 def test_reregistration_is_idempotent_for_the_same_process_and_refused_for_another():

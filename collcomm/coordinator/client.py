@@ -125,11 +125,11 @@ class CoordinatorClient:
 
         Returns the peer table (``table[r].address``, ``.hostname``, ``.pid``) and the world's
         epoch. Registering again from the same process is a no-op; another process may take the
-        rank only after the old one was reported dead.
+        rank only after the old one was reported dead. ``world_size`` 0 joins an open job: the
+        call returns at once with whoever has joined so far (epoch 0).
         """
         self._check_rank("rank", rank)
-        if self._check_rank("world size", world_size) == 0:
-            raise ValueError("world size must be at least 1")
+        self._check_rank("world size", world_size)
         hostname = socket.gethostname() if hostname is None else hostname
         pid = os.getpid() if pid is None else pid
         reply = self._call("Register", f"register of rank {rank}", timeout, lambda wait: pb.RegisterRequest(

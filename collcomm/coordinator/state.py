@@ -10,6 +10,10 @@ them directly.
 Rules, in brief:
 
 - Registration: the first rank fixes the world size; others that disagree are refused (mismatch).
+  World size 0 makes the job *open* (processes that join whenever they start, Ray's actors and
+  tasks): ranks are any numbers below MAX_WORLD_SIZE (the joiners draw them from a counter), the
+  peer table is whoever has registered so far and no world group forms; groups of registered
+  ranks form as in a fixed job. An open job refuses a fixed registration and vice versa.
   A rank registers once per process, identified by (hostname, pid): the same registration again is
   a no-op; another process may take the rank only after the old one was reported dead. The world
   (group id 0) is formed when all ranks have registered; while a rank that has not registered
@@ -223,6 +227,7 @@ class CoordinatorState:
 
     def __init__(self) -> None:
         self.world_size: int | None = None
+        self.open = False  # world size 0: ranks join whenever they start (see the module's rules)
         self._world_size_from: int | None = None  # the rank whose registration fixed it
         self.peers: dict[int, Peer] = {}
         self.dead: dict[int, DeadRank] = {}       # current processes reported dead, by rank
@@ -241,17 +246,26 @@ class CoordinatorState:
     def register(self, rank: int, world_size: int, address: str, hostname: str,
                  pid: int) -> Refusal | None:
         """Record ``rank``'s process; None when accepted (or already recorded as such)."""
-        if not 0 < world_size <= MAX_WORLD_SIZE:
+        if world_size == 0:
+            refusal = self._open_registration(rank)
+            if refusal is not None:
+                return refusal
+        elif not 0 < world_size <= MAX_WORLD_SIZE:
             return Refusal(INVALID, f"rank {rank} registered with world size {world_size}; "
-                                    f"it must be between 1 and {MAX_WORLD_SIZE}")
-        if not 0 <= rank < world_size:
+                                    f"it must be between 1 and {MAX_WORLD_SIZE} (0: an open job)")
+        elif not 0 <= rank < world_size:
             return Refusal(INVALID, f"rank {rank} is out of range for world size {world_size}")
         if parse_address(address) is None:
             return Refusal(INVALID, f"rank {rank} registered address {address!r}; "
                                     "expected host:port with a port in 1-65535")
         if len(hostname) > MAX_NAME_LENGTH:
             return Refusal(INVALID, f"rank {rank} registered a hostname longer than {MAX_NAME_LENGTH}")
-        if self.world_size is None:
+        if world_size == 0:
+            pass
+        elif self.open:
+            return Refusal(MISMATCH, f"rank {rank} registered with world size {world_size}, but this job "
+                                     "is open (its processes join with world size 0)")
+        elif self.world_size is None:
             self.world_size, self._world_size_from = world_size, rank
         elif world_size != self.world_size:
             return Refusal(MISMATCH, f"world size mismatch: rank {rank} registered with world size "
@@ -275,10 +289,22 @@ class CoordinatorState:
                                        "it only after that one is reported dead")
             self._revive(rank)
         self.peers[rank] = peer
+        if self.open:
+            return None
         if len(self.peers) == self.world_size and WORLD_GROUP_ID not in self.groups:
             dead = {r: d for r, d in self.dead.items() if r < self.world_size}
             self.groups[WORLD_GROUP_ID] = _Group(WORLD_GROUP_ID, WORLD_GROUP_NAME,
                                                  tuple(range(self.world_size)), self._new_epoch(), dead)
+        return None
+
+    def _open_registration(self, rank: int) -> Refusal | None:
+        """A registration with world size 0: the job is (or becomes) open."""
+        if not 0 <= rank < MAX_WORLD_SIZE:
+            return Refusal(INVALID, f"rank {rank} is out of range for an open job (0 to {MAX_WORLD_SIZE - 1})")
+        if self.world_size is not None:
+            return Refusal(MISMATCH, f"rank {rank} asked to join an open job, but this job's world size is "
+                                     f"{self.world_size} (from rank {self._world_size_from})")
+        self.open = True
         return None
 
     def _revive(self, rank: int) -> None:
@@ -292,6 +318,8 @@ class CoordinatorState:
     def peer_table(self) -> PeerTable | Refusal | Waiting:
         """The whole world once every rank has registered; a refusal when a rank that has not
         registered was reported dead (a new process may still take its place)."""
+        if self.open:  # whoever has joined so far; an open job has no world group
+            return PeerTable(tuple(self.peers[r] for r in sorted(self.peers)), 0)
         world = self.groups.get(WORLD_GROUP_ID)
         if world is not None:
             return PeerTable(tuple(self.peers[r] for r in range(len(self.peers))), world.epoch)
@@ -407,6 +435,9 @@ class CoordinatorState:
         return Refusal(NOT_FOUND, f"no group has id {group_id}")
 
     def _world_progress(self) -> str:
+        if self.open:
+            return (f"this job is open ({len(self.peers)} process(es) joined); its groups are formed "
+                    "by their members")
         progress = self.peer_table()
         return progress.reason if isinstance(progress, Waiting) else progress.message
 

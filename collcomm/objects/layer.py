@@ -257,7 +257,10 @@ class ObjectLayer:
 
 
 def _box(runtime) -> str:
-    """The fabric node this rank sits in: the topology's host of its node, else the node itself."""
+    """The fabric node this rank sits in: the topology's host of its node, else the node itself
+    (an open job: the host it registered, e.g. its Ray node)."""
+    if runtime.open:
+        return f"host/{runtime.hostname}"
     try:
         topo = runtime.world_topology()
         nid = topo.compute[runtime.rank]

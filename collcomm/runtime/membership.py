@@ -130,7 +130,8 @@ def grow(rt, group=None, timeout: float | None = None):
         group.grows += 1  # every member calls grow() on a group equally often: the round's number
         prefix = f"grow/{group.id}/{group.epoch}/{group.grows}"
         if rt.client.kv_add(f"{prefix}/decider", 1, timeout=timeout) == 1:
-            table = rt.client.register(rt.rank, rt.world_size, rt.transport.address, timeout=timeout)
+            table = rt.client.register(rt.rank, rt.world_size, rt.transport.address, hostname=rt.hostname,
+                                       timeout=timeout)
             status = rt.client.group_status(WORLD_GROUP, timeout=timeout)
             dead = {d.rank for d in status.dead}
             joiners = [r for r in group.lineage if r not in group.members and r not in dead]

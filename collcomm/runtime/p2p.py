@@ -132,7 +132,11 @@ def recv(rt, x, src: int, tag: int, timeout: float) -> None:
 
 
 def _check_peer(rt, peer: int, tag: int) -> None:
-    if not isinstance(peer, (int, np.integer)) or not 0 <= peer < rt.world_size or peer == rt.rank:
+    if rt.open:  # an open job: any rank that has joined
+        if not isinstance(peer, (int, np.integer)) or peer == rt.rank:
+            raise ValueError(f"peer {peer!r} must be another rank of the job")
+        rt.know([int(peer)])
+    elif not isinstance(peer, (int, np.integer)) or not 0 <= peer < rt.world_size or peer == rt.rank:
         raise ValueError(f"peer {peer!r} must be another rank of the world (0..{rt.world_size - 1})")
     _check_tag(tag)
 

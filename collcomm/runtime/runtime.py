@@ -1,7 +1,8 @@
 """The process-wide runtime behind the public API: rendezvous, the fabric, groups.
 
 A :class:`Runtime` registers this rank's transport address with the coordinator, learns the
-peer table, knows the world's fabric (a topology file, one probed at init, or a flat model of
+peer table (in an *open* job, world size 0, whoever has joined so far: processes join whenever
+they start, their ranks drawn from the coordinator's counter, and only groups run collectives), knows the world's fabric (a topology file, one probed at init, or a flat model of
 the hosts) and forms :class:`~collcomm.runtime.group.Group` objects, whose operations the
 collectives (:mod:`collcomm.runtime.collectives`), alltoall and point-to-point messages
 (:mod:`collcomm.runtime.p2p`) run; shrink and grow live in :mod:`collcomm.runtime.membership`.
@@ -26,6 +27,7 @@ from collcomm.topology.model import Topology
 from collcomm.transport.tcp import TcpTransport
 
 DEFAULT_TIMEOUT = 300.0
+OPEN_RANKS_KEY = "collcomm/open/ranks"  # the counter an open job's processes draw their ranks from
 
 
 def _env_float(name: str, default: float) -> float:
@@ -44,13 +46,20 @@ def _env_float(name: str, default: float) -> float:
 class Runtime:
     """Everything one process needs to take part in collectives."""
 
-    def __init__(self, rank: int, world_size: int, coordinator: str, token: str, *, timeout: float | None = None,
-                 topology: str | Topology | None = None, host: str | None = None,
+    def __init__(self, rank: int | None, world_size: int, coordinator: str, token: str, *,
+                 timeout: float | None = None, topology: str | Topology | None = None, host: str | None = None,
                  algorithm: str | None = None, chunk_bytes: int | None = None, auto_shrink: bool | None = None,
-                 monitor_every: int | None = None):
-        if world_size < 1 or not 0 <= rank < world_size:
+                 monitor_every: int | None = None, hostname: str | None = None):
+        self.open = world_size == 0
+        if self.open:
+            if topology is not None:
+                raise ValueError("an open job (world size 0) takes no topology: its ranks are drawn as processes join")
+        elif world_size < 1 or rank is None or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size}")
-        self.rank, self.world_size = rank, world_size
+        self.world_size = world_size
+        # What this process registers as its host (the planner's and the object layer's box):
+        # the machine's name, or an integration's (Ray's node id).
+        self.hostname = hostname or os.environ.get("COLLCOMM_HOSTNAME") or socket.gethostname()
         self.timeout = timeout if timeout is not None else _env_float("COLLCOMM_TIMEOUT", DEFAULT_TIMEOUT)
         self.algorithm = algorithm or os.environ.get("COLLCOMM_ALGORITHM") or None
         self.chunk_bytes = chunk_bytes or int(_env_float("COLLCOMM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
@@ -70,6 +79,13 @@ class Runtime:
         self.objects = None  # the object layer, made on the first object call (collcomm.api)
         self.client = CoordinatorClient(coordinator, token, timeout=self.timeout)  # first: a bad TLS file opens nothing
         try:
+            if self.open and rank is None:  # a fresh number from the job's counter
+                rank = self.client.kv_add(OPEN_RANKS_KEY, 1, timeout=self.timeout) - 1
+        except BaseException:
+            self.client.close()
+            raise
+        self.rank = rank
+        try:
             self.transport = TcpTransport(rank, token, host=listen, advertise_host=advertise,
                                           faults=inject.active_plan())
         except BaseException:
@@ -78,15 +94,16 @@ class Runtime:
         try:
             # A new process for a rank that stands reported dead (the old one failed and the others
             # shrank): it takes the rank over and waits to be admitted by the survivors' grow().
-            self.rejoining = self._reported_dead(rank)
-            table = self.client.register(rank, world_size, self.transport.address, timeout=self.timeout)
+            self.rejoining = not self.open and self._reported_dead(rank)
+            table = self.client.register(rank, world_size, self.transport.address, hostname=self.hostname,
+                                         timeout=self.timeout)
         except BaseException:
             self.transport.close()
             self.client.close()
             raise
-        self.transport.set_peers({p.rank: p.address for p in table.peers})
-        self.peer_addresses = {p.rank: p.address for p in table.peers}
-        self.hostnames = [p.hostname for p in table.peers]
+        self.peer_addresses: dict[int, str] = {}
+        self.hostnames: dict[int, str] = {}
+        self._learn(table)
         source = topology if topology is not None else os.environ.get("COLLCOMM_TOPOLOGY") or None
         # "probe" (COLLCOMM_TOPOLOGY=probe, init(topology="probe")): collcomm.api.init measures the
         # fabric once the runtime is up and sets it (set_world_topology); a single rank has none.
@@ -94,10 +111,28 @@ class Runtime:
         self.probe_at_init = probe and world_size > 1
         self._topology_source = None if probe else source
         self._world_topology: Topology | None = None
-        self.world = Group(self, WORLD_GROUP, "world", list(range(world_size)), table.epoch)
-        self.groups: dict[int, Group] = {WORLD_GROUP: self.world}
+        # An open job has no world: its collectives run on groups (new_group).
+        self.world = None if self.open else Group(self, WORLD_GROUP, "world", list(range(world_size)), table.epoch)
+        self.groups: dict[int, Group] = {} if self.open else {WORLD_GROUP: self.world}
         self.p2p = MessageNumbers()
         self.closed = False
+
+    def _learn(self, table) -> None:
+        """Peers' addresses and hosts from a peer table (at init, and as an open job grows)."""
+        addresses = {p.rank: p.address for p in table.peers}
+        self.transport.set_peers(addresses)
+        self.peer_addresses.update(addresses)
+        self.hostnames.update({p.rank: p.hostname for p in table.peers})
+
+    def know(self, ranks) -> None:
+        """Make sure the addresses of ``ranks`` are known (an open job: ask who has joined since)."""
+        unknown = [r for r in ranks if r not in self.peer_addresses]
+        if unknown:
+            self._learn(self.client.register(self.rank, self.world_size, self.transport.address,
+                                             hostname=self.hostname, timeout=self.timeout))
+            still = [r for r in unknown if r not in self.peer_addresses]
+            if still:
+                raise ValueError(f"rank(s) {still} have not joined this job")
 
     def _reported_dead(self, rank: int) -> bool:
         try:
@@ -108,6 +143,8 @@ class Runtime:
 
     # ------------------------------------------------------------------ fabric
     def world_topology(self) -> Topology:
+        if self.open:
+            raise CollectiveError("an open job has no world fabric; each group plans on its members' hosts")
         if self._world_topology is None:
             src = self._topology_source
             if isinstance(src, Topology):
@@ -115,7 +152,7 @@ class Runtime:
             elif src:
                 topo = jsonio.load(src)
             else:
-                topo = flat_topology(self.hostnames, f"flat{self.world_size}")
+                topo = flat_topology([self.hostnames[r] for r in range(self.world_size)], f"flat{self.world_size}")
             if topo.num_ranks != self.world_size:
                 raise ValueError(f"topology {topo.name!r} has {topo.num_ranks} ranks but the world has "
                                  f"{self.world_size}")
@@ -134,6 +171,8 @@ class Runtime:
             self._world_topology = None
 
     def group_topology(self, group: Group) -> Topology:
+        if self.open:  # no world fabric: the members' hosts
+            return flat_topology([self.hostnames[r] for r in group.members], f"flat/{group.name}")
         world = self.world_topology()
         try:
             return restrict(world, group.members, f"{world.name}/{group.name}")
@@ -146,12 +185,14 @@ class Runtime:
         if len(set(members)) != len(members):
             raise ValueError(f"new_group: duplicate ranks in {members}")
         for r in members:
-            if not 0 <= r < self.world_size:
+            if not self.open and not 0 <= r < self.world_size:
                 raise ValueError(f"new_group: rank {r} is not in the world of {self.world_size}")
         if self.rank not in members:
             raise ValueError(f"new_group: only the members call it; rank {self.rank} is not in {members}")
         name = name or "group-" + "-".join(map(str, members))
         info = self.client.form_group(name, members, self.rank, timeout=timeout or self.timeout)
+        if self.open:  # members that joined after this process did
+            self.know(info.members)
         group = Group(self, info.group_id, name, list(info.members), info.epoch)
         self.groups[group.id] = group
         return group
