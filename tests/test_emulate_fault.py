@@ -156,6 +156,7 @@ def test_bandwidth_throttles_one_direction_and_up_restores_it(fabric):
 
 
 @needs_root
+@pytest.mark.slow  # each direction alone is tested above (CI time)
 @pytest.mark.timeout(180)
 def test_both_throttles_both_directions(fabric):
     p = fabric

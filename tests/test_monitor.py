@@ -531,7 +531,8 @@ def _healthy(ops: int, synthetic: bool = True):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("synthetic", [True, False], ids=["synthetic", "transport-telemetry"])
+@pytest.mark.parametrize("synthetic", [pytest.param(True, marks=pytest.mark.slow), False],
+                         ids=["synthetic", "transport-telemetry"])  # synthetic: slow, the real telemetry covers it
 def test_a_healthy_fabric_changes_no_plan_in_200_operations(synthetic):
     _healthy(200, synthetic)  # ~6 s each on 2 cores: in the default suite
 
@@ -634,7 +635,8 @@ def _healthy_emulated(ops: int, nbytes: int, chunk: int = CHUNK):
 
 @needs_emulation
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("chunk", [CHUNK, 256 << 10], ids=["monitor-sized-chunks", "fixed-256k-chunks"])
+@pytest.mark.parametrize("chunk", [CHUNK, pytest.param(256 << 10, marks=pytest.mark.slow)],
+                         ids=["monitor-sized-chunks", "fixed-256k-chunks"])  # fixed chunks: slow (CI time)
 def test_emulated_two_box_healthy_fabric_flags_nothing(chunk):
     _healthy_emulated(60, 1 << 20, chunk)
 

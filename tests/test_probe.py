@@ -352,6 +352,7 @@ def probe_emulated(tmp_path, topo: Topology, prefix: str, seconds: str = "0.3") 
 
 
 @needs_root
+@pytest.mark.slow  # the emulated ring's test checks the same accuracy (CI time)
 @pytest.mark.timeout(300)
 def test_emulated_two_boxes_are_recovered_within_15_percent(tmp_path, prefix):
     true = two_boxes(2, Fraction(4), Fraction(1))  # 50 MB/s inside a box, 12.5 MB/s NICs

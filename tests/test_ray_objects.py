@@ -119,7 +119,7 @@ class Producer:
         return sorted(api._objects().stats()["copies"])
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, enable_tensor_transport=True)  # Ray's rule: a consumer needs it (or an RDT method)
 class Consumer:
     def read(self, t) -> dict:
         import collcomm.api as api

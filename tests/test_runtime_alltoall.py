@@ -93,7 +93,7 @@ def alltoall_worker(blocks: list[int]) -> dict:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, pytest.param(5, marks=pytest.mark.slow)])  # 5: slow (CI time)
 def test_alltoall_matches_numpy(n):
     blocks = [0, 1, 3, 1000]
     job = multiproc.run(n, alltoall_worker, timeout=120, chunk_bytes=512 if n in (2, 3) else None,

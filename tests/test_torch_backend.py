@@ -148,7 +148,7 @@ def test_rank_that_exits_early_fails_the_others_fast():
 
 # ============================================================================ DDP and FSDP2 under torchrun
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 4])  # 2: slow (CI time)
 def test_ddp_and_fsdp2_match_gloo(n, tmp_path):
     port = free_port_pair()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",

@@ -36,7 +36,7 @@ hook does both. The modules:
 from __future__ import annotations
 
 try:
-    import ray  # noqa: F401
+    import ray  # noqa: F401 - the extra's dependency, checked first
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("collcomm.integrations.ray needs Ray: pip install 'collcomm[ray]'") from e
 

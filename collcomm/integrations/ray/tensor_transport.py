@@ -11,7 +11,9 @@ instead of each reading from the producer. When Ray's reference counting frees t
 
 Ray's documented limits that remain: register before the actors that use it are created, from
 the process that creates them (importing :mod:`collcomm.integrations.ray` in the driver does
-it); actor restarts are not supported by RDT; the driver cannot ``ray.put`` into an RDT
+it); an actor that consumes RDT objects must be declared with ``enable_tensor_transport=True``
+(or have an RDT method itself), else Ray never runs the transfer in it and the consumer fails at
+Ray's fetch timeout (60 s); actor restarts are not supported by RDT; the driver cannot ``ray.put`` into an RDT
 transport. Ours: CPU tensors only; a consumer whose producer died gets
 :class:`~collcomm.errors.ObjectLost` (or a timeout) instead of hanging, but the transport does not
 abort a transfer in flight (``can_abort_transport`` is False: Ray then handles a failed transfer
@@ -27,8 +29,6 @@ from ray.experimental.rdt.tensor_transport_manager import (CommunicatorMetadata,
                                                            TensorTransportMetadata)
 
 import collcomm.api as api
-import collcomm.objects  # noqa: F401 - imported here, not in Ray's transfer thread (see recv_multiple_tensors)
-import collcomm.runtime  # noqa: F401
 from collcomm.integrations.ray import job
 
 NAME = "COLLCOMM"
