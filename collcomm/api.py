@@ -52,11 +52,12 @@ def init(rank: int | None = None, world_size: int | None = None, coordinator: st
     with _LOCK:
         if _RUNTIME is not None:
             raise CollectiveError("collcomm is already initialised in this process; call shutdown() first")
-        rank = rank if rank is not None else _env_int("COLLCOMM_RANK")
         world_size = world_size if world_size is not None else _env_int("COLLCOMM_WORLD_SIZE")
+        open_job = world_size == 0  # ranks drawn by the coordinator: no rank from the environment
+        rank = rank if rank is not None or open_job else _env_int("COLLCOMM_RANK")
         coordinator = coordinator or os.environ.get("COLLCOMM_COORDINATOR") or None
         token = token or os.environ.get("COLLCOMM_TOKEN") or None
-        if rank is None and _env_int("RANK") is not None:  # torchrun
+        if rank is None and not open_job and _env_int("RANK") is not None:  # torchrun
             rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
             master = os.environ.get("MASTER_ADDR", "127.0.0.1")
             port = (_env_int("MASTER_PORT") or 29500) + 1
@@ -70,7 +71,7 @@ def init(rank: int | None = None, world_size: int | None = None, coordinator: st
                         "127.0.0.1", "localhost") else "127.0.0.1", port=port)
                     _EMBEDDED.start()
         missing = [name for name, v in (("rank", rank), ("world_size", world_size), ("coordinator", coordinator),
-                                        ("token", token)) if v is None and not (name == "rank" and world_size == 0)]
+                                        ("token", token)) if v is None and not (name == "rank" and open_job)]
         if missing:
             raise CollectiveError(f"init: {', '.join(missing)} unknown; run under `collcomm run`, set COLLCOMM_* "
                                   f"variables, run under torchrun, or pass them to init()")

@@ -2,8 +2,9 @@
 
 A :class:`Runtime` registers this rank's transport address with the coordinator, learns the
 peer table (in an *open* job, world size 0, whoever has joined so far: processes join whenever
-they start, their ranks drawn from the coordinator's counter, and only groups run collectives), knows the world's fabric (a topology file, one probed at init, or a flat model of
-the hosts) and forms :class:`~collcomm.runtime.group.Group` objects, whose operations the
+they start, their ranks drawn from the coordinator's counter, and only groups run collectives),
+knows the world's fabric (a topology file, one probed at init, or a flat model of the hosts;
+an open job's groups plan on their members' hosts) and forms :class:`~collcomm.runtime.group.Group` objects, whose operations the
 collectives (:mod:`collcomm.runtime.collectives`), alltoall and point-to-point messages
 (:mod:`collcomm.runtime.p2p`) run; shrink and grow live in :mod:`collcomm.runtime.membership`.
 """
@@ -27,7 +28,7 @@ from collcomm.topology.model import Topology
 from collcomm.transport.tcp import TcpTransport
 
 DEFAULT_TIMEOUT = 300.0
-OPEN_RANKS_KEY = "collcomm/open/ranks"  # the counter an open job's processes draw their ranks from
+OPEN_RANKS_KEY = "open/ranks"  # the counter an open job's processes draw their ranks from
 
 
 def _env_float(name: str, default: float) -> float:
