@@ -38,6 +38,12 @@ class Member:
     def rank_in(self, name: str) -> int:
         return col.get_rank(name)
 
+    def allreduce_argument(self, x: np.ndarray, name: str) -> dict:
+        """``x`` arrived as an argument: read-only, in Ray's object store (gloo writes into it; so do we)."""
+        was_writable = bool(x.flags.writeable)
+        col.allreduce(x, name)
+        return {"was_writable": was_writable, "x": x.tolist()}
+
     def destroy(self, name: str) -> None:
         col.destroy_collective_group(name)
 
@@ -154,6 +160,17 @@ def test_a_group_destroyed_and_created_again_under_the_same_name_works(members):
         assert all(res["failures"] == [] for res in ray.get([a.matrix.remote("again"), b.matrix.remote("again")],
                                                             timeout=120))
         ray.get([a.destroy.remote("again"), b.destroy.remote("again")], timeout=60)
+
+
+def test_read_only_argument_arrays_are_reduced_in_place_as_with_gloo(members):
+    a, b = members[0], members[1]
+    ray.get([a.join.remote(2, 0, "ro"), b.join.remote(2, 1, "ro")], timeout=60)
+    big = [np.full(200_000, float(i + 1)) for i in range(2)]   # large enough to live in Ray's object store
+    got = ray.get([a.allreduce_argument.remote(big[0], "ro"), b.allreduce_argument.remote(big[1], "ro")],
+                  timeout=60)
+    assert [g["was_writable"] for g in got] == [False, False]
+    assert all(g["x"] == [3.0] * 200_000 for g in got)
+    ray.get([a.destroy.remote("ro"), b.destroy.remote("ro")], timeout=60)
 
 
 def test_importing_registers_the_backend_once_and_again_is_harmless(ray_local):

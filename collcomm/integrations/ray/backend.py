@@ -13,12 +13,14 @@ job's timeout, 60 s by default) and a dead member gives a typed collcomm error
 (:class:`~collcomm.errors.PeerFailure`, :class:`~collcomm.errors.CollectiveTimeout`) on the
 others; :func:`shrink` re-forms the group without its dead members and the survivors go on with
 new ranks (in the old order) and a smaller world size. Differences from Ray's gloo backend are
-listed in ``README.md`` (read-only NumPy arguments are refused, not written into;
-``reducescatter`` leaves its inputs unchanged).
+listed in ``README.md`` (``reducescatter`` leaves its inputs unchanged). Like gloo, a read-only
+NumPy array (Ray's arguments) is written into, with a warning.
 """
 
 from __future__ import annotations
 
+import ctypes
+import warnings
 import zlib
 
 import numpy as np
@@ -144,10 +146,10 @@ def _op(options) -> str:
 
 
 def _one(tensor, what: str, writable: bool = True):
-    """The buffer inside Ray's one-element list, checked."""
+    """The buffer inside Ray's one-element list, checked (and made writable: see _writable)."""
     t = tensor[0] if isinstance(tensor, list) and len(tensor) == 1 else tensor
-    _check(t, what, writable)
-    return t
+    _check(t, what)
+    return _writable(t, what) if writable else t
 
 
 def _many(tensor_list, what: str, n: int, writable: bool = True) -> list:
@@ -156,15 +158,37 @@ def _many(tensor_list, what: str, n: int, writable: bool = True) -> list:
     if len(items) != n:
         raise ValueError(f"{what}: the tensor list has {len(items)} entries; the group has {n} members")
     for t in items:
-        _check(t, what, writable)
-    return list(items)
+        _check(t, what)
+    return [_writable(t, what) if writable else t for t in items]
 
 
-def _check(t, what: str, writable: bool) -> None:
+_WARNED_READ_ONLY = False
+
+
+def _writable(t, what: str):
+    """A writable view of ``t``'s own memory. Ray hands NumPy arrays that arrived as arguments over
+    read-only, backed by its object store; its gloo backend writes into them anyway (through
+    ``torch.from_numpy``), and Ray code relies on it. To switch backends by one word we do the same,
+    with the same warning: the result lands in that memory, which Ray's other readers of the object
+    on this node share."""
+    global _WARNED_READ_ONLY
+    if not isinstance(t, np.ndarray) or t.flags.writeable:
+        return t
+    if not t.flags.c_contiguous:
+        raise ValueError(f"{what}: the NumPy array is read-only and not contiguous; pass a copy (arr.copy())")
+    if not _WARNED_READ_ONLY:
+        _WARNED_READ_ONLY = True
+        warnings.warn(f"{what}: writing into a read-only NumPy array (Ray passes arrays in arguments read-only, "
+                      "backed by its object store), as Ray's gloo backend does; pass a copy to avoid it",
+                      UserWarning, stacklevel=4)
+    if t.nbytes == 0:
+        return np.empty_like(t)
+    raw = (ctypes.c_char * t.nbytes).from_address(t.ctypes.data)
+    return np.frombuffer(raw, dtype=t.dtype).reshape(t.shape)
+
+
+def _check(t, what: str) -> None:
     if isinstance(t, np.ndarray):
-        if writable and not t.flags.writeable:
-            raise ValueError(f"{what}: the NumPy array is read-only (Ray passes arrays in arguments read-only, "
-                             "backed by its object store); pass a copy (arr.copy())")
         return
     torch = _torch()
     if torch is not None and isinstance(t, torch.Tensor):
