@@ -44,6 +44,19 @@ class Member:
         col.allreduce(x, name)
         return {"was_writable": was_writable, "x": x.tolist()}
 
+    def allgather_argument(self, x: np.ndarray, name: str) -> list:
+        """A read-only input is only read: gathered as it is, no warning needed."""
+        outs = [np.zeros_like(x) for _ in range(col.get_collective_group_size(name))]
+        col.allgather(outs, x, name)
+        return [o[:3].tolist() for o in outs]
+
+    def mismatched_allgather(self, name: str) -> list:
+        try:
+            col.allgather([np.zeros(20), np.zeros(20)], np.ones(10), name)
+        except Exception as e:  # noqa: BLE001 - the test asserts on the type
+            return [c.__name__ for c in type(e).__mro__]
+        return []
+
     def destroy(self, name: str) -> None:
         col.destroy_collective_group(name)
 
@@ -170,6 +183,13 @@ def test_read_only_argument_arrays_are_reduced_in_place_as_with_gloo(members):
                   timeout=60)
     assert [g["was_writable"] for g in got] == [False, False]
     assert all(g["x"] == [3.0] * 200_000 for g in got)
+    gathered = ray.get([a.allgather_argument.remote(big[0], "ro"), b.allgather_argument.remote(big[1], "ro")],
+                       timeout=60)
+    assert gathered == [[[1.0] * 3, [2.0] * 3]] * 2
+    # a local mistake fails at once on each member, as both Ray's gloo (RuntimeError) and Python expect
+    assert all({"RuntimeError", "ValueError"} <= set(m)
+               for m in ray.get([a.mismatched_allgather.remote("ro"), b.mismatched_allgather.remote("ro")],
+                                timeout=60))
     ray.get([a.destroy.remote("ro"), b.destroy.remote("ro")], timeout=60)
 
 

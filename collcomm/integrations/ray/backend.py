@@ -32,6 +32,11 @@ from collcomm.errors import CollectiveError
 from collcomm.integrations.ray import job
 
 BACKEND = "COLLCOMM"
+
+
+class TensorShapeError(ValueError, RuntimeError):
+    """Tensors of a call that do not fit together; a RuntimeError too, as Ray's gloo backend
+    raises (torch's) for the same mistakes."""
 _OPS = {ReduceOp.SUM: "sum", ReduceOp.PRODUCT: "prod", ReduceOp.MIN: "min", ReduceOp.MAX: "max"}
 
 
@@ -94,7 +99,7 @@ class CollcommGroup(BaseGroup):
         outs = _many(tensor_list, "allgather", self._world_size)
         for i, o in enumerate(outs):
             if _shape(o) != _shape(x):
-                raise ValueError(f"allgather: output {i} has shape {_shape(o)}, the input {_shape(x)}")
+                raise TensorShapeError(f"allgather: output {i} has shape {_shape(o)}, the input {_shape(x)}")
         flat = _empty_like(x, self._world_size)
         api.allgather(flat, x, group=self._group, timeout=self._bound(allgather_options))
         for i, o in enumerate(outs):
@@ -105,7 +110,7 @@ class CollcommGroup(BaseGroup):
         ins = _many(tensor_list, "reducescatter", self._world_size, writable=False)
         for i, t in enumerate(ins):
             if _shape(t) != _shape(out):
-                raise ValueError(f"reducescatter: input {i} has shape {_shape(t)}, the output {_shape(out)}")
+                raise TensorShapeError(f"reducescatter: input {i} has shape {_shape(t)}, the output {_shape(out)}")
         stacked = _stack(ins)
         api.reduce_scatter(out, stacked, _op(reducescatter_options), group=self._group,
                            timeout=self._bound(reducescatter_options))
@@ -146,26 +151,27 @@ def _op(options) -> str:
 
 
 def _one(tensor, what: str, writable: bool = True):
-    """The buffer inside Ray's one-element list, checked (and made writable: see _writable)."""
+    """The buffer inside Ray's one-element list, checked (a read-only one as a writable view: see
+    _writable; ``writable`` False: the call only reads it, so no warning)."""
     t = tensor[0] if isinstance(tensor, list) and len(tensor) == 1 else tensor
     _check(t, what)
-    return _writable(t, what) if writable else t
+    return _writable(t, what, warn=writable)
 
 
 def _many(tensor_list, what: str, n: int, writable: bool = True) -> list:
     items = tensor_list[0] if isinstance(tensor_list, list) and len(tensor_list) == 1 and \
         isinstance(tensor_list[0], list) else tensor_list
     if len(items) != n:
-        raise ValueError(f"{what}: the tensor list has {len(items)} entries; the group has {n} members")
+        raise TensorShapeError(f"{what}: the tensor list has {len(items)} entries; the group has {n} members")
     for t in items:
         _check(t, what)
-    return [_writable(t, what) if writable else t for t in items]
+    return [_writable(t, what, warn=writable) for t in items]
 
 
 _WARNED_READ_ONLY = False
 
 
-def _writable(t, what: str):
+def _writable(t, what: str, warn: bool = True):
     """A writable view of ``t``'s own memory. Ray hands NumPy arrays that arrived as arguments over
     read-only, backed by its object store; its gloo backend writes into them anyway (through
     ``torch.from_numpy``), and Ray code relies on it. To switch backends by one word we do the same,
@@ -175,8 +181,10 @@ def _writable(t, what: str):
     if not isinstance(t, np.ndarray) or t.flags.writeable:
         return t
     if not t.flags.c_contiguous:
+        if not warn:
+            return np.ascontiguousarray(t)  # only read: a copy serves
         raise ValueError(f"{what}: the NumPy array is read-only and not contiguous; pass a copy (arr.copy())")
-    if not _WARNED_READ_ONLY:
+    if warn and not _WARNED_READ_ONLY:
         _WARNED_READ_ONLY = True
         warnings.warn(f"{what}: writing into a read-only NumPy array (Ray passes arrays in arguments read-only, "
                       "backed by its object store), as Ray's gloo backend does; pass a copy to avoid it",
