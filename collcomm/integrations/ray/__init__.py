@@ -53,8 +53,10 @@ def register() -> dict:
     """Register the collective backend and the tensor transport in this process; idempotent.
     Returns what was registered. (A worker needs the transport too when it imports code that
     annotates methods with it: Ray checks the name at class definition.)"""
-    from collcomm.integrations.ray import tensor_transport
-
+    try:  # Ray Direct Transport: Ray 2.5x; older Rays have the rest
+        from collcomm.integrations.ray import tensor_transport
+    except ImportError:
+        return {"collective_backend": _backend.register(), "tensor_transport": False}
     return {"collective_backend": _backend.register(), "tensor_transport": tensor_transport.register()}
 
 
