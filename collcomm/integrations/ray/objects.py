@@ -10,10 +10,10 @@ objects to be put and returns a handle to the result, which readers can get whil
 reduced. Ray keeps scheduling, retries and restarts; collcomm moves the bytes.
 
 Lifetime: a collcomm object lives in the process that put it (and in every complete copy a
-reader made) until ``handle.delete()``. A handle made by ``put`` carries a one-byte Ray object
-owned by the putting process: while any copy of the handle is referenced anywhere in the
-cluster, Ray counts that process as an owner of a live object and does not retire it as an idle
-worker, so a task's output outlives the task. A process that dies takes its copies with it:
+reader made) until ``handle.delete()``. The putting process makes a one-byte Ray object of its
+own and holds it until the object is deleted there (the handle carries it too): Ray does not
+retire a worker that owns live objects, so a task's output outlives the task even when nobody
+holds its handle yet (a ``reduce`` waiting for it). A process that dies takes its copies with it:
 ``get`` then resumes from another copy or raises :class:`~collcomm.errors.ObjectLost`.
 """
 
@@ -44,7 +44,7 @@ class Handle:
         handle to pass on (it keeps the putting process alive while referenced)."""
         job.init()
         api.put(self.key, obj, copy=copy, timeout=timeout)
-        return Handle(self.key, self.sources, _keepalive())
+        return Handle(self.key, self.sources, _keepalive(self.key))
 
     def get(self, out=None, *, timeout: float | None = None):
         """The array (read-only, zero copy), or copied into ``out``; waits up to ``timeout`` for
@@ -55,6 +55,7 @@ class Handle:
     def delete(self, *, timeout: float | None = None) -> bool:
         """Free every copy of the object; False if there was none."""
         job.init()
+        _KEEP.pop(self.key, None)
         return api.delete(self.key, timeout=timeout)
 
     def info(self, *, timeout: float | None = None) -> dict:
@@ -95,7 +96,7 @@ def reduce(handles: Sequence[Handle], *, op: str = "sum", num_required: int | No
     keys = [_key(h, timeout) for h in handles]
     out = handle(name)
     used = api.reduce_objects(keys, out.key, op, num_required, timeout=timeout)
-    return Handle(out.key, tuple(used), _keepalive())
+    return Handle(out.key, tuple(used), _keepalive(out.key))
 
 
 def _key(h, timeout: float | None) -> str:
@@ -106,5 +107,9 @@ def _key(h, timeout: float | None) -> str:
     return h.key
 
 
-def _keepalive():
-    return ray.put(b"\0")
+_KEEP: dict = {}  # key -> the Ray object that keeps this process from being retired while it holds the key
+
+
+def _keepalive(key: str):
+    ref = _KEEP[key] = ray.put(b"\0")
+    return ref
