@@ -31,7 +31,7 @@ ACTOR_PREFIX = "collcomm-coordinator-"
 DEFAULT_TIMEOUT = 60.0  # seconds for every call through this integration unless told otherwise
 
 _LOCK = threading.Lock()
-_JOINED: str | None = None  # the Ray job id this process joined
+_JOINED: tuple[str, str] | None = None  # (Ray job id, node id) of the job this process joined
 _CLEANUP_REGISTERED = False
 _WHERE: list[str] = []  # the coordinator's address and token, once joined
 
@@ -90,15 +90,18 @@ def init(timeout: float | None = None, *, where: tuple[str, str] | None = None) 
     ``timeout`` (default 60 s, or ``COLLCOMM_TIMEOUT``) bounds finding the coordinator and becomes
     the default timeout of every collcomm call in this process. ``where``: the coordinator's
     (address, token) when the caller has them already (the tensor transport's metadata carries
-    them: Ray runs a transfer in a system thread that must not wait on other actors)."""
+    them, which saves a consumer the round trip to the coordinator actor inside Ray's transfer)."""
     global _JOINED
     with _LOCK:
-        job = job_id()
+        context = ray.get_runtime_context()
+        me = (job_id(), context.get_node_id())
         if _JOINED is not None:
-            if _JOINED != job:
-                raise CollectiveError(f"this process joined the collcomm job of Ray job {_JOINED}; it cannot join "
-                                      f"Ray job {job} too")
-            return api.rank()
+            if _JOINED == me:
+                return api.rank()
+            # A driver that ran ray.shutdown() and ray.init() again: its old cluster (and the
+            # coordinator in it) is gone; leave that job and join this one.
+            api.shutdown()
+            _JOINED = None
         if api.is_initialized():
             raise CollectiveError("collcomm is already initialised in this process outside Ray; call "
                                   "collcomm.shutdown() before collcomm.integrations.ray.init()")
@@ -110,14 +113,12 @@ def init(timeout: float | None = None, *, where: tuple[str, str] | None = None) 
             try:
                 address, token = ray.get(actor.where.remote(), timeout=timeout)
             except ray.exceptions.GetTimeoutError:
-                raise CollectiveError(f"the job's collcomm coordinator (Ray actor {ACTOR_PREFIX}{job}) did not "
+                raise CollectiveError(f"the job's collcomm coordinator (Ray actor {ACTOR_PREFIX}{me[0]}) did not "
                                       f"answer within {timeout:g} s") from None
-        context = ray.get_runtime_context()
-        node = context.get_node_id()
         _WHERE[:] = [address, token]
         api.init(world_size=0, coordinator=address, token=token, timeout=timeout,
-                 host=ray.util.get_node_ip_address(), hostname=f"ray-node-{node[:16]}")
-        _JOINED = job
+                 host=ray.util.get_node_ip_address(), hostname=f"ray-node-{me[1][:16]}")
+        _JOINED = me
         if context.worker.mode == ray.SCRIPT_MODE:  # the driver: remove the coordinator when it exits
             _register_cleanup()
         return api.rank()
