@@ -352,6 +352,17 @@ def refusals_worker() -> list[str]:
     readonly = np.zeros(8, np.float32)
     readonly.flags.writeable = False
     refused("allreduce of a read-only array", ValueError, ("read-only",), lambda: cc.allreduce(readonly))
+    ro_out = np.zeros(4 * n, np.float32)
+    ro_out.flags.writeable = False
+    refused("allgather into a read-only array", ValueError, ("read-only",),
+            lambda: cc.allgather(ro_out, np.zeros(4, np.float32)))
+    # an input that is only read may be read-only (Ray hands arrays over so): allgather and send
+    mine = np.full(4, me + 1.0, np.float32)
+    mine.flags.writeable = False
+    gathered = np.zeros(4 * n, np.float32)
+    cc.allgather(gathered, mine)
+    if gathered.tolist() != [float(r + 1) for r in range(n) for _ in range(4)]:
+        problems.append(f"allgather of a read-only input gave {gathered}")
     for name, x in {"complex64": np.zeros(4, np.complex64), "bool": np.zeros(4, bool),
                     "uint16": np.zeros(4, np.uint16), "torch complex64": torch.zeros(4, dtype=torch.complex64),
                     "a list": [1.0, 2.0]}.items():

@@ -73,12 +73,14 @@ def check_reduction(op: str, buf: Buffer) -> None:
         raise ValueError(f"{op} needs an integer buffer, got {buf.dtype}")
 
 
-def as_buffer(x, what: str = "buffer") -> Buffer:
-    """A flat view of ``x`` (NumPy array or CPU torch tensor); refuses what cannot be used in place."""
+def as_buffer(x, what: str = "buffer", *, read_only: bool = False) -> Buffer:
+    """A flat view of ``x`` (NumPy array or CPU torch tensor); refuses what cannot be used in place.
+    ``read_only``: the operation only reads ``x`` (an allgather's or a send's input), so a read-only
+    array will do."""
     if isinstance(x, np.ndarray):
         if not x.flags.c_contiguous:
             raise ValueError(f"{what} must be contiguous (C order); pass np.ascontiguousarray(...) and copy back")
-        if not x.flags.writeable:
+        if not x.flags.writeable and not read_only:
             raise ValueError(f"{what} is read-only")
         name = x.dtype.name
         if name not in SUPPORTED:

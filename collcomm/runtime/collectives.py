@@ -34,7 +34,7 @@ def allreduce(rt, group: Group, x, op: str, timeout: float, watch_previous: bool
 
 
 def allgather(rt, group: Group, out, x, timeout: float) -> None:
-    src, dst = as_buffer(x, "input"), as_buffer(out, "output")
+    src, dst = as_buffer(x, "input", read_only=True), as_buffer(out, "output")
     n = src.count
     if dst.dtype != src.dtype:
         raise TypeError(f"allgather: output dtype {dst.dtype} differs from input dtype {src.dtype}")

@@ -99,7 +99,7 @@ class _PointToPoint:
 
 
 def send(rt, x, dst: int, tag: int, timeout: float) -> None:
-    buf = as_buffer(x)
+    buf = as_buffer(x, read_only=True)
     _check_peer(rt, dst, tag)
     group = P2P_BASE + tag
     seq = rt.p2p.next(dst, tag, send=True)
