@@ -265,7 +265,8 @@ def bounded(a: dict, timeout: float, what: str) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("alone", [0, 1], ids=["lower-rank-waits", "higher-rank-waits"])
+@pytest.mark.parametrize("alone", [0, pytest.param(1, marks=pytest.mark.slow)],  # the mirror case: slow (CI time)
+                         ids=["lower-rank-waits", "higher-rank-waits"])
 def test_collcomm_timeout_bounds_a_collective_whose_peer_never_comes(alone):
     """COLLCOMM_TIMEOUT (init() without timeout) is every call's default: a rank whose peer never
     enters the collective raises CollectiveTimeout at that timeout, whichever rank of the pair it is
