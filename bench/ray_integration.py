@@ -63,6 +63,8 @@ import sys
 import time
 from pathlib import Path
 
+from ray_star_peer import _collcomm  # bench/ is this script's directory: `collcomm emulate ...`, checked
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOPOLOGY = HERE / "topologies" / "star4.json"
@@ -72,15 +74,6 @@ RESULT_MARK = "RAY_INTEGRATION_RESULT "
 OUT_JSON = HERE / "ray_integration.json"
 OUT_PNG = HERE / "ray_integration.png"
 OBJECT_STORE_BYTES = 768 * 2**20  # per node
-
-
-def _collcomm(args: list[str], timeout: float) -> None:
-    res = subprocess.run([sys.executable, "-m", "collcomm.cli"] + args, capture_output=True, text=True,
-                         timeout=timeout, stdin=subprocess.DEVNULL)
-    if res.returncode != 0:
-        raise RuntimeError(f"collcomm {' '.join(args)} failed (exit {res.returncode}): "
-                           f"{(res.stderr or res.stdout).strip()[-1500:]}")
-    print(res.stdout.strip(), file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- the driver (node 0's namespace)
