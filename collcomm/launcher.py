@@ -209,6 +209,10 @@ def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_e
         _stop([r for r in ranks if r.proc.poll() is None])
         client.close()
         server.stop(0)
+        # Shared-memory names a rank killed while forming a group left (the job's own names only).
+        from collcomm.transport.shm.segment import job_tag, remove_job
+
+        remove_job(job_tag(address, token))
 
 
 def _blame_order(r: _Rank) -> tuple:

@@ -1,7 +1,8 @@
 """The fault matrix: every fault scenario against both transports, side by side.
 
-Each scenario runs a job of real rank processes (tests/faultjobs.py) over the abstract Unix
-socket ("unix", what ranks on one machine use) or TCP on loopback ("tcp",
+Each scenario runs a job of real rank processes (tests/faultjobs.py) over shared memory ("shm",
+what ranks on one machine use for their collectives; the scenarios of a process that dies or
+stops), the abstract Unix socket ("unix", ``COLLCOMM_TRANSPORT=unix``) or TCP on loopback ("tcp",
 ``COLLCOMM_TRANSPORT=tcp``), injects one fault, and checks both sides of the contract
 (ARCHITECTURE.md, notes/faults.md): a typed error within a time bound when the fault cannot be
 survived, exact results (compared with the NumPy reference inside each rank) when it can, and
@@ -56,20 +57,35 @@ from faultjobs import Job, RankDied, describe, kill_mid_loop, raised
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 
-TRANSPORTS = ["unix", "tcp"]
+TRANSPORTS = ["shm", "unix", "tcp"]
+# Shared memory carries no frames, so the scenarios that damage frames do not apply to it (a
+# fault-injection plan keeps a job on sockets); a process that dies or stops does.
+SHM_SCENARIOS = ("sigkill", "sigstop", "stopped-handshake")
 
 
 def job(n: int, timeout: float, transport: str, env: dict | None = None, **kw) -> Job:
     """A job whose ranks talk over ``transport``; checks that they do."""
     env = dict(env or {})
-    if transport == "tcp":
-        env["COLLCOMM_TRANSPORT"] = "tcp"
+    env["COLLCOMM_TRANSPORT"] = {"shm": "auto"}.get(transport, transport)
     j = Job(n, timeout=timeout, env=env, **kw)
     unix = ["#@" in a for a in j.addresses]
-    if unix != [transport == "unix"] * n:
+    if unix != [transport != "tcp"] * n:
         j.close()
         pytest.fail(f"{transport}: the ranks registered {j.addresses}")
     return j
+
+
+def on_shared_memory(job: Job, ranks) -> list[bool]:
+    """Whether each rank's world group runs its collectives over shared memory now."""
+    answers = job.call_all({"cmd": "exec", "code": "result = bool(cc.api._group(None)._local)"}, ranks=ranks)
+    assert all(a.get("ok") for a in answers), answers
+    return [a["result"] for a in answers]
+
+
+def expect_transport(job: Job, transport: str, ranks=None) -> None:
+    ranks = list(range(len(job.ranks))) if ranks is None else list(ranks)
+    used = on_shared_memory(job, ranks)
+    assert used == [transport == "shm"] * len(ranks), f"{transport}: shared memory in use on ranks: {used}"
 
 
 def run(kind: str, count: int = 1000, **kw) -> dict:
@@ -129,6 +145,7 @@ def sigkill(transport: str) -> None:
     count = 1 << 20  # 4 MB in 64 KB chunks: the allreduce lasts long enough to be killed inside it
     with job(n, timeout, transport, chunk_bytes=1 << 16) as j:
         expect_exact(j, j.call_all(run("allreduce", count)), "before the fault")
+        expect_transport(j, transport)
         _, _, survivors = kill_mid_loop(j, victim, count)
         t = time.monotonic()
         shrunk = j.call_all({"cmd": "shrink"}, ranks=survivors, timeout=4 * timeout)
@@ -142,12 +159,14 @@ def sigkill(transport: str) -> None:
             for c in (1, 300_001):
                 expect_exact(j, j.call_all(run(kind, c), ranks=survivors, timeout=4 * timeout),
                              f"{kind} of {c} on the shrunk world", survivors)
+        expect_transport(j, transport, survivors)
 
 
 def sigstop(transport: str) -> None:
     timeout, n, victim = 2.0, 4, 3
     with job(n, timeout, transport) as j:
         expect_exact(j, j.call_all(run("allreduce", 1 << 18, iters=2)), "before the fault")
+        expect_transport(j, transport)
         stopped_at = j.ranks[victim].signal(signal.SIGSTOP)
         survivors = [r for r in range(n) if r != victim]
         # Ranks never enter a collective at the same instant: one of them comes 0.3 s late.
@@ -306,7 +325,7 @@ SCENARIOS = {
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("scenario,transport", [(s, t) for s in SCENARIOS for t in TRANSPORTS
+                                                if t != "shm" or s in SHM_SCENARIOS])
 def test_fault_matrix(scenario, transport):
     SCENARIOS[scenario](transport)

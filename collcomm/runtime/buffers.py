@@ -56,12 +56,18 @@ class Buffer:
 
 def numpy_reducer(op: str) -> Callable[[np.ndarray, np.ndarray], None]:
     """dst = dst (op) src, in place (NumPy releases the GIL inside)."""
-    ufunc = _UFUNC[op]
+    reducer = _NUMPY_REDUCERS.get(op)
+    if reducer is None:
+        ufunc = _UFUNC[op]
 
-    def reduce_into(dst: np.ndarray, src: np.ndarray) -> None:
-        ufunc(dst, src, out=dst)
+        def reducer(dst: np.ndarray, src: np.ndarray) -> None:
+            ufunc(dst, src, out=dst)
 
-    return reduce_into
+        _NUMPY_REDUCERS[op] = reducer
+    return reducer
+
+
+_NUMPY_REDUCERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {}
 
 
 def check_reduction(op: str, buf: Buffer) -> None:
@@ -82,9 +88,9 @@ def as_buffer(x, what: str = "buffer", *, read_only: bool = False) -> Buffer:
             raise ValueError(f"{what} must be contiguous (C order); pass np.ascontiguousarray(...) and copy back")
         if not x.flags.writeable and not read_only:
             raise ValueError(f"{what} is read-only")
-        name = x.dtype.name
-        if name not in SUPPORTED:
-            raise TypeError(f"{what} has dtype {name}; supported: {', '.join(SUPPORTED)}")
+        name = _NAMES.get(x.dtype)  # (dtype.name is slow: computed in Python each time)
+        if name is None:
+            raise TypeError(f"{what} has dtype {x.dtype.name}; supported: {', '.join(SUPPORTED)}")
         return Buffer(x.reshape(-1), name)
     torch = loaded_torch()
     if torch is not None and isinstance(x, torch.Tensor):
@@ -95,11 +101,14 @@ def as_buffer(x, what: str = "buffer", *, read_only: bool = False) -> Buffer:
         if x.dtype == torch.bfloat16:
             return Buffer(x.detach().view(-1).view(torch.int16).numpy().view(np.uint16), "bfloat16")
         arr = x.detach().view(-1).numpy()
-        name = arr.dtype.name
-        if name not in SUPPORTED:
+        name = _NAMES.get(arr.dtype)
+        if name is None:
             raise TypeError(f"{what} has dtype {x.dtype}; supported: {', '.join(SUPPORTED)}")
         return Buffer(arr, name)
     raise TypeError(f"{what} must be a NumPy array or a CPU torch tensor, got {type(x).__name__}")
+
+
+_NAMES = {np.dtype(n): n for n in SUPPORTED if n != "bfloat16"}
 
 
 def loaded_torch():

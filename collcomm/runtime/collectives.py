@@ -25,6 +25,10 @@ def allreduce(rt, group: Group, x, op: str, timeout: float, watch_previous: bool
     reducer = buf.reducer(op)
     if buf.count == 0 or group.size == 1:
         return
+    local = group.local_path(timeout)
+    if local is not None:
+        local.allreduce(buf, op, timeout)
+        return
     shards = dict(enumerate(shard_layout(buf.count, group.size)))
     group.run_schedule(ALLREDUCE, buf, buf.array, shards, reducer=reducer, chained=True,
                        desc_fields=("allreduce", buf.dtype, buf.count, op, -1), timeout=timeout, nbytes=buf.nbytes,
@@ -44,6 +48,10 @@ def allgather(rt, group: Group, out, x, timeout: float) -> None:
     dst.array[group.me * n:(group.me + 1) * n] = src.array
     if n == 0 or group.size == 1:
         return
+    local = group.local_path(timeout)
+    if local is not None:
+        local.allgather(dst, src, timeout)
+        return
     shards = {r: (r * n, n) for r in range(group.size)}
     group.run_schedule(ALLGATHER, dst, dst.array, shards, reducer=None, chained=False,
                        desc_fields=("allgather", dst.dtype, n, "", -1), timeout=timeout, nbytes=dst.nbytes)
@@ -58,6 +66,10 @@ def reduce_scatter(rt, group: Group, out, x, op: str, timeout: float) -> None:
         raise ValueError(f"reduce_scatter: input holds {src.count} elements, needs {group.size} x {m} = "
                          f"{group.size * m}")
     reducer = src.reducer(op)
+    local = group.local_path(timeout) if m and group.size > 1 else None
+    if local is not None:  # reduces straight out of the members' segments into the output
+        local.reduce_scatter(dst, src, op, timeout)
+        return
     work = src.array.copy()  # the input stays as the caller gave it
     if m and group.size > 1:
         shards = {r: (r * m, m) for r in range(group.size)}
@@ -74,6 +86,10 @@ def broadcast(rt, group: Group, x, root: int, timeout: float) -> None:
     check_root(group, root)
     if buf.count == 0 or group.size == 1:
         return
+    local = group.local_path(timeout)
+    if local is not None:  # every member compares the operation at its first step: no agreement after
+        local.broadcast(buf, root, timeout)
+        return
     fields = ("broadcast", buf.dtype, buf.count, "", root)
     _rooted(rt, group, fields, timeout, lambda: group.run_schedule(
         ALLGATHER, buf, buf.array, {root: (0, buf.count)}, reducer=None, chained=False, desc_fields=fields,
@@ -85,6 +101,10 @@ def reduce(rt, group: Group, x, root: int, op: str, timeout: float) -> None:
     check_root(group, root)
     reducer = buf.reducer(op)
     if buf.count == 0 or group.size == 1:
+        return
+    local = group.local_path(timeout)
+    if local is not None:
+        local.reduce(buf, root, op, timeout)
         return
     work = buf.array if group.me == root else buf.array.copy()  # only the root's buffer changes
     fields = ("reduce", buf.dtype, buf.count, op, root)
@@ -113,6 +133,10 @@ def _rooted(rt, group: Group, fields: tuple, timeout: float, run) -> None:
 
 
 def barrier(rt, group: Group, timeout: float) -> None:
+    local = group.local_path(timeout) if group.size > 1 else None
+    if local is not None:
+        local.barrier(timeout)
+        return
     token = np.zeros(1, dtype=np.int32)
     allreduce(rt, group, token, "sum", timeout)
 

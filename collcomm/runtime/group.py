@@ -79,6 +79,8 @@ class Group:
         self.monitor = None  # collcomm.runtime.monitor.GroupMonitor, when monitoring is on
         self.failed_operations = 0  # operations that raised here (the monitor reports the count)
         self.chunk_override: int | None = None  # the monitor's chunk size (collcomm.faults.chunks)
+        self._local = None  # None: not decided yet; False: sockets; else a collcomm.runtime.local.LocalGroup
+        self._local_generation = 0  # arenas formed so far (a failed operation drops its arena)
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, members={self.members})"
@@ -201,21 +203,27 @@ class Group:
             op.start()
             op.wait(max(deadline - time.monotonic(), 0.0), poll=check, poll_every=POLL_SECONDS)
         except CollectiveError as e:
-            error = failures.first_cause(rt, self, seq, e)
-            self._failed(seq, error)
-            evicted = failures.evicted(rt, self)
-            if evicted is not None:
-                raise evicted from e
-            if rt.auto_shrink and isinstance(error, (PeerFailure, CollectiveTimeout)):
-                try:  # leave the group shrunk for the next call; this call still raises
-                    rt.shrink(self)
-                except CollectiveError:
-                    pass
-            if error is e:
-                raise
-            raise error from e
+            self.raise_failure(seq, e)
         finally:
             mailbox.finish(seq)
+
+    def raise_failure(self, seq: int, e: CollectiveError) -> None:
+        """Operation ``seq`` failed here with ``e``: tell the members, and raise the error every
+        member raises (the first cause recorded, or EvictedError when this rank was declared failed)."""
+        rt = self.runtime
+        error = failures.first_cause(rt, self, seq, e)
+        self._failed(seq, error)
+        evicted = failures.evicted(rt, self)
+        if evicted is not None:
+            raise evicted from e
+        if rt.auto_shrink and isinstance(error, (PeerFailure, CollectiveTimeout)):
+            try:  # leave the group shrunk for the next call; this call still raises
+                rt.shrink(self)
+            except CollectiveError:
+                pass
+        if error is e:
+            raise e
+        raise error from e
 
     def _failed(self, seq: int, error: CollectiveError) -> None:
         """Tell the other members why: the coordinator's record (read by members that wait) and
@@ -225,6 +233,34 @@ class Group:
         failures.record_abort(rt, self, seq, error)
         rt.transport.abort_group(self.id, seq, error)
 
+    # ------------------------------------------------------------------ shared memory
+    def local_path(self, timeout: float):
+        """The group's shared-memory collectives (:class:`collcomm.runtime.local.LocalGroup`) when
+        every member is on this machine, formed at the first call; None: the group runs over sockets."""
+        if self._local is None:
+            from collcomm.runtime import local
+
+            if not local.eligible(self.runtime, self):
+                self._local = False
+                return None
+            self._local = False  # while it forms, the group's own agreement runs over sockets
+            self._local_generation += 1
+            try:
+                self._local = local.LocalGroup.form(self, self._local_generation, timeout) or False
+            except BaseException:
+                self._local = None  # try again at the next call
+                raise
+        return self._local or None
+
+    def drop_local(self, local) -> None:
+        """A shared-memory operation failed: its arena is dropped; the next call forms a new one."""
+        if self._local is local:
+            self._local = None
+        local.close()
+
     def close(self) -> None:
+        if self._local:
+            self._local.close()
+        self._local = False
         if self._worker is not None:
             self._worker.shutdown(wait=False, cancel_futures=True)

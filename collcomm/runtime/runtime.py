@@ -25,6 +25,7 @@ from collcomm.runtime.p2p import MessageNumbers
 from collcomm.schedules.planner import flat_topology, restrict
 from collcomm.topology import jsonio
 from collcomm.topology.model import Topology
+from collcomm.transport.shm import segment as shm_segment
 from collcomm.transport.tcp import TcpTransport
 
 DEFAULT_TIMEOUT = 300.0
@@ -79,6 +80,7 @@ class Runtime:
         self.listen_host, self.advertise_host = listen, advertise  # (the object server listens alike)
         self.objects = None  # the object layer, made on the first object call (collcomm.api)
         self.client = CoordinatorClient(coordinator, token, timeout=self.timeout)  # first: a bad TLS file opens nothing
+        self.job_tag = shm_segment.job_tag(coordinator, token)  # names this job's shared-memory segments
         try:
             if self.open and rank is None:  # a fresh number from the job's counter
                 rank = self.client.kv_add(OPEN_RANKS_KEY, 1, timeout=self.timeout) - 1
@@ -159,6 +161,12 @@ class Runtime:
                                  f"{self.world_size}")
             self._world_topology = topo
         return self._world_topology
+
+    @property
+    def has_fabric(self) -> bool:
+        """Whether the job plans on a given fabric (a topology file, a probed one) rather than the
+        flat model of its hosts."""
+        return not self.open and self._topology_source is not None
 
     def set_world_topology(self, topo: Topology) -> None:
         """The world's fabric from now on (a probed one); groups formed later plan on it."""

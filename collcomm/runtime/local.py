@@ -1,0 +1,417 @@
+"""Collectives of a group whose members share one machine: shared memory, in the calling thread.
+
+Over sockets every byte of a collective crosses the kernel twice and several Python threads hand
+each piece on; between processes of one machine neither is needed. When every member of a group
+is on this machine (:func:`eligible`), the group forms an :class:`~collcomm.transport.shm.arena.Arena`
+at its first collective (:meth:`LocalGroup.form`) and from then on runs allreduce, allgather,
+reduce-scatter, broadcast, reduce and barrier here: each member writes what the others need into
+its own segment, publishes a step, waits for the others' (spin, yield, futex), and reads their
+data in place, reducing straight out of their segments into its own buffer. No thread hand-off,
+coordinator call or allocation per operation.
+
+Two algorithms, chosen per call by the alpha-beta model (:func:`choose`):
+
+* **one-shot** (small messages): every member writes its whole input, one step, every member
+  reduces all inputs itself (in rank order, so every member computes the same bits): one
+  synchronization.
+* **two-step** (large messages, in rounds of at most the arena's half): every member writes the
+  parts the others reduce; step; each reduces its own part from every segment and writes the
+  result into its segment; step; each copies the others' results. Two synchronizations per
+  round, each byte reduced once.
+
+Failures keep the runtime's contract: a dead peer (its process exits: pidfd) is a PeerFailure at
+once, a stopped one a CollectiveTimeout at the deadline, a failure seen elsewhere (the
+coordinator's view) or written into a peer's control page is raised here, and a rank whose
+operation fails writes why into its own page, so the members waiting for it fail with the same
+error. The arena is then dropped; the group's next collective forms a fresh one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from collcomm.errors import CollectiveError
+from collcomm.runtime import failures
+from collcomm.runtime.buffers import _UFUNC
+from collcomm.transport import frames
+from collcomm.transport.shm import arena as shm_arena
+from collcomm.transport.shm.segment import Segment, name as segment_name
+
+DEFAULT_HALF_BYTES = 4 << 20  # each half of a member's data area (COLLCOMM_SHM_BYTES)
+# The alpha-beta model of a step on this machine (bench/shm_collectives.py measures them):
+# alpha the cost of one synchronization with n members, beta_copy and beta_reduce seconds per byte.
+ALPHA_SECONDS = {2: 4e-6, 3: 12e-6, 4: 20e-6}
+BETA_COPY, BETA_REDUCE = 0.2e-9, 0.4e-9
+TELEMETRY_EVERY_BYTES = 1 << 20  # record shared-memory traffic in the link telemetry in batches
+
+
+def enabled() -> bool:
+    """Shared memory is on unless COLLCOMM_TRANSPORT says tcp or unix (sockets only)."""
+    choice = (os.environ.get("COLLCOMM_TRANSPORT") or "auto").strip().lower()
+    return choice in ("auto", "shm") and shm_arena.SUPPORTED
+
+
+def eligible(rt, group) -> bool:
+    """Whether ``group``'s members share this machine: the same registered host and, when the job
+    has a fabric (a topology file, an emulated one), the same box in it. A fault-injection plan
+    acts on frames and a named algorithm is a plan for the executor, so either keeps the group on
+    sockets."""
+    if group.size < 2 or not enabled() or rt.transport.faults is not None or rt.algorithm:
+        return False
+    if len({rt.hostnames.get(m) for m in group.members}) != 1:
+        return False
+    if rt.has_fabric:
+        topo = rt.world_topology()
+        boxes = {topo.host_of(topo.compute[m]) or topo.compute[m] for m in group.members}
+        return len(boxes) == 1
+    return True
+
+
+def choose(n: int, nbytes: int, capacity: int) -> str:
+    """"one_shot" or "two_step" for an allreduce of ``nbytes`` among ``n`` members: the one the
+    alpha-beta model says is faster (one-shot only when the input fits a half)."""
+    if nbytes > capacity:
+        return "two_step"
+    alpha = ALPHA_SECONDS.get(n, 5e-6 * n * n)
+    one = alpha + BETA_COPY * nbytes + (n - 1) * BETA_REDUCE * nbytes
+    two = 2 * alpha + BETA_COPY * nbytes * (n - 1) / n + BETA_REDUCE * nbytes * (n - 1) / n \
+        + BETA_COPY * nbytes / n + BETA_COPY * nbytes * (n - 1) / n
+    return "one_shot" if one <= two else "two_step"
+
+
+def parts(count: int, n: int) -> list[tuple[int, int]]:
+    """Split ``count`` elements into ``n`` (offset, length) parts, the first ones longer by one."""
+    base, extra = divmod(count, n)
+    out, off = [], 0
+    for i in range(n):
+        length = base + (1 if i < extra else 0)
+        out.append((off, length))
+        off += length
+    return out
+
+
+class LocalGroup:
+    """The shared-memory collectives of one group (one arena generation)."""
+
+    def __init__(self, group, arena: shm_arena.Arena):
+        self.group, self.arena = group, arena
+        self.n, self.me = group.size, group.me
+        self._descs: dict[tuple, tuple[int, bytes]] = {}
+        self._combiners: dict[tuple, object] = {}
+        self._choices: dict[int, str] = {}
+        self._traffic = [0] * self.n
+        self._traffic_seconds = 0.0
+        self._pending_bytes = 0
+
+    # ------------------------------------------------------------------ forming
+    @classmethod
+    def form(cls, group, generation: int, timeout: float) -> "LocalGroup | None":
+        """Create this member's segment, agree (over the group's sockets) that every member mapped
+        every segment, then remove the names. None (the group stays on sockets) when any member
+        could not; every member decides the same."""
+        rt = group.runtime
+        capacity = _half_bytes()
+        size = shm_arena.segment_size(capacity)
+        fields = dict(group=group.id, epoch=group.epoch, generation=generation, capacity=capacity)
+        own, segments, ok = None, [None] * group.size, 1
+        try:
+            own = Segment.create(segment_name(rt.job_tag, group.id, group.epoch, generation, rt.rank), size)
+            shm_arena.Arena.initialize(own, rank=rt.rank, **fields)
+            segments[group.me] = own
+        except OSError:
+            ok = 0
+        try:
+            ok = _agree(group, ok, timeout)  # every member created its own (or gave up)
+            if ok:
+                try:
+                    for i, member in enumerate(group.members):
+                        if i != group.me:
+                            seg = Segment.attach(segment_name(rt.job_tag, group.id, group.epoch, generation, member),
+                                                 size)
+                            segments[i] = seg
+                            shm_arena.Arena.verify(seg, rank=member, **fields)
+                except OSError:
+                    ok = 0
+                ok = _agree(group, ok, timeout)  # every member mapped every segment
+        except BaseException:
+            for s in segments:
+                if s is not None:
+                    s.close()
+            raise
+        if own is not None:
+            own.unlink()  # mapped everywhere (or abandoned): no name is left behind
+        if not ok:
+            for s in segments:
+                if s is not None:
+                    s.close()
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        crowded = group.size > cores  # more members than cores: spinning would starve the one we wait for
+        arena = shm_arena.Arena(segments, group.me, list(group.members), capacity,
+                                spin=50 if crowded else 20000, yields=20 if crowded else 200)
+        arena.watch_processes()
+        return cls(group, arena)
+
+    def close(self) -> None:
+        self._flush_telemetry()
+        self.arena.close()
+
+    # ------------------------------------------------------------------ running
+    def run(self, fields: tuple, timeout: float, body, nbytes: int = 0) -> None:
+        """Run ``body(deadline, poll, desc)`` as operation ``fields`` of the group; a failure is
+        raised as the typed error every member raises, and drops the arena."""
+        group = self.group
+        seq = group.next_seq()
+        desc_hash, text = self._desc(fields)
+        parity = self.arena.begin(desc_hash, text)
+        rt = group.runtime
+        poll = lambda: failures.outside_failure(rt, group, seq, desc_hash, text.decode())  # noqa: E731
+        start = time.monotonic()
+        try:
+            body(start + timeout, poll, (parity, desc_hash, text))
+        except CollectiveError as e:
+            self.arena.abort(frames.abort_text(e))
+            group.drop_local(self)
+            group.raise_failure(seq, e)
+        if nbytes:
+            self._count(nbytes, time.monotonic() - start)
+
+    def _combiner(self, buf, op: str):
+        key = (buf.dtype, op)
+        combine = self._combiners.get(key)
+        if combine is None:
+            combine = self._combiners[key] = _combiner(buf, op)
+        return combine
+
+    def _desc(self, fields: tuple) -> tuple[int, bytes]:
+        """The operation's hash (what every member must agree on) and its text (for errors)."""
+        d = self._descs.get(fields)
+        if d is None:
+            if len(self._descs) > 256:
+                self._descs.clear()
+            h = frames.describe(self.group.id, self.group.epoch, *fields) >> 1  # fits int64
+            d = self._descs[fields] = (h, describe(fields).encode()[:shm_arena.DESC_TEXT_MAX])
+        return d
+
+    def _count(self, nbytes: int, seconds: float) -> None:
+        """What this member read from its peers' segments, for the link monitor (in batches)."""
+        share = nbytes // self.n
+        for i in range(self.n):
+            if i != self.me:
+                self._traffic[i] += share
+        self._traffic_seconds += seconds
+        self._pending_bytes += nbytes
+        if self._pending_bytes >= TELEMETRY_EVERY_BYTES:
+            self._flush_telemetry()
+
+    def _flush_telemetry(self) -> None:
+        if not self._pending_bytes:
+            return
+        rt, members = self.group.runtime, self.group.members
+        telemetry = rt.transport.telemetry
+        for i, nbytes in enumerate(self._traffic):
+            if nbytes:
+                telemetry.record_transfer(members[i], rt.rank, nbytes, self._traffic_seconds)
+                self._traffic[i] = 0
+        self._traffic_seconds = 0.0
+        self._pending_bytes = 0
+
+    # ------------------------------------------------------------------ collectives
+    def allreduce(self, buf, op: str, timeout: float) -> None:
+        x, arena, n = buf.array, self.arena, self.n
+        combine = self._combiner(buf, op)
+        fields = ("allreduce", buf.dtype, buf.count, op, -1)
+        capacity = arena.capacity // x.dtype.itemsize
+        algorithm = self._choices.get(buf.nbytes)
+        if algorithm is None:
+            if len(self._choices) > 256:
+                self._choices.clear()
+            algorithm = self._choices[buf.nbytes] = choose(n, buf.nbytes, arena.capacity)
+
+        def body(deadline, poll, desc):
+            if algorithm == "one_shot":
+                h = arena.next_half()
+                np.copyto(arena.view(self.me, h, x.dtype)[:x.size], x)
+                arena.sync(deadline, poll, desc)
+                ins = [arena.view(j, h, x.dtype)[:x.size] for j in range(n)]
+                combine(x, ins[0], ins[1])
+                for j in range(2, n):
+                    combine(x, x, ins[j])
+                return
+            for start in range(0, x.size, capacity):
+                chunk = x[start:start + capacity]
+                layout = parts(chunk.size, n)
+                h = arena.next_half()
+                mine = arena.view(self.me, h, x.dtype)
+                for j, (off, length) in enumerate(layout):
+                    if j != self.me:
+                        np.copyto(mine[off:off + length], chunk[off:off + length])
+                arena.sync(deadline, poll, desc)
+                desc = None
+                off, length = layout[self.me]
+                out = mine[off:off + length]
+                _reduce_into(combine, out, chunk[off:off + length],
+                             [arena.view(j, h, x.dtype)[off:off + length] for j in self.arena.peers])
+                np.copyto(chunk[off:off + length], out)
+                arena.sync(deadline, poll)
+                for j, (off, length) in enumerate(layout):
+                    if j != self.me:
+                        np.copyto(chunk[off:off + length], arena.view(j, h, x.dtype)[off:off + length])
+
+        self.run(fields, timeout, body, buf.nbytes)
+        if op == "avg":
+            buf.divide(n)
+
+    def reduce(self, buf, root: int, op: str, timeout: float) -> None:
+        """Reduce into the root's buffer; the others' stay as they were."""
+        x, arena, n, me = buf.array, self.arena, self.n, self.me
+        combine = self._combiner(buf, op)
+        fields = ("reduce", buf.dtype, buf.count, op, root)
+        capacity = arena.capacity // x.dtype.itemsize
+
+        def body(deadline, poll, desc):
+            for start in range(0, x.size, capacity):
+                chunk = x[start:start + capacity]
+                layout = parts(chunk.size, n)
+                h = arena.next_half()
+                mine = arena.view(me, h, x.dtype)
+                np.copyto(mine[:chunk.size], chunk)
+                arena.sync(deadline, poll, desc)
+                desc = None
+                off, length = layout[me]
+                # the root's result lands in its buffer; the others' in their segment, for the root
+                out = chunk[off:off + length] if me == root else arena.view(me, h, x.dtype)[off:off + length]
+                _reduce_into(combine, out, arena.view(me, h, x.dtype)[off:off + length],
+                             [arena.view(j, h, x.dtype)[off:off + length] for j in arena.peers])
+                arena.sync(deadline, poll)
+                if me == root:
+                    for j, (off, length) in enumerate(layout):
+                        if j != me:
+                            np.copyto(chunk[off:off + length], arena.view(j, h, x.dtype)[off:off + length])
+
+        self.run(fields, timeout, body, buf.nbytes)
+        if op == "avg" and me == root:
+            buf.divide(n)
+
+    def reduce_scatter(self, dst, src, op: str, timeout: float) -> None:
+        """``dst`` = this member's block of the reduction of every member's ``src``."""
+        x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
+        combine = self._combiner(src, op)
+        m = y.size
+        fields = ("reduce_scatter", src.dtype, m, op, -1)
+        step = max(1, arena.capacity // x.dtype.itemsize // n)
+
+        def body(deadline, poll, desc):
+            for start in range(0, m, step):
+                length = min(step, m - start)
+                h = arena.next_half()
+                mine = arena.view(me, h, x.dtype)
+                for j in range(n):
+                    if j != me:
+                        np.copyto(mine[j * step:j * step + length], x[j * m + start:j * m + start + length])
+                arena.sync(deadline, poll, desc)
+                desc = None
+                # this member's own input first: ``out`` may be that very block (in place)
+                _reduce_into(combine, y[start:start + length], x[me * m + start:me * m + start + length],
+                             [arena.view(j, h, x.dtype)[me * step:me * step + length] for j in arena.peers])
+
+        self.run(fields, timeout, body, src.nbytes)
+        if op == "avg":
+            dst.divide(n)
+
+    def allgather(self, dst, src, timeout: float) -> None:
+        """``dst`` = every member's ``src``, in rank order (this member's own block is already in place)."""
+        x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
+        m = x.size
+        fields = ("allgather", src.dtype, m, "", -1)
+        step = arena.capacity // x.dtype.itemsize
+
+        def body(deadline, poll, desc):
+            for start in range(0, m, step):
+                length = min(step, m - start)
+                h = arena.next_half()
+                np.copyto(arena.view(me, h, x.dtype)[:length], x[start:start + length])
+                arena.sync(deadline, poll, desc)
+                desc = None
+                for j in range(n):
+                    if j != me:
+                        np.copyto(y[j * m + start:j * m + start + length], arena.view(j, h, x.dtype)[:length])
+
+        self.run(fields, timeout, body, dst.nbytes)
+
+    def broadcast(self, buf, root: int, timeout: float) -> None:
+        x, arena, me = buf.array, self.arena, self.me
+        fields = ("broadcast", buf.dtype, buf.count, "", root)
+        step = arena.capacity // x.dtype.itemsize
+
+        def body(deadline, poll, desc):
+            for start in range(0, x.size, step):
+                chunk = x[start:start + step]
+                h = arena.next_half()
+                if me == root:
+                    np.copyto(arena.view(me, h, x.dtype)[:chunk.size], chunk)
+                arena.sync(deadline, poll, desc)
+                desc = None
+                if me != root:
+                    np.copyto(chunk, arena.view(root, h, x.dtype)[:chunk.size])
+
+        self.run(fields, timeout, body, buf.nbytes)
+
+    def barrier(self, timeout: float) -> None:
+        self.run(("barrier", "", 0, "", -1), timeout,
+                 lambda deadline, poll, desc: self.arena.sync(deadline, poll, desc))
+
+
+def describe(fields: tuple) -> str:
+    """What an operation is, in words: "allreduce of 1024 float32 (sum)"."""
+    kind, dtype, count, op, root = fields
+    if kind == "barrier":
+        return "barrier"
+    per = " per rank" if kind in ("allgather", "reduce_scatter") else ""
+    extra = ", ".join(x for x in (op, f"root {root}" if root >= 0 else "") if x)
+    return f"{kind} of {count} {dtype}{per}" + (f" ({extra})" if extra else "")
+
+
+def _reduce_into(combine, out: np.ndarray, first: np.ndarray, others: list[np.ndarray]) -> None:
+    """out = first (op) others[0] (op) others[1] ...; ``out`` may be ``first`` (never one of ``others``)."""
+    combine(out, first, others[0])
+    for o in others[1:]:
+        combine(out, out, o)
+
+
+def _combiner(buf, op: str):
+    """``combine(out, a, b)``: out = a (op) b, elementwise (``out`` may be ``a``)."""
+    reducer = buf.reducer(op)
+    if buf.dtype == "bfloat16":
+        def combine(out, a, b):
+            if out is not a:
+                np.copyto(out, a)
+            reducer(out, b)
+        return combine
+    ufunc = _UFUNC[op]
+    return lambda out, a, b: ufunc(a, b, out=out)
+
+
+def _agree(group, ok: int, timeout: float) -> int:
+    """The minimum of ``ok`` over the members, over the group's sockets."""
+    from collcomm.runtime.collectives import allreduce
+
+    flag = np.array([ok], dtype=np.int32)
+    allreduce(group.runtime, group, flag, "min", timeout)
+    return int(flag[0])
+
+
+def _half_bytes() -> int:
+    raw = os.environ.get("COLLCOMM_SHM_BYTES", "").strip()
+    if not raw:
+        return DEFAULT_HALF_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"COLLCOMM_SHM_BYTES={raw!r} is not a number of bytes") from None
+    if value < 4096 or value % 64:
+        raise ValueError(f"COLLCOMM_SHM_BYTES must be a multiple of 64 of at least 4096, got {value}")
+    return value
