@@ -29,6 +29,10 @@ def allreduce(rt, group: Group, x, op: str, timeout: float, watch_previous: bool
     if local is not None:
         local.allreduce(buf, op, timeout)
         return
+    hierarchy = group.hierarchy_path(timeout) if not watch_previous else None
+    if hierarchy is not None:  # shared memory inside each machine, sockets between them
+        hierarchy.allreduce(buf, op, timeout)
+        return
     shards = dict(enumerate(shard_layout(buf.count, group.size)))
     group.run_schedule(ALLREDUCE, buf, buf.array, shards, reducer=reducer, chained=True,
                        desc_fields=("allreduce", buf.dtype, buf.count, op, -1), timeout=timeout, nbytes=buf.nbytes,

@@ -81,6 +81,7 @@ class Group:
         self.chunk_override: int | None = None  # the monitor's chunk size (collcomm.faults.chunks)
         self._local = None  # None: not decided yet; False: sockets; else a collcomm.runtime.local.LocalGroup
         self._local_generation = 0  # arenas formed so far (a failed operation drops its arena)
+        self._hierarchy = None  # the same for a group spanning machines (collcomm.runtime.hierarchy)
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, members={self.members})"
@@ -245,22 +246,39 @@ class Group:
                 return None
             self._local = False  # while it forms, the group's own agreement runs over sockets
             self._local_generation += 1
-            try:
-                self._local = local.LocalGroup.form(self, self._local_generation, timeout) or False
-            except BaseException:
-                self._local = None  # try again at the next call
-                raise
+            self._local = local.LocalGroup.form(self, self._local_generation, timeout) or False
         return self._local or None
 
+    def hierarchy_path(self, timeout: float):
+        """For a group spanning machines with several members on some: its subgroups
+        (:class:`collcomm.runtime.hierarchy.Hierarchy`), formed at the first allreduce; else None."""
+        if self._hierarchy is None:
+            from collcomm.runtime import hierarchy
+
+            self._hierarchy = False
+            if hierarchy.eligible(self.runtime, self):
+                try:
+                    self._hierarchy = hierarchy.Hierarchy.form(self.runtime, self, timeout)
+                except BaseException:
+                    self._hierarchy = None
+                    raise
+        return self._hierarchy or None
+
     def drop_local(self, local) -> None:
-        """A shared-memory operation failed: its arena is dropped; the next call forms a new one."""
+        """A shared-memory operation failed: its arena is dropped and the group goes on over
+        sockets. (Members may disagree on whether the last operation failed, e.g. one timed out as
+        the other finished; over sockets they agree again by the next failure at the latest. A
+        group re-formed by shrink or grow gets an arena of its own.)"""
         if self._local is local:
-            self._local = None
+            self._local = False
         local.close()
 
     def close(self) -> None:
         if self._local:
             self._local.close()
         self._local = False
+        if self._hierarchy:
+            self._hierarchy.close()
+        self._hierarchy = False
         if self._worker is not None:
             self._worker.shutdown(wait=False, cancel_futures=True)

@@ -23,7 +23,8 @@ Failures keep the runtime's contract: a dead peer (its process exits: pidfd) is 
 once, a stopped one a CollectiveTimeout at the deadline, a failure seen elsewhere (the
 coordinator's view) or written into a peer's control page is raised here, and a rank whose
 operation fails writes why into its own page, so the members waiting for it fail with the same
-error. The arena is then dropped; the group's next collective forms a fresh one.
+error. The arena is then dropped and the group goes on over sockets (shrink and grow form new
+groups, with arenas of their own).
 """
 
 from __future__ import annotations
@@ -41,17 +42,34 @@ from collcomm.transport.shm import arena as shm_arena
 from collcomm.transport.shm.segment import Segment, name as segment_name
 
 DEFAULT_HALF_BYTES = 4 << 20  # each half of a member's data area (COLLCOMM_SHM_BYTES)
-# The alpha-beta model of a step on this machine (bench/shm_collectives.py measures them):
-# alpha the cost of one synchronization with n members, beta_copy and beta_reduce seconds per byte.
-ALPHA_SECONDS = {2: 4e-6, 3: 12e-6, 4: 20e-6}
+# The alpha-beta model of the algorithms: alpha, the cost of one step, is measured by every arena
+# when it forms (Arena.calibrate); the costs per byte of a copy and of a reduction (one input into
+# the output) are this kind of machine's (bench/shm_collectives.py).
 BETA_COPY, BETA_REDUCE = 0.2e-9, 0.4e-9
+# How long a waiter spins (checks) and then yields its core before it sleeps on its futex: with a
+# core per member spinning answers within a microsecond; with more members than cores the one
+# waited for needs the core, so the waiter yields almost at once.
+# (tuning knobs for bench/: COLLCOMM_SHM_SPIN and COLLCOMM_SHM_SPIN_CROWDED, "spins,yields")
+SPIN = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN", "2000,200").split(","))
+SPIN_CROWDED = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN_CROWDED", "20,50").split(","))
 TELEMETRY_EVERY_BYTES = 1 << 20  # record shared-memory traffic in the link telemetry in batches
 
 
+TRANSPORTS = ("auto", "unix", "tcp")  # COLLCOMM_TRANSPORT: shared memory + sockets, sockets, TCP only
+
+
+def transport_choice() -> str:
+    """COLLCOMM_TRANSPORT, checked (a one-line ValueError naming the choices)."""
+    raw = os.environ.get("COLLCOMM_TRANSPORT") or "auto"
+    choice = raw.strip().lower()
+    if choice not in TRANSPORTS:
+        raise ValueError(f"COLLCOMM_TRANSPORT={raw!r}: choose one of {', '.join(TRANSPORTS)}")
+    return choice
+
+
 def enabled() -> bool:
-    """Shared memory is on unless COLLCOMM_TRANSPORT says tcp or unix (sockets only)."""
-    choice = (os.environ.get("COLLCOMM_TRANSPORT") or "auto").strip().lower()
-    return choice in ("auto", "shm") and shm_arena.SUPPORTED
+    """Shared memory is on unless COLLCOMM_TRANSPORT says unix or tcp (sockets only)."""
+    return transport_choice() == "auto" and shm_arena.SUPPORTED
 
 
 def eligible(rt, group) -> bool:
@@ -70,12 +88,12 @@ def eligible(rt, group) -> bool:
     return True
 
 
-def choose(n: int, nbytes: int, capacity: int) -> str:
-    """"one_shot" or "two_step" for an allreduce of ``nbytes`` among ``n`` members: the one the
-    alpha-beta model says is faster (one-shot only when the input fits a half)."""
+def choose(n: int, nbytes: int, capacity: int, alpha: float) -> str:
+    """"one_shot" or "two_step" for an allreduce of ``nbytes`` among ``n`` members whose steps
+    cost ``alpha`` seconds: the one the alpha-beta model says is faster (one-shot only when the
+    input fits a half)."""
     if nbytes > capacity:
         return "two_step"
-    alpha = ALPHA_SECONDS.get(n, 5e-6 * n * n)
     one = alpha + BETA_COPY * nbytes + (n - 1) * BETA_REDUCE * nbytes
     two = 2 * alpha + BETA_COPY * nbytes * (n - 1) / n + BETA_REDUCE * nbytes * (n - 1) / n \
         + BETA_COPY * nbytes / n + BETA_COPY * nbytes * (n - 1) / n
@@ -96,8 +114,8 @@ def parts(count: int, n: int) -> list[tuple[int, int]]:
 class LocalGroup:
     """The shared-memory collectives of one group (one arena generation)."""
 
-    def __init__(self, group, arena: shm_arena.Arena):
-        self.group, self.arena = group, arena
+    def __init__(self, group, arena: shm_arena.Arena, alpha: float):
+        self.group, self.arena, self.alpha = group, arena, alpha
         self.n, self.me = group.size, group.me
         self._descs: dict[tuple, tuple[int, bytes]] = {}
         self._combiners: dict[tuple, object] = {}
@@ -105,6 +123,7 @@ class LocalGroup:
         self._traffic = [0] * self.n
         self._traffic_seconds = 0.0
         self._pending_bytes = 0
+        self._seq, self._current = -1, (0, b"")  # the operation running (for _poll)
 
     # ------------------------------------------------------------------ forming
     @classmethod
@@ -113,7 +132,7 @@ class LocalGroup:
         every segment, then remove the names. None (the group stays on sockets) when any member
         could not; every member decides the same."""
         rt = group.runtime
-        capacity = _half_bytes()
+        capacity = half_bytes()
         size = shm_arena.segment_size(capacity)
         fields = dict(group=group.id, epoch=group.epoch, generation=generation, capacity=capacity)
         own, segments, ok = None, [None] * group.size, 1
@@ -150,10 +169,15 @@ class LocalGroup:
             return None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         crowded = group.size > cores  # more members than cores: spinning would starve the one we wait for
-        arena = shm_arena.Arena(segments, group.me, list(group.members), capacity,
-                                spin=50 if crowded else 20000, yields=20 if crowded else 200)
+        spin, yields = (SPIN_CROWDED if crowded else SPIN)
+        arena = shm_arena.Arena(segments, group.me, list(group.members), capacity, spin=spin, yields=yields)
         arena.watch_processes()
-        return cls(group, arena)
+        try:
+            alpha = arena.calibrate(time.monotonic() + timeout)
+        except BaseException:
+            arena.close()
+            raise
+        return cls(group, arena, alpha)
 
     def close(self) -> None:
         self._flush_telemetry()
@@ -164,20 +188,23 @@ class LocalGroup:
         """Run ``body(deadline, poll, desc)`` as operation ``fields`` of the group; a failure is
         raised as the typed error every member raises, and drops the arena."""
         group = self.group
-        seq = group.next_seq()
-        desc_hash, text = self._desc(fields)
+        seq = self._seq = group.next_seq()
+        desc_hash, text = self._current = self._desc(fields)
         parity = self.arena.begin(desc_hash, text)
-        rt = group.runtime
-        poll = lambda: failures.outside_failure(rt, group, seq, desc_hash, text.decode())  # noqa: E731
         start = time.monotonic()
         try:
-            body(start + timeout, poll, (parity, desc_hash, text))
+            body(start + timeout, self._poll, (parity, desc_hash, text))
         except CollectiveError as e:
             self.arena.abort(frames.abort_text(e))
             group.drop_local(self)
             group.raise_failure(seq, e)
         if nbytes:
             self._count(nbytes, time.monotonic() - start)
+
+    def _poll(self):
+        """What the coordinator knows of the current operation (asked while a wait sleeps)."""
+        desc_hash, text = self._current
+        return failures.outside_failure(self.group.runtime, self.group, self._seq, desc_hash, text.decode())
 
     def _combiner(self, buf, op: str):
         key = (buf.dtype, op)
@@ -229,7 +256,7 @@ class LocalGroup:
         if algorithm is None:
             if len(self._choices) > 256:
                 self._choices.clear()
-            algorithm = self._choices[buf.nbytes] = choose(n, buf.nbytes, arena.capacity)
+            algorithm = self._choices[buf.nbytes] = choose(n, buf.nbytes, arena.capacity, self.alpha)
 
         def body(deadline, poll, desc):
             if algorithm == "one_shot":
@@ -404,7 +431,7 @@ def _agree(group, ok: int, timeout: float) -> int:
     return int(flag[0])
 
 
-def _half_bytes() -> int:
+def half_bytes() -> int:
     raw = os.environ.get("COLLCOMM_SHM_BYTES", "").strip()
     if not raw:
         return DEFAULT_HALF_BYTES

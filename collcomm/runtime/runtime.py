@@ -17,7 +17,7 @@ import socket
 from collcomm.coordinator.client import CoordinatorClient
 from collcomm.errors import CollectiveError
 from collcomm.faults import inject
-from collcomm.runtime import membership
+from collcomm.runtime import local, membership
 from collcomm.runtime.executor import DEFAULT_CHUNK_BYTES
 from collcomm.runtime.group import Group
 from collcomm.runtime.membership import WORLD_GROUP
@@ -59,6 +59,8 @@ class Runtime:
         elif world_size < 1 or rank is None or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size}")
         self.world_size = world_size
+        local.transport_choice()  # a misspelt COLLCOMM_TRANSPORT is refused before anything starts
+        local.half_bytes()       # ... and so is a bad COLLCOMM_SHM_BYTES
         # What this process registers as its host (the planner's and the object layer's box):
         # the machine's name, or an integration's (Ray's node id).
         self.hostname = hostname or os.environ.get("COLLCOMM_HOSTNAME") or socket.gethostname()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import select
 import time
 
@@ -38,15 +37,18 @@ import numpy as np
 from collcomm.errors import CollectiveTimeout, MismatchError, PeerFailure
 from collcomm.transport.frames import error_from_abort
 from collcomm.transport.shm import futex
+from collcomm.transport.shm.arena_support import X86_64
+from collcomm.transport.shm.fence import fence
 from collcomm.transport.shm.segment import Segment
 
-SUPPORTED = platform.machine().lower() in ("x86_64", "amd64") and os.name == "posix"
+SUPPORTED = X86_64
 
 HEADER = 4096
 MAGIC = 0x31304D4853434343  # "CCCSHM01" little-endian
 # int64 words of the control page
 W_MAGIC, W_PID, W_GROUP, W_EPOCH, W_RANK, W_GEN, W_CAP = 0, 1, 2, 3, 4, 5, 6
 W_STEP, W_DESC0, W_DESC1, W_ABORT = 8, 9, 10, 11       # one cache line: what peers poll
+W_ALPHA = 16                                            # nanoseconds per step, measured at formation
 W_SLEEP = 24                                            # the owner sleeps on its futex
 FUTEX_BYTE = 256                                        # u32 futex word
 DESC_TEXT = (512, 768)                                  # u16 length + text, by operation parity
@@ -73,6 +75,8 @@ class Arena:
         self.ctl = [memoryview(s.mm)[:HEADER].cast("q") for s in segments]
         self.data = [np.frombuffer(s.mm, np.uint8, count=2 * capacity, offset=HEADER) for s in segments]
         self.mine = self.ctl[me]
+        self._raw = memoryview(segments[me].mm)[:HEADER]
+        self._texts: list = [None, None]  # the description texts last written, by parity
         self._futex = memoryview(segments[me].mm)[FUTEX_BYTE:FUTEX_BYTE + 4].cast("I")
         self._futex_peer = [memoryview(s.mm)[FUTEX_BYTE:FUTEX_BYTE + 4].cast("I") for s in segments]
         self._addr = [_address(s) + FUTEX_BYTE for s in segments]
@@ -139,23 +143,32 @@ class Arena:
         """Start an operation: write its description; the slot's parity is returned."""
         self.operation += 1
         parity = self.operation & 1
-        start = DESC_TEXT[parity]
-        raw = memoryview(self.segments[self.me].mm)
-        raw[start:start + 2] = len(text).to_bytes(2, "little")
-        raw[start + 2:start + 2 + len(text)] = text
+        if self._texts[parity] is not text:  # a loop of one operation writes its text twice, not each time
+            start = DESC_TEXT[parity]
+            raw = self._raw
+            raw[start:start + 2] = len(text).to_bytes(2, "little")
+            raw[start + 2:start + 2 + len(text)] = text
+            self._texts[parity] = text
         self.mine[W_DESC0 + parity] = desc
         return parity
 
     def publish(self) -> int:
-        """Publish the next step (the data written before it is visible to the peers) and wake
-        the peers that sleep."""
-        self.step += 1
-        self.mine[W_STEP] = self.step
+        """Publish the next step (the data written before it is visible to the peers). Only the
+        last member to publish a step completes anyone's wait, so only it wakes the sleepers
+        (with the fence, two members publishing at once cannot both miss being last; without
+        it every publisher wakes every sleeper)."""
+        step = self.step = self.step + 1
+        self.mine[W_STEP] = step
+        if fence is not None:
+            fence()
+            for ctl in self._peer_ctl:
+                if ctl[W_STEP] < step:
+                    return step
         for i, ctl in zip(self.peers, self._peer_ctl):
             if ctl[W_SLEEP]:
                 self._futex_peer[i][0] = (self._futex_peer[i][0] + 1) & 0xFFFFFFFF
                 futex.wake(self._addr[i])
-        return self.step
+        return step
 
     def sync(self, deadline: float, poll=None, desc: tuple | None = None) -> None:
         """Publish the next step and wait until every peer published it. ``desc`` (parity, hash,
@@ -204,6 +217,8 @@ class Arena:
                 next_poll = time.monotonic() + POLL_SECONDS
             expected = word[0]
             mine[W_SLEEP] = 1
+            if fence is not None:
+                fence()  # "asleep" is visible before the steps are read (see publish)
             if ctls[k][W_STEP] < target:
                 futex.wait(self._addr[self.me], expected, min(SLEEP_SECONDS, max(deadline - now, 0.0)))
             mine[W_SLEEP] = 0
@@ -221,6 +236,18 @@ class Arena:
         start = DESC_TEXT[parity]
         length = min(int.from_bytes(raw[start:start + 2], "little"), DESC_TEXT_MAX)
         return bytes(raw[start + 2:start + 2 + length]).decode(errors="replace")
+
+    def calibrate(self, deadline: float, rounds: int = 16) -> float:
+        """Measure the cost of one step (alpha, seconds) and agree on it: every member takes the
+        largest member's, so every member's choice of algorithm is the same."""
+        for _ in range(4):  # members arrive from formation at different times: not timed
+            self.sync(deadline)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            self.sync(deadline)
+        self.mine[W_ALPHA] = max(1, int((time.perf_counter() - start) / rounds * 1e9))
+        self.sync(deadline)
+        return max(ctl[W_ALPHA] for ctl in self.ctl) / 1e9
 
     # ------------------------------------------------------------------ failures
     def abort(self, text: str) -> None:
@@ -260,7 +287,7 @@ class Arena:
         self._pidfds.clear()
         self._views.clear()
         self.data = []
-        for mv in self.ctl + [self._futex] + self._futex_peer:
+        for mv in self.ctl + [self._futex, self._raw] + self._futex_peer:
             mv.release()
         self.ctl, self._peer_ctl, self._futex_peer = [], [], []
         for s in self.segments:

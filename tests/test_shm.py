@@ -1,0 +1,286 @@
+"""Shared-memory collectives (collcomm/runtime/local.py, collcomm/transport/shm/) in real jobs.
+
+Ranks of one machine run their groups' collectives over shared memory by default. These jobs
+check, against NumPy inside every rank: every collective with both algorithms (one-shot for
+small inputs, two-step in many rounds with a tiny arena), every dtype and op; that shared memory
+is really in use (and sockets with COLLCOMM_TRANSPORT=unix give the same answers); that ranks
+running different operations get a MismatchError naming both; that a job whose fabric puts its
+ranks on two hosts keeps the world on sockets and each host's group on shared memory; that
+10,000 back-to-back tiny allreduces grow no fds, threads, memory or /dev/shm names; that no
+segment name outlives group formation and that the launcher removes the names a killed job left
+(its own only). Dying and stopped ranks are in the fault matrix's "shm" column
+(tests/test_fault_matrix.py).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import multiproc
+
+import collcomm as cc
+from collcomm.runtime import local
+from collcomm.topology.model import Link, Node, Topology
+from collcomm.transport.shm import arena as shm_arena, segment
+
+pytestmark = pytest.mark.skipif(not shm_arena.SUPPORTED or not os.path.isdir("/dev/shm"),
+                                reason="shared-memory collectives run on x86-64 Linux with /dev/shm")
+
+DTYPES = ("float32", "float64", "int32", "int64", "int8", "uint8", "float16")
+OPS = ("sum", "prod", "min", "max", "avg")
+
+
+# ---------------------------------------------------------------------------- inside the ranks
+def _inputs(n: int, count: int, dtype: str, op: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        lo, hi = (1, 3) if op == "prod" else (-8, 9)
+        return rng.integers(lo, hi, (n, count)).astype(dtype)  # small integers: every order is exact
+    return rng.integers(-3 if np.dtype(dtype).kind == "i" else 0, 4, (n, count)).astype(dtype)
+
+
+def _reference(x: np.ndarray, op: str) -> np.ndarray:
+    f = {"sum": np.sum, "prod": np.prod, "min": np.min, "max": np.max, "avg": np.sum}[op]
+    out = f(x, axis=0).astype(x.dtype)
+    return out / x.shape[0] if op == "avg" else out
+
+
+def every_collective(counts: list[int], transport_expected: bool) -> dict:
+    n, me = cc.world_size(), cc.rank()
+    wrong, done = [], 0
+    for ci, count in enumerate(counts):
+        for di, dtype in enumerate(DTYPES):
+            for oi, op in enumerate(OPS):
+                if op == "avg" and np.dtype(dtype).kind != "f":
+                    continue
+                x = _inputs(n, count, dtype, op, seed=ci * 1000 + di * 10 + oi)
+                ref = _reference(x, op)
+                a = x[me].copy()
+                cc.allreduce(a, op)
+                if not np.array_equal(a, ref.astype(a.dtype)):
+                    wrong.append(f"allreduce {op} {count} {dtype}")
+                root = (ci + oi) % n
+                r = x[me].copy()
+                cc.reduce(r, root=root, op=op)
+                if not np.array_equal(r, ref.astype(r.dtype) if me == root else x[me]):
+                    wrong.append(f"reduce {op} root {root} {count} {dtype}")
+                full = _inputs(n, count * n, dtype, op, seed=ci * 1000 + di * 10 + oi + 7)
+                out = np.empty(count, dtype)
+                cc.reduce_scatter(out, full[me], op)
+                if not np.array_equal(out, _reference(full, op).astype(dtype)[me * count:(me + 1) * count]):
+                    wrong.append(f"reduce_scatter {op} {count} {dtype}")
+                done += 3
+            g = np.empty(count * n, dtype)
+            cc.allgather(g, x[me].copy())
+            if not np.array_equal(g, x.reshape(-1)):
+                wrong.append(f"allgather {count} {dtype}")
+            b = x[me].copy()
+            root = ci % n
+            cc.broadcast(b, root=root)
+            if not np.array_equal(b, x[root]):
+                wrong.append(f"broadcast root {root} {count} {dtype}")
+            done += 2
+    cc.barrier()
+    inplace = _inputs(n, 5 * n, "float64", "sum", seed=99)
+    mine = inplace[me].copy()
+    cc.reduce_scatter(mine[me * 5:(me + 1) * 5], mine)  # the output is a block of the input
+    if not np.array_equal(mine[me * 5:(me + 1) * 5], inplace.sum(axis=0)[me * 5:(me + 1) * 5]):
+        wrong.append("reduce_scatter in place")
+    used = bool(cc.api._group(None)._local)
+    assert used == transport_expected, f"shared memory in use: {used}"
+    if used:  # what this rank read from each peer's segment is in the link telemetry
+        cc.api._group(None)._local._flush_telemetry()
+        links = cc.api.runtime().transport.telemetry.snapshot()["links"]
+        read = {l["src"]: l["bytes"] for l in links if l["dst"] == me}
+        assert all(read.get(p, 0) > 0 for p in range(n) if p != me), read
+    return {"wrong": wrong, "done": done}
+
+
+def mismatch() -> dict:
+    """Rank 0 allreduces while rank 1 broadcasts; then both allreduce (over sockets now)."""
+    x = np.ones(64, np.float32)
+    cc.barrier()  # the arena is formed: the mismatch is met on shared memory
+    formed = bool(cc.api._group(None)._local)
+    try:
+        if cc.rank() == 0:
+            cc.allreduce(x)
+        else:
+            cc.broadcast(x, root=0)
+        error, msg = None, ""
+    except cc.CollectiveError as e:
+        error, msg = type(e).__name__, str(e)
+    y = np.arange(10, dtype=np.int64) * (cc.rank() + 1)
+    cc.allreduce(y)
+    return {"error": error, "msg": msg, "formed": formed, "after": bool(cc.api._group(None)._local),
+            "exact_after": bool(np.array_equal(y, np.arange(10) * 3))}
+
+
+def mixed_hosts() -> dict:
+    """Two hosts of two ranks: the world's allreduce on shared memory inside each host and sockets
+    between them (a hierarchy), each host's own pair on shared memory; every result exact."""
+    n, me = cc.world_size(), cc.rank()
+    x = np.arange(1000, dtype=np.int64) * (me + 1)
+    cc.allreduce(x)
+    ok = bool(np.array_equal(x, np.arange(1000, dtype=np.int64) * sum(range(1, n + 1))))
+    pair = cc.new_group([0, 1] if me < 2 else [2, 3])
+    y = np.full(300_001, me + 1, np.int32)
+    cc.allreduce(y, group=pair)
+    ok = ok and bool((y == (3 if me < 2 else 7)).all())
+    world = cc.api._group(None)
+    for op in ("sum", "max", "avg"):
+        z = np.arange(5000, dtype=np.float64) + me
+        cc.allreduce(z, op)
+        want = {"sum": 4 * np.arange(5000) + 6, "max": np.arange(5000) + 3.0, "avg": np.arange(5000) + 1.5}[op]
+        ok = ok and bool(np.array_equal(z, want))
+    return {"ok": ok, "world_shm": bool(world._local), "pair_shm": bool(pair._local),
+            "hierarchy": bool(world._hierarchy) and bool(world._hierarchy.box._local)}
+
+
+def no_growth(ops: int) -> dict:
+    """``ops`` back-to-back 8-byte allreduces; fds, threads, RSS and /dev/shm names before and after."""
+    import threading
+
+    def facts():
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+        names = [p for p in os.listdir("/dev/shm") if p.startswith(segment.PREFIX + cc.api.runtime().job_tag)]
+        return len(os.listdir("/proc/self/fd")), threading.active_count(), rss, len(names)
+
+    x = np.zeros(2, np.float32)
+    for _ in range(1000):  # warm: the arena formed, caches filled
+        x[:] = 1.0
+        cc.allreduce(x)
+    before = facts()
+    wrong = 0
+    for _ in range(ops):
+        x[:] = 1.0
+        cc.allreduce(x)
+        wrong += int(x[0] != cc.world_size())
+    after = facts()
+    maps = Path("/proc/self/maps").read_text()
+    mapped = sum(1 for line in maps.splitlines() if segment.PREFIX in line and "(deleted)" in line)
+    return {"before": before, "after": after, "wrong": wrong, "mapped": mapped,
+            "shm": bool(cc.api._group(None)._local)}
+
+
+LEFTOVER = '''
+import os
+from collcomm.transport.shm import segment
+tag = segment.job_tag(os.environ["COLLCOMM_COORDINATOR"], os.environ["COLLCOMM_TOKEN"])
+if rank == 0:  # what a rank killed between creating its segment and the group's agreement leaves
+    open(os.path.join(segment.directory(), segment.name(tag, 0, 0, 1, 0)), "wb").close()
+report(tag)
+'''
+
+
+# ---------------------------------------------------------------------------- tests
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_every_collective_dtype_and_op_over_shared_memory(n):
+    # 4 KiB halves: 1 and 7 elements one-shot, 3001 and 70_001 two-step in many rounds
+    job = multiproc.run(n, every_collective, kwargs={"counts": [1, 7, 3001, 70_001], "transport_expected": True},
+                        timeout=240, env={"COLLCOMM_SHM_BYTES": "4096"}).check()
+    for r, v in enumerate(job.values()):
+        assert v["wrong"] == [], f"rank {r}: {v['wrong']}"
+        assert v["done"] > 100
+
+
+@pytest.mark.timeout(120)
+def test_default_arena_and_sockets_agree():
+    for env, expected in (({}, True), ({"COLLCOMM_TRANSPORT": "unix"}, False)):
+        job = multiproc.run(2, every_collective, kwargs={"counts": [5, 300_001], "transport_expected": expected},
+                            timeout=100, env=env).check()
+        assert [v["wrong"] for v in job.values()] == [[], []], env
+
+
+@pytest.mark.timeout(60)
+def test_ranks_running_different_operations_are_told_both():
+    values = multiproc.run(2, mismatch, timeout=40, collective_timeout=10).check().values()
+    for v in values:
+        assert v["error"] == "MismatchError", values
+        assert "allreduce of 64 float32" in v["msg"] and "broadcast of 64 float32" in v["msg"], values
+        assert v["formed"] and not v["after"] and v["exact_after"], values  # on sockets after, exact
+
+
+@pytest.mark.timeout(120)
+def test_two_hosts_shared_memory_inside_sockets_between():
+    nodes = [Node(f"h{h}.r{i}", "compute", host=f"h{h}") for h in range(2) for i in range(2)] + [Node("sw", "switch")]
+    links = [Link(nd.id, "sw", 10) for nd in nodes[:4]]
+    topo = Topology("two-hosts", nodes, links)
+    values = multiproc.run(4, mixed_hosts, timeout=100, topology=topo).check().values()
+    assert values == [{"ok": True, "world_shm": False, "pair_shm": True, "hierarchy": True}] * 4
+
+
+@pytest.mark.timeout(300)
+def test_ten_thousand_tiny_allreduces_grow_nothing():
+    values = multiproc.run(2, no_growth, kwargs={"ops": 10_000}, timeout=280).check().values()
+    for v in values:
+        fds0, threads0, rss0, names0 = v["before"]
+        fds1, threads1, rss1, names1 = v["after"]
+        assert v["shm"] and v["wrong"] == 0, v
+        assert (fds1, threads1, names0, names1) == (fds0, threads0, 0, 0), v
+        assert rss1 - rss0 < 4 << 20, v
+        assert v["mapped"] == 2  # its own segment and its peer's, mapped, their names gone
+
+
+@pytest.mark.timeout(60)
+def test_launcher_removes_what_a_job_left_and_nothing_else():
+    other = os.path.join(segment.directory(), segment.PREFIX + "0123456789ab-g0e0n1-r0")
+    Path(other).write_bytes(b"")
+    try:
+        tags = multiproc.run(2, LEFTOVER, timeout=40).check().values()
+        left = [p for p in os.listdir(segment.directory()) if p.startswith(segment.PREFIX + tags[0])]
+        assert left == [] and os.path.exists(other)
+    finally:
+        os.unlink(other)
+
+
+# ---------------------------------------------------------------------------- pure parts
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(0, 10_000), n=st.integers(1, 9))
+def test_parts_cover_the_buffer_once_and_evenly(count, n):
+    layout = local.parts(count, n)
+    covered = [i for off, length in layout for i in range(off, off + length)]
+    assert covered == list(range(count))
+    assert max(l for _, l in layout) - min(l for _, l in layout) <= 1
+
+
+@given(n=st.integers(2, 8), a=st.integers(1, 1 << 24), b=st.integers(1, 1 << 24),
+       alpha=st.floats(1e-7, 1e-3), beta=st.floats(1e-7, 1e-3))
+def test_one_shot_below_a_size_two_step_above(n, a, b, alpha, beta):
+    """The model's choice is monotone in the size (one-shot up to a crossover, two-step beyond it,
+    and always beyond the arena's half, which a one-shot input must fit) and in alpha (dearer
+    steps never move a size from one-shot to two-step)."""
+    capacity = 4 << 20
+    small, large = min(a, b), max(a, b)
+    if local.choose(n, small, capacity, alpha) == "two_step":
+        assert local.choose(n, large, capacity, alpha) == "two_step"
+    if local.choose(n, small, capacity, min(alpha, beta)) == "one_shot":
+        assert local.choose(n, small, capacity, max(alpha, beta)) == "one_shot"
+    assert local.choose(n, capacity + 1, capacity, alpha) == "two_step"
+
+
+def test_bad_arena_size_is_one_line(monkeypatch):
+    monkeypatch.setenv("COLLCOMM_SHM_BYTES", "12ab")
+    with pytest.raises(ValueError, match="COLLCOMM_SHM_BYTES='12ab' is not a number of bytes"):
+        local.half_bytes()
+    monkeypatch.setenv("COLLCOMM_SHM_BYTES", "100")
+    with pytest.raises(ValueError, match="multiple of 64 of at least 4096"):
+        local.half_bytes()
+
+
+def test_segment_names_are_the_jobs_own():
+    a, b = segment.job_tag("127.0.0.1:1", "t1"), segment.job_tag("127.0.0.1:1", "t2")
+    assert a != b and len(a) == 12
+    assert segment.name(a, 3, 1, 2, 0).startswith(segment.PREFIX + a + "-")
+
+
+def test_a_misspelt_transport_is_one_line(monkeypatch):
+    monkeypatch.setenv("COLLCOMM_TRANSPORT", "shmem")
+    with pytest.raises(ValueError, match=r"COLLCOMM_TRANSPORT='shmem': choose one of auto, unix, tcp"):
+        local.transport_choice()
