@@ -190,6 +190,16 @@ def test_every_collective_dtype_and_op_over_shared_memory(n):
         assert v["done"] > 100
 
 
+@pytest.mark.timeout(300)
+def test_every_collective_over_sockets_small_and_large():
+    """The same matrix with shared memory off: small allreduces gather every input over the sockets
+    and reduce locally (one round), larger ones run the planner's plan."""
+    job = multiproc.run(3, every_collective, kwargs={"counts": [1, 7, 3001, 70_001], "transport_expected": False},
+                        timeout=240, env={"COLLCOMM_TRANSPORT": "unix"}).check()
+    for r, v in enumerate(job.values()):
+        assert v["wrong"] == [], f"rank {r}: {v['wrong']}"
+
+
 @pytest.mark.timeout(120)
 def test_default_arena_and_sockets_agree():
     for env, expected in (({}, True), ({"COLLCOMM_TRANSPORT": "unix"}, False)):

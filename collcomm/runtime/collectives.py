@@ -33,12 +33,40 @@ def allreduce(rt, group: Group, x, op: str, timeout: float, watch_previous: bool
     if hierarchy is not None:  # shared memory inside each machine, sockets between them
         hierarchy.allreduce(buf, op, timeout)
         return
-    shards = dict(enumerate(shard_layout(buf.count, group.size)))
-    group.run_schedule(ALLREDUCE, buf, buf.array, shards, reducer=reducer, chained=True,
-                       desc_fields=("allreduce", buf.dtype, buf.count, op, -1), timeout=timeout, nbytes=buf.nbytes,
-                       watch_previous=watch_previous)
+    fields = ("allreduce", buf.dtype, buf.count, op, -1)
+    if not rt.algorithm and one_shot_over_sockets(group.size, buf.nbytes):
+        # Small: every member gathers every input and reduces them all itself, in rank order (the
+        # same bits everywhere): one round of frames instead of a reduce-scatter and an allgather.
+        n, count = group.size, buf.count
+        gathered = group.scratch(n * count, buf.array.dtype)
+        gathered[group.me * count:(group.me + 1) * count] = buf.array
+        group.run_schedule(ALLGATHER, buf, gathered, {r: (r * count, count) for r in range(n)}, reducer=None,
+                           chained=False, desc_fields=fields, timeout=timeout, nbytes=gathered.nbytes,
+                           watch_previous=watch_previous)
+        buf.array[:] = gathered[:count]
+        for r in range(1, n):
+            reducer(buf.array, gathered[r * count:(r + 1) * count])
+    else:
+        shards = dict(enumerate(shard_layout(buf.count, group.size)))
+        group.run_schedule(ALLREDUCE, buf, buf.array, shards, reducer=reducer, chained=True, desc_fields=fields,
+                           timeout=timeout, nbytes=buf.nbytes, watch_previous=watch_previous)
     if op == "avg":
         buf.divide(group.size)
+
+
+# The alpha-beta model of an allreduce over sockets on this kind of machine (bench/RESULTS.md,
+# issue 16): a round of frames costs about ALPHA, a byte on a socket about BETA.
+SOCKET_ALPHA, SOCKET_BETA, ONE_SHOT_MAX_BYTES = 150e-6, 1e-9, 64 << 10
+
+
+def one_shot_over_sockets(n: int, nbytes: int) -> bool:
+    """Whether gathering every input (one round, (n-1) x the bytes per member) beats a reduce-scatter
+    and an allgather (two rounds, 2 (n-1)/n x the bytes) by the model; small inputs only."""
+    if nbytes > ONE_SHOT_MAX_BYTES:
+        return False
+    one = SOCKET_ALPHA + (n - 1) * nbytes * SOCKET_BETA
+    two = 2 * SOCKET_ALPHA + 2 * (n - 1) / n * nbytes * SOCKET_BETA
+    return one <= two
 
 
 def allgather(rt, group: Group, out, x, timeout: float) -> None:

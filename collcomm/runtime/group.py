@@ -82,6 +82,7 @@ class Group:
         self._local = None  # None: not decided yet; False: sockets; else a collcomm.runtime.local.LocalGroup
         self._local_generation = 0  # arenas formed so far (a failed operation drops its arena)
         self._hierarchy = None  # the same for a group spanning machines (collcomm.runtime.hierarchy)
+        self._scratch: np.ndarray | None = None  # (Group.scratch)
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, members={self.members})"
@@ -233,6 +234,14 @@ class Group:
         rt = self.runtime
         failures.record_abort(rt, self, seq, error)
         rt.transport.abort_group(self.id, seq, error)
+
+    def scratch(self, count: int, dtype) -> np.ndarray:
+        """A work array of ``count`` elements, kept for the next operation of the same shape (the
+        group runs one operation at a time)."""
+        s = self._scratch
+        if s is None or s.size != count or s.dtype != dtype:
+            s = self._scratch = np.empty(count, dtype)
+        return s
 
     # ------------------------------------------------------------------ shared memory
     def local_path(self, timeout: float):
