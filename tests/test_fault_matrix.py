@@ -47,6 +47,7 @@ well before their timeout).
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -140,9 +141,14 @@ def timed_out_in_bounds(answers, ranks, stopped_at: float, timeout: float) -> No
 
 
 # ============================================================================ scenarios
+def shm_names() -> set[str]:
+    return {p for p in os.listdir("/dev/shm") if p.startswith("collcomm-")} if os.path.isdir("/dev/shm") else set()
+
+
 def sigkill(transport: str) -> None:
     timeout, n, victim = 3.0, 4, 2
     count = 1 << 20  # 4 MB in 64 KB chunks: the allreduce lasts long enough to be killed inside it
+    names_before = shm_names()
     with job(n, timeout, transport, chunk_bytes=1 << 16) as j:
         expect_exact(j, j.call_all(run("allreduce", count)), "before the fault")
         expect_transport(j, transport)
@@ -160,6 +166,9 @@ def sigkill(transport: str) -> None:
                 expect_exact(j, j.call_all(run(kind, c), ranks=survivors, timeout=4 * timeout),
                              f"{kind} of {c} on the shrunk world", survivors)
         expect_transport(j, transport, survivors)
+        # segments are unlinked once mapped: the killed rank left no name, nor do the survivors
+        assert shm_names() == names_before, shm_names() - names_before
+    assert shm_names() == names_before, shm_names() - names_before
 
 
 def sigstop(transport: str) -> None:
