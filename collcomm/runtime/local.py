@@ -168,7 +168,9 @@ class LocalGroup:
                     s.close()
             return None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        crowded = group.size > cores  # more members than cores: spinning would starve the one we wait for
+        neighbours = sum(1 for h in rt.hostnames.values() if h == rt.hostname)  # the job's ranks on this machine
+        # more processes than cores: spinning would starve the one waited for
+        crowded = max(group.size, neighbours) > cores
         spin, yields = (SPIN_CROWDED if crowded else SPIN)
         arena = shm_arena.Arena(segments, group.me, list(group.members), capacity, spin=spin, yields=yields)
         arena.watch_processes()
