@@ -119,7 +119,7 @@ class LocalGroup:
         self.n, self.me = group.size, group.me
         self._descs: dict[tuple, tuple[int, bytes]] = {}
         self._combiners: dict[tuple, object] = {}
-        self._choices: dict[int, str] = {}
+        self._one_shots: dict[tuple, tuple] = {}  # prepared one-shot allreduces by shape
         self._traffic = [0] * self.n
         self._traffic_seconds = 0.0
         self._pending_bytes = 0
@@ -251,25 +251,20 @@ class LocalGroup:
     # ------------------------------------------------------------------ collectives
     def allreduce(self, buf, op: str, timeout: float) -> None:
         x, arena, n = buf.array, self.arena, self.n
-        combine = self._combiner(buf, op)
         fields = ("allreduce", buf.dtype, buf.count, op, -1)
+        shot = self._one_shots.get(fields)
+        if shot is None and choose(n, buf.nbytes, arena.capacity, self.alpha) == "one_shot":
+            shot = self._one_shot(fields, buf, op)
+        if shot is not None:  # the small-message path: every view and function prepared once
+            self.run(fields, timeout, lambda deadline, poll, desc: self._run_one_shot(x, shot, deadline, poll, desc),
+                     buf.nbytes)
+            if op == "avg":
+                buf.divide(n)
+            return
+        combine = self._combiner(buf, op)
         capacity = arena.capacity // x.dtype.itemsize
-        algorithm = self._choices.get(buf.nbytes)
-        if algorithm is None:
-            if len(self._choices) > 256:
-                self._choices.clear()
-            algorithm = self._choices[buf.nbytes] = choose(n, buf.nbytes, arena.capacity, self.alpha)
 
         def body(deadline, poll, desc):
-            if algorithm == "one_shot":
-                h = arena.next_half()
-                np.copyto(arena.view(self.me, h, x.dtype)[:x.size], x)
-                arena.sync(deadline, poll, desc)
-                ins = [arena.view(j, h, x.dtype)[:x.size] for j in range(n)]
-                combine(x, ins[0], ins[1])
-                for j in range(2, n):
-                    combine(x, x, ins[j])
-                return
             for start in range(0, x.size, capacity):
                 chunk = x[start:start + capacity]
                 layout = parts(chunk.size, n)
@@ -293,6 +288,26 @@ class LocalGroup:
         self.run(fields, timeout, body, buf.nbytes)
         if op == "avg":
             buf.divide(n)
+
+    def _one_shot(self, fields: tuple, buf, op: str) -> tuple:
+        """What a one-shot allreduce of this shape needs, by half: this member's input view and
+        every member's (in rank order), and the combining function."""
+        if len(self._one_shots) > 64:
+            self._one_shots.clear()
+        x, arena = buf.array, self.arena
+        halves = tuple((arena.view(self.me, h, x.dtype)[:x.size],
+                        tuple(arena.view(j, h, x.dtype)[:x.size] for j in range(self.n))) for h in (0, 1))
+        shot = self._one_shots[fields] = (halves, self._combiner(buf, op))
+        return shot
+
+    def _run_one_shot(self, x, shot, deadline, poll, desc) -> None:
+        halves, combine = shot
+        mine, ins = halves[self.arena.next_half()]
+        np.copyto(mine, x)
+        self.arena.sync(deadline, poll, desc)
+        combine(x, ins[0], ins[1])  # in rank order: every member computes the same bits
+        for other in ins[2:]:
+            combine(x, x, other)
 
     def reduce(self, buf, root: int, op: str, timeout: float) -> None:
         """Reduce into the root's buffer; the others' stay as they were."""
