@@ -36,12 +36,11 @@ import numpy as np
 
 from collcomm.errors import CollectiveError
 from collcomm.runtime import failures
-from collcomm.runtime.buffers import _UFUNC
 from collcomm.transport import frames
 from collcomm.transport.shm import arena as shm_arena
 from collcomm.transport.shm.segment import Segment, name as segment_name
 
-DEFAULT_HALF_BYTES = 4 << 20  # each half of a member's data area (COLLCOMM_SHM_BYTES)
+DEFAULT_HALF_BYTES = 1 << 20  # each half of a member's data area (COLLCOMM_SHM_BYTES)
 # The alpha-beta model of the algorithms: alpha, the cost of one step, is measured by every arena
 # when it forms (Arena.calibrate); the costs per byte of a copy and of a reduction (one input into
 # the output) are this kind of machine's (bench/shm_collectives.py).
@@ -51,7 +50,7 @@ BETA_COPY, BETA_REDUCE = 0.2e-9, 0.4e-9
 # waited for needs the core, so the waiter yields almost at once.
 # (tuning knobs for bench/: COLLCOMM_SHM_SPIN and COLLCOMM_SHM_SPIN_CROWDED, "spins,yields")
 SPIN = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN", "2000,200").split(","))
-SPIN_CROWDED = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN_CROWDED", "20,50").split(","))
+SPIN_CROWDED = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN_CROWDED", "5,50").split(","))
 TELEMETRY_EVERY_BYTES = 1 << 20  # record shared-memory traffic in the link telemetry in batches
 
 
@@ -118,7 +117,6 @@ class LocalGroup:
         self.group, self.arena, self.alpha = group, arena, alpha
         self.n, self.me = group.size, group.me
         self._descs: dict[tuple, tuple[int, bytes]] = {}
-        self._combiners: dict[tuple, object] = {}
         self._one_shots: dict[tuple, tuple] = {}  # prepared one-shot allreduces by shape
         self._traffic = [0] * self.n
         self._traffic_seconds = 0.0
@@ -208,13 +206,6 @@ class LocalGroup:
         desc_hash, text = self._current
         return failures.outside_failure(self.group.runtime, self.group, self._seq, desc_hash, text.decode())
 
-    def _combiner(self, buf, op: str):
-        key = (buf.dtype, op)
-        combine = self._combiners.get(key)
-        if combine is None:
-            combine = self._combiners[key] = _combiner(buf, op)
-        return combine
-
     def _desc(self, fields: tuple) -> tuple[int, bytes]:
         """The operation's hash (what every member must agree on) and its text (for errors)."""
         d = self._descs.get(fields)
@@ -261,7 +252,7 @@ class LocalGroup:
             if op == "avg":
                 buf.divide(n)
             return
-        combine = self._combiner(buf, op)
+        reduce = buf.reducer(op)
         capacity = arena.capacity // x.dtype.itemsize
 
         def body(deadline, poll, desc):
@@ -276,10 +267,9 @@ class LocalGroup:
                 arena.sync(deadline, poll, desc)
                 desc = None
                 off, length = layout[self.me]
-                out = mine[off:off + length]
-                _reduce_into(combine, out, chunk[off:off + length],
-                             [arena.view(j, h, x.dtype)[off:off + length] for j in self.arena.peers])
-                np.copyto(chunk[off:off + length], out)
+                part = chunk[off:off + length]  # reduced in place (in-place ufuncs are the fast ones)
+                _reduce_into(reduce, part, None, [arena.view(j, h, x.dtype)[off:off + length] for j in arena.peers])
+                np.copyto(mine[off:off + length], part)  # for the peers
                 arena.sync(deadline, poll)
                 for j, (off, length) in enumerate(layout):
                     if j != self.me:
@@ -297,22 +287,22 @@ class LocalGroup:
         x, arena = buf.array, self.arena
         halves = tuple((arena.view(self.me, h, x.dtype)[:x.size],
                         tuple(arena.view(j, h, x.dtype)[:x.size] for j in range(self.n))) for h in (0, 1))
-        shot = self._one_shots[fields] = (halves, self._combiner(buf, op))
+        shot = self._one_shots[fields] = (halves, buf.reducer(op))
         return shot
 
     def _run_one_shot(self, x, shot, deadline, poll, desc) -> None:
-        halves, combine = shot
+        halves, reduce = shot
         mine, ins = halves[self.arena.next_half()]
         np.copyto(mine, x)
         self.arena.sync(deadline, poll, desc)
-        combine(x, ins[0], ins[1])  # in rank order: every member computes the same bits
-        for other in ins[2:]:
-            combine(x, x, other)
+        np.copyto(x, ins[0])  # then in rank order, in place: every member computes the same bits
+        for other in ins[1:]:
+            reduce(x, other)
 
     def reduce(self, buf, root: int, op: str, timeout: float) -> None:
         """Reduce into the root's buffer; the others' stay as they were."""
         x, arena, n, me = buf.array, self.arena, self.n, self.me
-        combine = self._combiner(buf, op)
+        reduce = buf.reducer(op)
         fields = ("reduce", buf.dtype, buf.count, op, root)
         capacity = arena.capacity // x.dtype.itemsize
 
@@ -327,9 +317,9 @@ class LocalGroup:
                 desc = None
                 off, length = layout[me]
                 # the root's result lands in its buffer; the others' in their segment, for the root
+                # (each holds this member's own input already)
                 out = chunk[off:off + length] if me == root else arena.view(me, h, x.dtype)[off:off + length]
-                _reduce_into(combine, out, arena.view(me, h, x.dtype)[off:off + length],
-                             [arena.view(j, h, x.dtype)[off:off + length] for j in arena.peers])
+                _reduce_into(reduce, out, None, [arena.view(j, h, x.dtype)[off:off + length] for j in arena.peers])
                 arena.sync(deadline, poll)
                 if me == root:
                     for j, (off, length) in enumerate(layout):
@@ -343,7 +333,7 @@ class LocalGroup:
     def reduce_scatter(self, dst, src, op: str, timeout: float) -> None:
         """``dst`` = this member's block of the reduction of every member's ``src``."""
         x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
-        combine = self._combiner(src, op)
+        reduce = src.reducer(op)
         m = y.size
         fields = ("reduce_scatter", src.dtype, m, op, -1)
         step = max(1, arena.capacity // x.dtype.itemsize // n)
@@ -359,7 +349,7 @@ class LocalGroup:
                 arena.sync(deadline, poll, desc)
                 desc = None
                 # this member's own input first: ``out`` may be that very block (in place)
-                _reduce_into(combine, y[start:start + length], x[me * m + start:me * m + start + length],
+                _reduce_into(reduce, y[start:start + length], x[me * m + start:me * m + start + length],
                              [arena.view(j, h, x.dtype)[me * step:me * step + length] for j in arena.peers])
 
         self.run(fields, timeout, body, src.nbytes)
@@ -419,24 +409,14 @@ def describe(fields: tuple) -> str:
     return f"{kind} of {count} {dtype}{per}" + (f" ({extra})" if extra else "")
 
 
-def _reduce_into(combine, out: np.ndarray, first: np.ndarray, others: list[np.ndarray]) -> None:
-    """out = first (op) others[0] (op) others[1] ...; ``out`` may be ``first`` (never one of ``others``)."""
-    combine(out, first, others[0])
-    for o in others[1:]:
-        combine(out, out, o)
-
-
-def _combiner(buf, op: str):
-    """``combine(out, a, b)``: out = a (op) b, elementwise (``out`` may be ``a``)."""
-    reducer = buf.reducer(op)
-    if buf.dtype == "bfloat16":
-        def combine(out, a, b):
-            if out is not a:
-                np.copyto(out, a)
-            reducer(out, b)
-        return combine
-    ufunc = _UFUNC[op]
-    return lambda out, a, b: ufunc(a, b, out=out)
+def _reduce_into(reduce, out: np.ndarray, first: np.ndarray | None, others: list[np.ndarray]) -> None:
+    """out = first (op) others[0] (op) others[1] ... with in-place reductions (NumPy's in-place
+    ufuncs run several times faster than out= a third array); ``first`` None: ``out`` holds it
+    already, as it does when ``first`` is ``out`` itself."""
+    if first is not None and not np.may_share_memory(out, first):
+        np.copyto(out, first)
+    for o in others:
+        reduce(out, o)
 
 
 def _agree(group, ok: int, timeout: float) -> int:
