@@ -294,3 +294,25 @@ def test_a_misspelt_transport_is_one_line(monkeypatch):
     monkeypatch.setenv("COLLCOMM_TRANSPORT", "shmem")
     with pytest.raises(ValueError, match=r"COLLCOMM_TRANSPORT='shmem': choose one of auto, unix, tcp"):
         local.transport_choice()
+
+
+def test_a_full_shm_directory_is_an_error_at_creation_not_a_crash_later(tmp_path, monkeypatch):
+    """posix_fallocate reserves the pages: a tmpfs that cannot hold the segment refuses it at once."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        monkeypatch.setenv("COLLCOMM_SHM_DIR", str(small))
+        with pytest.raises(OSError):
+            segment.Segment.create("collcomm-test-big", 4 << 20)
+        assert os.listdir(small) == []  # nothing half-made is left
+        seg = segment.Segment.create("collcomm-test-small", 64 << 10)
+        seg.close()
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)])

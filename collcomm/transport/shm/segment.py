@@ -47,7 +47,9 @@ class Segment:
         path = os.path.join(directory(), seg_name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Reserve the pages now: a full /dev/shm (a container's 64 MB) is then an error here,
+            # not a SIGBUS at the first write into a sparse file.
+            os.posix_fallocate(fd, 0, size)
             mm = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
