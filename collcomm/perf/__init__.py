@@ -5,6 +5,8 @@
     collcomm-perf allreduce -b 1K -e 64M -f 2 -np 4                 # 4 local ranks, 1 KiB .. 64 MiB
     collcomm-perf alltoall -b 4K -e 16M -f 4 -np 3 -d int32 --json a2a.json --plot a2a.png
     collcomm-perf reduce -o max -r 1 -np 4 --compare gloo           # and torch.distributed's gloo
+    collcomm-perf -b 4K -e 64M -f 16 -np 2 --compare gloo,mpi       # and MPI (mpiexec starts the ranks)
+    collcomm-perf -b 4K -e 64M -f 16 -np 4 --compare mpi-tcp         # and Open MPI over TCP
     collcomm run -n 4 collcomm-perf broadcast -b 1M -e 1M            # ranks started by another launcher
 
 Collectives (positional or ``-C``): allreduce, allgather, reduce_scatter, broadcast, reduce,
@@ -19,12 +21,16 @@ forestcoll|ring|tree|halving_doubling (default: the planner's choice per size),
 ``--topology T.json`` (or ``probe``), ``--emulate T.json [--scale BW=RATE] [--prefix NAME]``
 (network namespaces, exactly as ``collcomm run --emulate``: the fabric ``collcomm emulate up``
 built under that prefix when it is the same, else one built for the run and removed after it),
-``--compare gloo[,mpi]``, ``--json FILE``, ``--plot IMAGE``.
+``--compare gloo[,mpi|,mpi-tcp]`` (mpi: MPI's default transport, Open MPI's shared memory on
+one machine; mpi-tcp: Open MPI's TCP transport, ``--mca pml ob1 --mca btl tcp,self``; either
+starts the ranks with mpiexec; see :mod:`collcomm.perf.mpi` for the setup), ``--json FILE``,
+``--plot IMAGE``.
 
 The table is nccl-tests' (size, count, type, redop, root, then time (us), algbw, busbw (GB/s,
 1e9 bytes) and #wrong out-of-place and in-place; root -1 and redop none where they do not
 apply; see :mod:`collcomm.perf.collectives` for counts, bandwidth factors and what the
-variants mean), followed by ``# Out of bounds values : W OK|FAILED`` (wrong elements, all rows
+variants mean; the time is each rank's median iteration, combined by ``-a``: see
+:mod:`collcomm.perf.sweep`), followed by ``# Out of bounds values : W OK|FAILED`` (wrong elements, all rows
 and libraries) and ``# Avg bus bandwidth    : X`` (mean busbw of every row, out-of-place and
 in-place). ``--compare LIB`` adds LIB's out-of-place and in-place columns, the ratio columns
 collcomm busbw / LIB busbw, and ``# Avg bus bandwidth    : Y (LIB)``. Only the table reaches
@@ -57,8 +63,8 @@ JSON (``--json FILE``, format ``collcomm.perf/1``)::
 without ``--emulate``.
 
 Exit status: 0; 1 when an element was wrong or a rank failed; 2 for bad input (one line on
-stderr: ``collcomm-perf: error: ...``). ``COLLCOMM_PERF_CORRUPT=RANK[:INDEX]`` is a
-fault-injection hook for testing the checker (see :mod:`collcomm.perf.sweep`).
+stderr: ``collcomm-perf: error: ...``). ``COLLCOMM_PERF_CORRUPT=RANK[:INDEX[:LIBRARY]]`` is
+a fault-injection hook for testing the checker (see :mod:`collcomm.perf.sweep`).
 """
 
 from collcomm.perf.main import main

@@ -12,18 +12,28 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-from collcomm.perf.options import PROG, Options, UsageError, check_world
+from collcomm.perf.options import PROG, Options, UsageError, check_world, uses_mpi
 from collcomm.perf.report import Reporter
 
 REPORT_ENV = "COLLCOMM_PERF_REPORT"
 BUFFERS_PER_RANK = 5  # send, receive, expected, this rank's input, the flipped expected (each up to -e bytes)
+
+
+def rank_defaults() -> dict[str, str]:
+    """What every rank's environment gets unless this process's has it: OMP_NUM_THREADS=1, as
+    torchrun gives each process of a multi-process job. Without it every rank's torch runs an
+    OpenMP team as wide as the machine, so -np ranks start -np times as many threads as there are
+    cores, and their spinning after each parallel region takes the cores from the ranks that are
+    communicating: --compare gloo's out-of-place copy (torch's copy_) took 33 ms per 64 MB on 4 ranks
+    and 2 cores instead of 6, and slowed the allreduce after it (bench/results/peers_harness.md)."""
+    return {k: v for k, v in (("OMP_NUM_THREADS", "1"),) if k not in os.environ}
 
 
 class FileEmitter:
@@ -121,12 +131,12 @@ def launch(opts: Options) -> int:
         follower = Follower(report, reporter.handle)
         follower.start()
         try:
-            if "mpi" in opts.compare:
+            if uses_mpi(opts.compare):
                 code = _run_mpi(opts, nprocs, command, str(report))
             else:
                 code = launcher.run(nprocs, command, topology=opts.topology, timeout=opts.timeout,
-                                    env={REPORT_ENV: str(report)}, emulate=opts.emulate, scale=opts.scale,
-                                    prefix=opts.prefix)
+                                    env={**rank_defaults(), REPORT_ENV: str(report)}, emulate=opts.emulate,
+                                    scale=opts.scale, prefix=opts.prefix)
         except (ValueError, EmulationError) as e:  # the launcher's checks: another fabric under --prefix, not root
             raise UsageError(str(e)) from None
         finally:
@@ -142,21 +152,40 @@ def launch(opts: Options) -> int:
 
 
 def _run_mpi(opts: Options, nprocs: int, command: list[str], report: str) -> int:
-    """``--compare mpi``: the ranks must be MPI processes, so mpiexec starts them; they join collcomm
-    through a coordinator started here. Untested (no mpi4py here); see collcomm/perf/mpi.py."""
+    """``--compare mpi`` or ``mpi-tcp``: the ranks must be MPI processes, so mpiexec starts them (with
+    the flags :func:`collcomm.perf.mpi.mpiexec_command` gives); they join collcomm through a
+    coordinator started here."""
     from collcomm.coordinator.server import CoordinatorServer
+    from collcomm.perf.mpi import RANK_FROM_MPI, mpiexec_command
 
-    mpiexec = shutil.which("mpiexec") or shutil.which("mpirun")
+    library = next(lib for lib in opts.compare if lib.startswith("mpi"))
+    argv, mpi_env = mpiexec_command(library, nprocs)
     token = secrets.token_hex(16)
     server = CoordinatorServer(token, host="127.0.0.1", port=0)
     address = server.start()
-    env = dict(os.environ, COLLCOMM_COORDINATOR=address, COLLCOMM_TOKEN=token, COLLCOMM_WORLD_SIZE=str(nprocs),
-               COLLCOMM_PERF_RANK_FROM_MPI="1", PYTHONUNBUFFERED="1", **{REPORT_ENV: report})
+    env = dict(os.environ, **rank_defaults(), **mpi_env, COLLCOMM_COORDINATOR=address, COLLCOMM_TOKEN=token,
+               COLLCOMM_WORLD_SIZE=str(nprocs), PYTHONUNBUFFERED="1", **{RANK_FROM_MPI: "1", REPORT_ENV: report})
     if opts.topology:
         env["COLLCOMM_TOPOLOGY"] = opts.topology
     if opts.timeout:
         env["COLLCOMM_TIMEOUT"] = str(opts.timeout)
+    procs: list[subprocess.Popen] = []
+    stopped: list[int] = []
+
+    def forward(signum, frame):  # Ctrl-C, SIGTERM: to mpiexec, which stops its ranks (as collcomm's launcher)
+        stopped.append(signum)
+        for proc in procs:
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return subprocess.call([mpiexec, "-n", str(nprocs), *command], env=env)
+        procs.append(subprocess.Popen([*argv, *command], env=env, stdin=subprocess.DEVNULL))
+        code = procs[0].wait()
+        return 128 + stopped[0] if stopped else code
     finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
         server.stop(0)
+        from collcomm.transport.shm.segment import job_tag, remove_job
+
+        remove_job(job_tag(address, token))  # shared-memory names a killed rank left (the job's own)

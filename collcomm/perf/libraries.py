@@ -1,6 +1,6 @@
 """The libraries a sweep can run, by name: collcomm itself, and the ones ``--compare`` adds (gloo,
-mpi). Each lives in its own module on :class:`collcomm.perf.library.Library`; only this registry
-knows them all."""
+mpi, mpi-tcp). Each lives in its own module on :class:`collcomm.perf.library.Library`; only this
+registry knows them all."""
 
 from __future__ import annotations
 
@@ -16,6 +16,6 @@ def make(name: str, rank: int, world: int, options) -> Library:
         return Collcomm(rank, world)
     if name == "gloo":
         return Gloo(rank, world, timeout=options.timeout)
-    if name == "mpi":
-        return Mpi(rank, world)
+    if name in ("mpi", "mpi-tcp"):  # one library; mpiexec's flags chose the transport
+        return Mpi(rank, world, name)
     raise ValueError(f"unknown library {name!r}")

@@ -2,7 +2,10 @@
 
 A library takes the benchmark's NumPy buffers in its own form (``wrap``), runs one operation of a
 variant on (input, output) views (see :mod:`collcomm.perf.collectives` for what the variants
-mean) and has a barrier. Its blocking calls return when the operation is complete on this rank.
+mean) and has a barrier. Its blocking calls return when the operation is complete on this rank,
+which need not mean that the other ranks can complete it without this one: so every turn of a
+library (warm-up, timed iterations, checks) ends with its own barrier before another library
+runs (see :meth:`Library.barrier`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ class Library:
         raise NotImplementedError
 
     def barrier(self) -> None:
+        """Wait for every rank, in this library. The sweep calls it at the end of each of the library's
+        turns too, not only before timing: an MPI library progresses only inside MPI calls (Open MPI
+        has no progress thread by default), and an operation that has returned on this rank may still
+        need this rank's progress to complete on another (a control message it left queued, such as
+        the FIN of a single-copy transfer). A rank that went straight on to collcomm's allreduce of
+        the times would leave that peer waiting in MPI, and itself waiting for that peer; MPI's
+        barrier keeps this rank progressing until every rank is through."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -1,28 +1,90 @@
-"""MPI (mpi4py) as a compared library (``--compare mpi``).
+"""MPI (mpi4py) as a compared library: ``--compare mpi`` runs it over MPI's default transport
+(Open MPI on one machine: its shared-memory BTL, vader), ``--compare mpi-tcp`` over Open MPI's
+TCP transport (``mpiexec --mca pml ob1 --mca btl tcp,self``: ob1 is the PML that uses BTLs, so
+the choice holds even where UCX would otherwise be picked).
 
-NOT TESTED: mpi4py (and an MPI library) are not installed where this was written, so this path
-has never run; ``--compare mpi`` there stops with "mpi4py is not installed" before anything
-starts. It is written against mpi4py's documented buffer API (``Allreduce``, ``Allgather``,
-``Reduce_scatter_block``, ``Bcast``, ``Reduce``, ``Alltoall``, ``MPI.IN_PLACE``).
+Setup, once per machine (the ``mpi`` extra of pyproject.toml)::
 
-How it runs: MPI ranks must be started by MPI, so with ``--compare mpi`` the launching process
-starts a collcomm coordinator and runs ``mpiexec -n N python -m collcomm.perf ...`` (instead
-of collcomm's launcher); each rank takes its collcomm rank from ``MPI.COMM_WORLD``
-(:func:`rank_from_mpi`) and joins collcomm through the coordinator, so both libraries run in
-the same processes, alternately per size. MPI has real out-of-place allreduce and reduce, so
-its out-of-place variant does not copy; avg is SUM then a division (timed); MPI has no half or
+    apt-get install -y openmpi-bin libopenmpi-dev     # the system Open MPI: mpiexec and libmpi
+    pip install mpi4py                                 # into collcomm's environment
+
+How it runs: MPI ranks must be started by MPI, so the launching process starts a collcomm
+coordinator and runs ``mpiexec -n N FLAGS python -m collcomm.perf ...`` (:func:`mpiexec_command`)
+instead of collcomm's launcher; each rank takes its collcomm rank from ``MPI.COMM_WORLD``
+(:func:`rank_from_mpi`) and joins collcomm through the coordinator, so the libraries run in the
+same processes, one after the other per size. mpiexec's other defaults stay as a plain ``mpiexec``
+has them, so MPI measures here as it does alone (bench/peers_harness_check.py): Open MPI binds a
+job of 2 ranks one rank to a core (more ranks: to a socket; oversubscribed: not at all), and so
+binds that rank's collcomm and gloo threads too. MPI has real out-of-place allreduce and reduce,
+so its out-of-place variant does not copy; avg is SUM then a division (timed); MPI has no half or
 bfloat16 (refused on the command line).
+
+Open MPI 4.1's AVX reductions (its ``op/avx`` component) saturate int8 and uint8 sums instead of
+wrapping them (open-mpi/ompi#8045): ``-d int8 -o sum`` (and uint8, and ``-d all``) count #wrong for
+MPI once a sum leaves the type's range, which the check data do; ``OMPI_MCA_op=^avx`` in the
+environment turns that component off and the sums wrap.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
 
 import numpy as np
 
 from collcomm.perf.library import Library
 
 RANK_FROM_MPI = "COLLCOMM_PERF_RANK_FROM_MPI"  # set by the launching process for mpiexec'd ranks
+TCP_FLAGS = ("--mca", "pml", "ob1", "--mca", "btl", "tcp,self")  # --compare mpi-tcp (Open MPI)
+
+
+def mpiexec() -> str | None:
+    """The launcher's name as found on PATH, run by that name as a user types it: Open MPI's takes
+    the directory of an absolute argv[0] as its installation prefix, and fails when that is /bin."""
+    return next((name for name in ("mpiexec", "mpirun") if shutil.which(name)), None)
+
+
+@functools.lru_cache(maxsize=None)
+def mpiexec_flavour() -> str:
+    """"openmpi", "mpich", or what ``mpiexec --version`` says first (its flags differ by MPI)."""
+    path = mpiexec()
+    if path is None:
+        return "missing"
+    try:
+        text = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unusable ({e})"
+    if "Open MPI" in text or "OpenRTE" in text or "open-mpi.org" in text:
+        return "openmpi"
+    if "HYDRA" in text.upper() or "MPICH" in text.upper():
+        return "mpich"
+    first = text.strip().splitlines()[0] if text.strip() else "unknown"
+    return f"an unknown MPI ({first!r})"
+
+
+def mpiexec_command(library: str, nprocs: int) -> tuple[list[str], dict[str, str]]:
+    """The mpiexec command line (before the program) and the environment it needs for ``library``
+    (mpi or mpi-tcp) with ``nprocs`` ranks on this machine.
+
+    Open MPI: as root it refuses to start unless OMPI_ALLOW_RUN_AS_ROOT and its _CONFIRM say so
+    (set only when this process is root); more ranks than cores need ``--oversubscribe`` (it
+    refuses otherwise), which also makes its waits yield the core (mpi_yield_when_idle) instead of
+    spinning against the rank that is computing. MPICH's Hydra needs none of that."""
+    path = mpiexec()
+    if path is None:
+        raise FileNotFoundError("no mpiexec or mpirun on PATH")
+    argv, env = [path, "-n", str(nprocs)], {}
+    if mpiexec_flavour() == "openmpi":
+        if nprocs > (os.cpu_count() or 1):
+            argv.append("--oversubscribe")
+        if os.geteuid() == 0:
+            env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        if library == "mpi-tcp":
+            argv += TCP_FLAGS
+    return argv, env
 
 
 def rank_from_mpi() -> None:
@@ -35,16 +97,17 @@ def rank_from_mpi() -> None:
 
 
 class Mpi(Library):
-    name = "mpi"
+    name = "mpi"  # or "mpi-tcp": the same calls, another transport (chosen by mpiexec's flags)
 
-    def __init__(self, rank: int, world: int):
+    def __init__(self, rank: int, world: int, name: str = "mpi"):
         super().__init__(rank, world)
         from mpi4py import MPI
 
+        self.name = name
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         if self.comm.Get_size() != world or self.comm.Get_rank() != rank:
-            raise RuntimeError(f"--compare mpi: MPI rank {self.comm.Get_rank()} of {self.comm.Get_size()} is not "
+            raise RuntimeError(f"--compare {name}: MPI rank {self.comm.Get_rank()} of {self.comm.Get_size()} is not "
                                f"collcomm rank {rank} of {world}; start the job with collcomm-perf -np N")
         self.ops = {"sum": MPI.SUM, "avg": MPI.SUM, "prod": MPI.PROD, "min": MPI.MIN, "max": MPI.MAX}
 
@@ -80,3 +143,16 @@ class Mpi(Library):
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def close(self) -> None:
+        """A barrier, then MPI_Finalize. Finalize here because a rank that imported torch leaves with
+        os._exit (collcomm/perf/main.py), which skips mpi4py's finalization at exit, and Open MPI's
+        mpiexec fails a job whose rank exits without it. The barrier first because mpi4py's
+        Finalize holds the GIL while it waits for the other ranks (its Barrier releases it): a rank
+        whose last collcomm allreduce returned while its frame to a slower peer still sat in
+        collcomm's sender thread would stop that thread, the peer would never finish the allreduce
+        nor reach Finalize, and both hung (4 ranks on 2 busy cores, about one run in four). In the
+        barrier the sender thread runs, and every rank is past its last collcomm operation."""
+        if not self.MPI.Is_finalized():
+            self.comm.Barrier()
+            self.MPI.Finalize()

@@ -33,7 +33,7 @@ _DTYPE_ALIASES = {"char": "int8", "int": "int32", "uint": "uint32", "float16": "
 FLOAT_TYPES = ("half", "float", "double", "bfloat16")
 ALGORITHMS = {"forestcoll": "forestcoll", "ring": "ring", "tree": "tree", "halving_doubling": "halving-doubling",
               "halving-doubling": "halving-doubling"}
-COMPARE = ("gloo", "mpi")
+COMPARE = ("gloo", "mpi", "mpi-tcp")  # mpi: MPI's default transport; mpi-tcp: Open MPI's TCP (--mca btl tcp,self)
 GLOO_TYPES = ("int8", "uint8", "int32", "int64", "half", "float", "double", "bfloat16")  # torch has no gloo uint32/64
 MPI_TYPES = ("int8", "uint8", "int32", "uint32", "int64", "uint64", "float", "double")  # MPI has no half/bfloat16
 AVERAGES = {0: "rank 0", 1: "average", 2: "min", 3: "max"}
@@ -84,7 +84,7 @@ class Options:
         ``-d all``/``-o all``: the types every compared library has, and avg only on floating-point types."""
         out = []
         for d in self.dtypes:
-            if ("gloo" in self.compare and d not in GLOO_TYPES) or ("mpi" in self.compare and d not in MPI_TYPES):
+            if ("gloo" in self.compare and d not in GLOO_TYPES) or (uses_mpi(self.compare) and d not in MPI_TYPES):
                 continue
             out += [(d, o) for o in self.ops if o != "avg" or d in FLOAT_TYPES]
         return out
@@ -166,6 +166,11 @@ def _seconds(text: str) -> float:
     return value
 
 
+def uses_mpi(compare: list[str]) -> bool:
+    """Whether the ranks must be MPI processes (started by mpiexec)."""
+    return any(lib.startswith("mpi") for lib in compare)
+
+
 def has_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -219,8 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the results as JSON (see the module documentation)")
     p.add_argument("--plot", metavar="IMAGE", help="plot busbw against size (.png, .svg or .pdf)")
     p.add_argument("--compare", metavar="LIBS",
-                   help="also run the sweep through gloo (torch.distributed) and/or mpi (mpi4py): gloo, mpi or "
-                        "gloo,mpi; adds their columns and busbw ratios")
+                   help="also run the sweep through these libraries, comma-separated; adds their columns and busbw "
+                        "ratios: gloo (torch.distributed), mpi (mpi4py over MPI's default transport: Open MPI's "
+                        "shared memory on one machine), mpi-tcp (mpi4py over Open MPI's TCP transport, mpiexec "
+                        "--mca pml ob1 --mca btl tcp,self); mpi and mpi-tcp need separate runs. With mpi or mpi-tcp "
+                        "mpiexec starts the ranks (needs mpi4py and an MPI's mpiexec on PATH)")
     return p
 
 
@@ -272,8 +280,10 @@ def parse(argv: list[str]) -> Options:
         check_output(args.json, "--json")
     if args.plot:
         check_output(args.plot, "--plot", image=True)
-    if "mpi" in compare and args.emulate:
-        raise UsageError("--compare mpi starts the ranks with mpiexec, which cannot run them in --emulate namespaces")
+    if uses_mpi(compare) and args.emulate:
+        mpi = next(lib for lib in compare if lib.startswith("mpi"))
+        raise UsageError(f"--compare {mpi} starts the ranks with mpiexec, which cannot run them in --emulate "
+                         f"namespaces")
     _check_emulation(args)
     return Options(coll, dtypes, ops, lo, hi, args.stepfactor, step, args.iters, args.warmup_iters, args.check,
                    args.root, args.average, args.run_cycles, args.nprocs, algorithm,
@@ -327,9 +337,10 @@ def _compare(text: str | None, dtypes: list[str]) -> list[str]:
         return []
     libs = []
     for part in text.split(","):
-        name = part.strip().lower()
+        name = part.strip().lower().replace("_", "-")
         if name not in COMPARE:
-            raise UsageError(f"--compare {text}: unknown library {part.strip()!r}; choose gloo, mpi or gloo,mpi")
+            raise UsageError(f"--compare {text}: unknown library {part.strip()!r}; choose from {', '.join(COMPARE)} "
+                             f"(comma-separated)")
         if name not in libs:
             libs.append(name)
     if "gloo" in libs:
@@ -338,14 +349,26 @@ def _compare(text: str | None, dtypes: list[str]) -> list[str]:
         bad = [d for d in dtypes if d not in GLOO_TYPES]
         if bad and len(dtypes) == 1:
             raise UsageError(f"--compare gloo: gloo has no {bad[0]} type; choose one of {', '.join(GLOO_TYPES)}")
-    if "mpi" in libs:
+    mpis = [lib for lib in libs if lib.startswith("mpi")]
+    if len(mpis) > 1:
+        raise UsageError(f"--compare {','.join(mpis)}: one mpiexec job has one MPI transport; run them separately")
+    if mpis:
+        mpi = mpis[0]
         if not has_module("mpi4py"):
-            raise UsageError("--compare mpi: mpi4py is not installed (pip install mpi4py, with an MPI library)")
+            raise UsageError(f"--compare {mpi}: mpi4py is not installed (pip install mpi4py, with an MPI library: "
+                             f"apt-get install openmpi-bin libopenmpi-dev)")
         if not (shutil.which("mpiexec") or shutil.which("mpirun")):
-            raise UsageError("--compare mpi: no mpiexec or mpirun on PATH to start the ranks with")
+            raise UsageError(f"--compare {mpi}: no mpiexec or mpirun on PATH to start the ranks with")
         bad = [d for d in dtypes if d not in MPI_TYPES]
         if bad and len(dtypes) == 1:
-            raise UsageError(f"--compare mpi: MPI has no {bad[0]} type; choose one of {', '.join(MPI_TYPES)}")
+            raise UsageError(f"--compare {mpi}: MPI has no {bad[0]} type; choose one of {', '.join(MPI_TYPES)}")
+        if mpi == "mpi-tcp":
+            from collcomm.perf.mpi import mpiexec_flavour
+
+            flavour = mpiexec_flavour()
+            if flavour != "openmpi":
+                raise UsageError(f"--compare mpi-tcp: chooses Open MPI's TCP transport (--mca btl tcp,self), but "
+                                 f"mpiexec is {flavour}; use --compare mpi")
     return libs
 
 

@@ -2,15 +2,20 @@
 each library, combine the ranks' times, and (rank 0) report a row.
 
 Per size, library and variant (out-of-place, then in-place), as nccl-tests does: one untimed
-operation, a barrier, then ``-n`` timed operations back to back; time = elapsed / n on each
-rank, combined across ranks by ``-a`` (an allreduce of the times: average, min or max; or rank
-0's own). Then ``-c`` check iterations on patterned data (see collectives.py); #wrong is the
+operation, a barrier, then ``-n`` timed operations back to back. Unlike nccl-tests (elapsed / n)
+each operation is timed on its own and a rank's time is their median: on a machine shared with
+other work, or with more ranks than cores, one preempted iteration moves a mean of 20 by several
+per cent and a median not at all (bench/plain_gloo.py and bench/plain_mpi.py time each library
+alone the same way; bench/peers_harness_check.py compares). The ranks' times are combined by
+``-a`` (an allreduce of the times: average, min or max; or rank 0's own). Then ``-c`` check
+iterations on patterned data (see collectives.py), for every library alike; #wrong is the
 number of wrong elements summed over the check iterations and the ranks. Libraries alternate
 per size. ``-w`` warm-up operations run at the largest and the smallest size first.
 
-Fault injection (for testing the checker): ``COLLCOMM_PERF_CORRUPT=RANK[:INDEX]`` makes rank
-RANK flip the lowest bit of element INDEX (default 0, modulo the output size) of every collcomm
-result it checks, after the operation and before the comparison; #wrong then counts it.
+Fault injection (for testing the checker): ``COLLCOMM_PERF_CORRUPT=RANK[:INDEX[:LIBRARY]]`` makes
+rank RANK flip the lowest bit of element INDEX (default 0, modulo the output size) of every
+result of LIBRARY (default collcomm; or a compared one: gloo, mpi, mpi-tcp) it checks, after the
+operation and before the comparison; #wrong then counts it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import datetime
 import os
 import platform
 import socket
+import statistics
 import sys
 import time
 from typing import Callable
@@ -34,17 +40,18 @@ CORRUPT_ENV = "COLLCOMM_PERF_CORRUPT"
 VARIANTS = (("out_of_place", False), ("in_place", True))
 
 
-def corruption(me: int) -> int | None:
-    """The element index this rank corrupts, or None."""
+def corruption(me: int) -> tuple[int, str] | None:
+    """The element index this rank corrupts and the library whose results it corrupts, or None."""
     raw = os.environ.get(CORRUPT_ENV, "").strip()
     if not raw:
         return None
-    rank, _, index = raw.partition(":")
+    rank, _, rest = raw.partition(":")
+    index, _, library = rest.partition(":")
     try:
         rank_i, index_i = int(rank), int(index or 0)
     except ValueError:
-        raise UsageError(f"{CORRUPT_ENV}={raw!r}: expected RANK or RANK:INDEX") from None
-    return index_i if rank_i == me else None
+        raise UsageError(f"{CORRUPT_ENV}={raw!r}: expected RANK, RANK:INDEX or RANK:INDEX:LIBRARY") from None
+    return (index_i, library.strip().lower() or "collcomm") if rank_i == me else None
 
 
 def machine() -> dict:
@@ -77,10 +84,13 @@ class Sweep:
         inp, out = C.views(self.coll, inplace, ws, wr, self.me, self.n)
         lib.run(self.coll, inplace, inp, out, op, o.root)
         lib.barrier()
-        start = time.perf_counter()
+        times = []
         for _ in range(o.iters):
+            start = time.perf_counter()
             lib.run(self.coll, inplace, inp, out, op, o.root)
-        return (time.perf_counter() - start) / o.iters
+            times.append(time.perf_counter() - start)
+        lib.barrier()  # the end of the library's turn (see Library.barrier)
+        return statistics.median(times)
 
     def _check(self, lib: Library, inplace: bool, dtype: str, op: str, send, recv, mine, want) -> int:
         o, coll, me = self.opts, self.coll, self.me
@@ -96,9 +106,10 @@ class Sweep:
             lib.run(coll, inplace, inp, out, op, o.root)
             if want is None:
                 continue
-            if self.corrupt_at is not None and lib.name == "collcomm":
-                C.corrupt(np_out, self.corrupt_at)
+            if self.corrupt_at is not None and lib.name == self.corrupt_at[1]:
+                C.corrupt(np_out, self.corrupt_at[0])
             wrong += C.count_wrong(np_out, want)
+        lib.barrier()
         return wrong
 
     # ------------------------------------------------------------------ sizes
@@ -113,6 +124,7 @@ class Sweep:
                 inp, out = C.views(self.coll, False, lib.wrap(send, dtype), lib.wrap(recv, dtype), self.me, self.n)
                 for _ in range(self.opts.warmup):
                     lib.run(self.coll, False, inp, out, op, self.opts.root)
+                lib.barrier()
 
     def measure(self, nbytes: int, dtype: str, op: str) -> dict:
         o, coll, me, n = self.opts, self.coll, self.me, self.n
