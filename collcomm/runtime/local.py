@@ -118,7 +118,6 @@ class LocalGroup:
         self.n, self.me = group.size, group.me
         self._descs: dict[tuple, tuple[int, bytes]] = {}
         self._one_shots: dict[tuple, tuple] = {}  # prepared one-shot allreduces by shape
-        self._traffic = [0] * self.n
         self._traffic_seconds = 0.0
         self._pending_bytes = 0
         self._seq, self._current = -1, (0, b"")  # the operation running (for _poll)
@@ -187,19 +186,22 @@ class LocalGroup:
     def run(self, fields: tuple, timeout: float, body, nbytes: int = 0) -> None:
         """Run ``body(deadline, poll, desc)`` as operation ``fields`` of the group; a failure is
         raised as the typed error every member raises, and drops the arena."""
-        group = self.group
-        seq = self._seq = group.next_seq()
+        seq = self._seq = self.group.next_seq()
         desc_hash, text = self._current = self._desc(fields)
         parity = self.arena.begin(desc_hash, text)
         start = time.monotonic()
         try:
             body(start + timeout, self._poll, (parity, desc_hash, text))
         except CollectiveError as e:
-            self.arena.abort(frames.abort_text(e))
-            group.drop_local(self)
-            group.raise_failure(seq, e)
+            self._fail(seq, e)
         if nbytes:
             self._count(nbytes, time.monotonic() - start)
+
+    def _fail(self, seq: int, error: CollectiveError) -> None:
+        """Say why in this member's control page, drop the arena, raise the group's typed error."""
+        self.arena.abort(frames.abort_text(error))
+        self.group.drop_local(self)
+        self.group.raise_failure(seq, error)
 
     def _poll(self):
         """What the coordinator knows of the current operation (asked while a wait sleeps)."""
@@ -217,11 +219,8 @@ class LocalGroup:
         return d
 
     def _count(self, nbytes: int, seconds: float) -> None:
-        """What this member read from its peers' segments, for the link monitor (in batches)."""
-        share = nbytes // self.n
-        for i in range(self.n):
-            if i != self.me:
-                self._traffic[i] += share
+        """What this member read from its peers' segments, for the link monitor (in batches; each
+        peer's share is ``nbytes / n``)."""
         self._traffic_seconds += seconds
         self._pending_bytes += nbytes
         if self._pending_bytes >= TELEMETRY_EVERY_BYTES:
@@ -232,10 +231,10 @@ class LocalGroup:
             return
         rt, members = self.group.runtime, self.group.members
         telemetry = rt.transport.telemetry
-        for i, nbytes in enumerate(self._traffic):
-            if nbytes:
-                telemetry.record_transfer(members[i], rt.rank, nbytes, self._traffic_seconds)
-                self._traffic[i] = 0
+        share = self._pending_bytes // self.n
+        for i in range(self.n):
+            if i != self.me and share:
+                telemetry.record_transfer(members[i], rt.rank, share, self._traffic_seconds)
         self._traffic_seconds = 0.0
         self._pending_bytes = 0
 
@@ -247,8 +246,7 @@ class LocalGroup:
         if shot is None and choose(n, buf.nbytes, arena.capacity, self.alpha) == "one_shot":
             shot = self._one_shot(fields, buf, op)
         if shot is not None:  # the small-message path: every view and function prepared once
-            self.run(fields, timeout, lambda deadline, poll, desc: self._run_one_shot(x, shot, deadline, poll, desc),
-                     buf.nbytes)
+            self._run_one_shot(x, shot, timeout)
             if op == "avg":
                 buf.divide(n)
             return
@@ -281,23 +279,40 @@ class LocalGroup:
 
     def _one_shot(self, fields: tuple, buf, op: str) -> tuple:
         """What a one-shot allreduce of this shape needs, by half: this member's input view and
-        every member's (in rank order), and the combining function."""
+        every member's (in rank order); the combining function; the operation's description."""
         if len(self._one_shots) > 64:
             self._one_shots.clear()
         x, arena = buf.array, self.arena
         halves = tuple((arena.view(self.me, h, x.dtype)[:x.size],
                         tuple(arena.view(j, h, x.dtype)[:x.size] for j in range(self.n))) for h in (0, 1))
-        shot = self._one_shots[fields] = (halves, buf.reducer(op))
+        shot = self._one_shots[fields] = (halves, buf.reducer(op), self._desc(fields))
         return shot
 
-    def _run_one_shot(self, x, shot, deadline, poll, desc) -> None:
-        halves, reduce = shot
-        mine, ins = halves[self.arena.next_half()]
-        np.copyto(mine, x)
-        self.arena.sync(deadline, poll, desc)
-        np.copyto(x, ins[0])  # then in rank order, in place: every member computes the same bits
-        for other in ins[1:]:
-            reduce(x, other)
+    def _run_one_shot(self, x, shot, timeout: float) -> None:
+        """One synchronization: write the input, step, reduce every member's input. Written out in
+        one function (what :meth:`run` does, inline): a small allreduce is mostly Python's calls."""
+        halves, reduce, current = shot
+        arena = self.arena
+        seq = self._seq = self.group.next_seq()
+        self._current = current
+        desc_hash, text = current
+        parity = arena.begin(desc_hash, text)
+        start = time.monotonic()
+        mine, ins = halves[arena.next_half()]
+        try:
+            np.copyto(mine, x)
+            arena.sync(start + timeout, self._poll, (parity, desc_hash, text))
+            if self.n == 2:
+                # a (op) b == b (op) a bit for bit (IEEE addition and multiplication commute;
+                # NaN payloads aside), so both members compute the same bits without a copy
+                reduce(x, ins[1 - self.me])
+            else:  # in rank order, in place: every member computes the same bits
+                np.copyto(x, ins[0])
+                for other in ins[1:]:
+                    reduce(x, other)
+        except CollectiveError as e:
+            self._fail(seq, e)
+        self._count(x.nbytes, time.monotonic() - start)
 
     def reduce(self, buf, root: int, op: str, timeout: float) -> None:
         """Reduce into the root's buffer; the others' stay as they were."""
