@@ -134,31 +134,45 @@ def _group(group):
     return g
 
 
+_COLLECTIVES = None
+
+
+def _collectives():
+    """collcomm.runtime.collectives, imported at the first collective (a function-level import
+    costs a microsecond per call, a fair share of a small collective on shared memory)."""
+    global _COLLECTIVES
+    if _COLLECTIVES is None:
+        from collcomm.runtime import collectives
+
+        _COLLECTIVES = collectives
+    return _COLLECTIVES
+
+
 def _timeout(timeout):
     return _rt().timeout if timeout is None else float(timeout)
 
 
 def allreduce(x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` across the group, in place on every rank."""
-    from collcomm.runtime import collectives as c
-
-    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    c = _collectives()
+    rt, g = _rt(), _group(group)
+    t = rt.timeout if timeout is None else float(timeout)
     return g.submit(lambda: c.allreduce(rt, g, x, op, t), "allreduce", async_op)
 
 
 def allgather(out, x, *, group=None, async_op: bool = False, timeout: float | None = None):
     """Gather every rank's ``x`` into ``out`` (group size x x.size elements, in rank order)."""
-    from collcomm.runtime import collectives as c
-
-    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    c = _collectives()
+    rt, g = _rt(), _group(group)
+    t = rt.timeout if timeout is None else float(timeout)
     return g.submit(lambda: c.allgather(rt, g, out, x, t), "allgather", async_op)
 
 
 def reduce_scatter(out, x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` (group size x out.size elements) and leave this rank's part in ``out``."""
-    from collcomm.runtime import collectives as c
-
-    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    c = _collectives()
+    rt, g = _rt(), _group(group)
+    t = rt.timeout if timeout is None else float(timeout)
     return g.submit(lambda: c.reduce_scatter(rt, g, out, x, op, t), "reduce_scatter", async_op)
 
 
@@ -168,31 +182,32 @@ def alltoall(out, x, *, group=None, async_op: bool = False, timeout: float | Non
     rank) of ``out``. ``out`` may be ``x`` (in place)."""
     from collcomm.runtime.alltoall import alltoall as run
 
-    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    rt, g = _rt(), _group(group)
+    t = rt.timeout if timeout is None else float(timeout)
     return g.submit(lambda: run(rt, g, out, x, t), "alltoall", async_op)
 
 
 def broadcast(x, root: int = 0, *, group=None, async_op: bool = False, timeout: float | None = None):
     """Copy the root's ``x`` to every rank of the group (``root`` is a group rank)."""
-    from collcomm.runtime import collectives as c
-
-    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    c = _collectives()
+    rt, g = _rt(), _group(group)
+    t = rt.timeout if timeout is None else float(timeout)
     return g.submit(lambda: c.broadcast(rt, g, x, root, t), "broadcast", async_op)
 
 
 def reduce(x, root: int = 0, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` across the group into the root's ``x`` (other ranks' buffers are unchanged)."""
-    from collcomm.runtime import collectives as c
-
-    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    c = _collectives()
+    rt, g = _rt(), _group(group)
+    t = rt.timeout if timeout is None else float(timeout)
     return g.submit(lambda: c.reduce(rt, g, x, root, op, t), "reduce", async_op)
 
 
 def barrier(*, group=None, async_op: bool = False, timeout: float | None = None):
     """Return once every member of the group has entered the barrier."""
-    from collcomm.runtime import collectives as c
-
-    rt, g, t = _rt(), _group(group), _timeout(timeout)
+    c = _collectives()
+    rt, g = _rt(), _group(group)
+    t = rt.timeout if timeout is None else float(timeout)
     return g.submit(lambda: c.barrier(rt, g, t), "barrier", async_op)
 
 

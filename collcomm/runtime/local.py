@@ -314,6 +314,44 @@ class LocalGroup:
             self._fail(seq, e)
         self._count(x.nbytes, time.monotonic() - start)
 
+    def _prepare(self, fields: tuple, views, reduce) -> tuple:
+        """A one-round operation of this shape, prepared: ``views(half)`` for both halves, the
+        combining function and the description (what :meth:`run` looks up each time)."""
+        if len(self._one_shots) > 64:
+            self._one_shots.clear()
+        shot = self._one_shots[fields] = ((views(0), views(1)), reduce, self._desc(fields))
+        return shot
+
+    def _run_small(self, shot, step, x, y, timeout: float, nbytes: int) -> None:
+        """:meth:`run` for a prepared one-round operation: ``step(x, y, views, reduce, deadline,
+        desc)`` writes, synchronizes once and reads."""
+        halves, reduce, current = shot
+        arena = self.arena
+        seq = self._seq = self.group.next_seq()
+        self._current = current
+        parity = arena.begin(*current)
+        start = time.monotonic()
+        try:
+            step(x, y, halves[arena.next_half()], reduce, start + timeout, (parity, *current))
+        except CollectiveError as e:
+            self._fail(seq, e)
+        self._count(nbytes, time.monotonic() - start)
+
+    def _small_reduce_scatter(self, x, y, views, reduce, deadline, desc) -> None:
+        mine, others = views
+        np.copyto(mine, x)  # every block, this member's own too: one copy instead of n - 1
+        self.arena.sync(deadline, self._poll, desc)
+        m = y.size
+        _reduce_into(reduce, y, x[self.me * m:(self.me + 1) * m], others)
+
+    def _small_allgather(self, x, y, views, reduce, deadline, desc) -> None:
+        mine, others = views
+        np.copyto(mine, x)
+        self.arena.sync(deadline, self._poll, desc)
+        m = x.size
+        for off, theirs in others:
+            np.copyto(y[off:off + m], theirs)
+
     def reduce(self, buf, root: int, op: str, timeout: float) -> None:
         """Reduce into the root's buffer; the others' stay as they were."""
         x, arena, n, me = buf.array, self.arena, self.n, self.me
@@ -348,9 +386,18 @@ class LocalGroup:
     def reduce_scatter(self, dst, src, op: str, timeout: float) -> None:
         """``dst`` = this member's block of the reduction of every member's ``src``."""
         x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
-        reduce = src.reducer(op)
         m = y.size
         fields = ("reduce_scatter", src.dtype, m, op, -1)
+        if x.nbytes <= arena.capacity:  # one round: the whole input in one copy, views prepared
+            shot = self._one_shots.get(fields) or self._prepare(
+                fields, lambda h: (arena.view(me, h, x.dtype)[:x.size],
+                                   tuple(arena.view(j, h, x.dtype)[me * m:(me + 1) * m] for j in arena.peers)),
+                src.reducer(op))
+            self._run_small(shot, self._small_reduce_scatter, x, y, timeout, src.nbytes)
+            if op == "avg":
+                dst.divide(n)
+            return
+        reduce = src.reducer(op)
         step = max(1, arena.capacity // x.dtype.itemsize // n)
 
         def body(deadline, poll, desc):
@@ -376,6 +423,12 @@ class LocalGroup:
         x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
         m = x.size
         fields = ("allgather", src.dtype, m, "", -1)
+        if x.nbytes <= arena.capacity:  # one round, views prepared
+            shot = self._one_shots.get(fields) or self._prepare(
+                fields, lambda h: (arena.view(me, h, x.dtype)[:m],
+                                   tuple((j * m, arena.view(j, h, x.dtype)[:m]) for j in arena.peers)), None)
+            self._run_small(shot, self._small_allgather, x, y, timeout, dst.nbytes)
+            return
         step = arena.capacity // x.dtype.itemsize
 
         def body(deadline, poll, desc):
