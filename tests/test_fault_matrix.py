@@ -1,8 +1,8 @@
 """The fault matrix: every fault scenario against both transports, side by side.
 
 Each scenario runs a job of real rank processes (tests/faultjobs.py) over shared memory ("shm",
-what ranks on one machine use for their collectives; the scenarios of a process that dies or
-stops), the abstract Unix socket ("unix", ``COLLCOMM_TRANSPORT=unix``) or TCP on loopback ("tcp",
+what ranks on one machine use for their collectives, through the segments; "shm-direct", reading
+the peers' buffers directly; the scenarios of a process that dies or stops), the abstract Unix socket ("unix", ``COLLCOMM_TRANSPORT=unix``) or TCP on loopback ("tcp",
 ``COLLCOMM_TRANSPORT=tcp``), injects one fault, and checks both sides of the contract
 (ARCHITECTURE.md, notes/faults.md): a typed error within a time bound when the fault cannot be
 survived, exact results (compared with the NumPy reference inside each rank) when it can, and
@@ -58,7 +58,10 @@ from faultjobs import Job, RankDied, describe, kill_mid_loop, raised
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 
-TRANSPORTS = ["shm", "unix", "tcp"]
+TRANSPORTS = ["shm", "shm-direct", "unix", "tcp"]
+# "shm": through the segments only; "shm-direct": every operation that can reads the peers'
+# buffers directly (cross-memory attach), where a peer's death shows as a failed read too.
+SHM_DIRECT_BYTES = {"shm": "off", "shm-direct": "0"}
 # Shared memory carries no frames, so the scenarios that damage frames do not apply to it (a
 # fault-injection plan keeps a job on sockets); a process that dies or stops does.
 SHM_SCENARIOS = ("sigkill", "sigstop", "stopped-handshake")
@@ -67,7 +70,9 @@ SHM_SCENARIOS = ("sigkill", "sigstop", "stopped-handshake")
 def job(n: int, timeout: float, transport: str, env: dict | None = None, **kw) -> Job:
     """A job whose ranks talk over ``transport``; checks that they do."""
     env = dict(env or {})
-    env["COLLCOMM_TRANSPORT"] = {"shm": "auto"}.get(transport, transport)
+    env["COLLCOMM_TRANSPORT"] = "auto" if transport in SHM_DIRECT_BYTES else transport
+    if transport in SHM_DIRECT_BYTES:
+        env["COLLCOMM_SHM_DIRECT_BYTES"] = SHM_DIRECT_BYTES[transport]
     j = Job(n, timeout=timeout, env=env, **kw)
     unix = ["#@" in a for a in j.addresses]
     if unix != [transport != "tcp"] * n:
@@ -76,9 +81,12 @@ def job(n: int, timeout: float, transport: str, env: dict | None = None, **kw) -
     return j
 
 
-def on_shared_memory(job: Job, ranks) -> list[bool]:
-    """Whether each rank's world group runs its collectives over shared memory now."""
-    answers = job.call_all({"cmd": "exec", "code": "result = bool(cc.api._group(None)._local)"}, ranks=ranks)
+def on_shared_memory(job: Job, ranks) -> list[list[bool]]:
+    """Whether each rank's world group runs its collectives over shared memory now, and whether
+    it reads its peers' buffers directly."""
+    answers = job.call_all({"cmd": "exec", "code": "local = cc.api._group(None)._local\n"
+                                                  "result = [bool(local), bool(local) and local.direct is not None]"},
+                           ranks=ranks)
     assert all(a.get("ok") for a in answers), answers
     return [a["result"] for a in answers]
 
@@ -86,7 +94,8 @@ def on_shared_memory(job: Job, ranks) -> list[bool]:
 def expect_transport(job: Job, transport: str, ranks=None) -> None:
     ranks = list(range(len(job.ranks))) if ranks is None else list(ranks)
     used = on_shared_memory(job, ranks)
-    assert used == [transport == "shm"] * len(ranks), f"{transport}: shared memory in use on ranks: {used}"
+    want = [transport in SHM_DIRECT_BYTES, transport == "shm-direct"]
+    assert used == [want] * len(ranks), f"{transport}: [shared memory, direct reads] on ranks: {used}"
 
 
 def run(kind: str, count: int = 1000, **kw) -> dict:
@@ -335,6 +344,6 @@ SCENARIOS = {
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scenario,transport", [(s, t) for s in SCENARIOS for t in TRANSPORTS
-                                                if t != "shm" or s in SHM_SCENARIOS])
+                                                if t not in SHM_DIRECT_BYTES or s in SHM_SCENARIOS])
 def test_fault_matrix(scenario, transport):
     SCENARIOS[scenario](transport)

@@ -14,8 +14,11 @@ segment name outlives group formation and that the launcher removes the names a 
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,7 @@ import multiproc
 import collcomm as cc
 from collcomm.runtime import local
 from collcomm.topology.model import Link, Node, Topology
-from collcomm.transport.shm import arena as shm_arena, segment
+from collcomm.transport.shm import arena as shm_arena, cma, segment
 
 pytestmark = pytest.mark.skipif(not shm_arena.SUPPORTED or not os.path.isdir("/dev/shm"),
                                 reason="shared-memory collectives run on x86-64 Linux with /dev/shm")
@@ -49,6 +52,15 @@ def _reference(x: np.ndarray, op: str) -> np.ndarray:
     f = {"sum": np.sum, "prod": np.prod, "min": np.min, "max": np.max, "avg": np.sum}[op]
     out = f(x, axis=0).astype(x.dtype)
     return out / x.shape[0] if op == "avg" else out
+
+
+def cma_allowed() -> bool:
+    """Whether ranks may read each other's memory directly: the syscall works (on this process
+    itself: seccomp would refuse it) and Yama, if present, lets a process read its siblings."""
+    probe = np.arange(8, dtype=np.uint8)
+    yama = Path("/proc/sys/kernel/yama/ptrace_scope")
+    return cma.probe(os.getpid(), cma.address(probe), probe.tobytes()) and \
+        (not yama.exists() or yama.read_text().strip() == "0")
 
 
 def every_collective(counts: list[int], transport_expected: bool) -> dict:
@@ -94,6 +106,9 @@ def every_collective(counts: list[int], transport_expected: bool) -> dict:
         wrong.append("reduce_scatter in place")
     used = bool(cc.api._group(None)._local)
     assert used == transport_expected, f"shared memory in use: {used}"
+    if used:
+        direct = cc.api._group(None)._local.direct
+        assert direct == (local.direct_bytes() if cma_allowed() else None), direct
     if used:  # what this rank read from each peer's segment is in the link telemetry
         cc.api._group(None)._local._flush_telemetry()
         links = cc.api.runtime().transport.telemetry.snapshot()["links"]
@@ -188,6 +203,62 @@ def test_every_collective_dtype_and_op_over_shared_memory(n):
     for r, v in enumerate(job.values()):
         assert v["wrong"] == [], f"rank {r}: {v['wrong']}"
         assert v["done"] > 100
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n,threshold", [(2, "0"), (3, "10000")])
+def test_every_collective_reading_peers_directly(n, threshold):
+    """Cross-memory attach: allreduce, allgather and reduce-scatter read the peers' buffers
+    directly from ``threshold`` bytes on (0: all of them; 10000: the larger sizes, the others
+    through the segments in the same job); the large ones reduce through the scratch in pieces."""
+    if not cma_allowed():
+        pytest.skip("process_vm_readv is not allowed here (seccomp or ptrace restrictions)")
+    job = multiproc.run(n, every_collective, kwargs={"counts": [1, 7, 3001, 70_001], "transport_expected": True},
+                        timeout=240, env={"COLLCOMM_SHM_DIRECT_BYTES": threshold}).check()
+    for r, v in enumerate(job.values()):
+        assert v["wrong"] == [], f"rank {r}: {v['wrong']}"
+
+
+def direct_agreement(refuse: int) -> dict:
+    """Rank ``refuse`` will not read directly; the group forms (first barrier) and says."""
+    if cc.rank() == refuse:
+        os.environ["COLLCOMM_SHM_DIRECT_BYTES"] = "off"
+    cc.barrier()
+    x = np.full(1 << 21, cc.rank() + 1, np.float32)  # 8 MB: direct if the group had agreed to
+    cc.allreduce(x)
+    n = cc.world_size()
+    return {"direct": cc.api._group(None)._local.direct, "exact": bool((x == n * (n + 1) // 2).all())}
+
+
+@pytest.mark.timeout(120)
+def test_one_member_that_will_not_read_directly_keeps_the_whole_group_on_the_segments():
+    values = list(multiproc.run(3, direct_agreement, kwargs={"refuse": 1}, timeout=100).check().values())
+    assert values == [{"direct": None, "exact": True}] * 3, values
+    values = list(multiproc.run(2, direct_agreement, kwargs={"refuse": -1}, timeout=100).check().values())
+    if cma_allowed():
+        assert values == [{"direct": local.DEFAULT_DIRECT_BYTES, "exact": True}] * 2, values
+
+
+def test_direct_bytes_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("COLLCOMM_SHM_DIRECT_BYTES", "lots")
+    with pytest.raises(ValueError, match="COLLCOMM_SHM_DIRECT_BYTES='lots' is neither a number of bytes nor off"):
+        local.direct_bytes()
+    monkeypatch.setenv("COLLCOMM_SHM_DIRECT_BYTES", "-1")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        local.direct_bytes()
+    monkeypatch.setenv("COLLCOMM_SHM_DIRECT_BYTES", "Off")
+    assert local.direct_bytes() is None
+    monkeypatch.delenv("COLLCOMM_SHM_DIRECT_BYTES")
+    assert local.direct_bytes() == local.DEFAULT_DIRECT_BYTES
+
+
+def test_reading_a_process_that_is_gone_is_an_error_naming_it():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=30)
+    out = np.zeros(8, np.uint8)
+    with pytest.raises(OSError) as info:
+        cma.read(proc.pid, cma.address(out), out)
+    assert info.value.errno == errno.ESRCH and str(proc.pid) in str(info.value)
 
 
 @pytest.mark.timeout(300)

@@ -9,7 +9,8 @@ its own segment, publishes a step, waits for the others' (spin, yield, futex), a
 data in place, reducing straight out of their segments into its own buffer. No thread hand-off,
 coordinator call or allocation per operation.
 
-Two algorithms, chosen per call by the alpha-beta model (:func:`choose`):
+Three algorithms: one-shot or two-step chosen per call by the alpha-beta model (:func:`choose`),
+and direct reads from a size on:
 
 * **one-shot** (small messages): every member writes its whole input, one step, every member
   reduces all inputs itself (in rank order, so every member computes the same bits): one
@@ -18,6 +19,10 @@ Two algorithms, chosen per call by the alpha-beta model (:func:`choose`):
   parts the others reduce; step; each reduces its own part from every segment and writes the
   result into its segment; step; each copies the others' results. Two synchronizations per
   round, each byte reduced once.
+* **direct** (from ``COLLCOMM_SHM_DIRECT_BYTES``, when every member may read its peers' memory):
+  every member publishes its buffer's address; each reduces its part reading the peers' buffers
+  directly (``process_vm_readv``); step; each reads the others' results from their buffers;
+  step. One copy per byte instead of two (allgather and reduce-scatter read directly too).
 
 Failures keep the runtime's contract: a dead peer (its process exits: pidfd) is a PeerFailure at
 once, a stopped one a CollectiveTimeout at the deadline, a failure seen elsewhere (the
@@ -37,7 +42,7 @@ import numpy as np
 from collcomm.errors import CollectiveError
 from collcomm.runtime import failures
 from collcomm.transport import frames
-from collcomm.transport.shm import arena as shm_arena
+from collcomm.transport.shm import arena as shm_arena, cma
 from collcomm.transport.shm.segment import Segment, name as segment_name
 
 DEFAULT_HALF_BYTES = 1 << 20  # each half of a member's data area (COLLCOMM_SHM_BYTES)
@@ -52,6 +57,13 @@ BETA_COPY, BETA_REDUCE = 0.2e-9, 0.4e-9
 SPIN = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN", "2000,200").split(","))
 SPIN_CROWDED = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN_CROWDED", "5,50").split(","))
 TELEMETRY_EVERY_BYTES = 1 << 20  # record shared-memory traffic in the link telemetry in batches
+# From this size on (COLLCOMM_SHM_DIRECT_BYTES; "off": never) allreduce, allgather and
+# reduce-scatter read the members' buffers directly (cross-memory attach: one copy per byte instead
+# of two through the segments; bench/RESULTS.md: better from 4 MB on, worse at 1 MB, where a
+# syscall per piece and one more step cost more than the copy saved). Broadcast keeps to the
+# segments: there the root's copy-in and the readers' copy-out overlap on different cores.
+DEFAULT_DIRECT_BYTES = 4 << 20
+DIRECT_CHUNK_BYTES = 256 << 10  # a direct read to be reduced goes through a scratch of this size (stays in cache)
 
 
 TRANSPORTS = ("auto", "unix", "tcp")  # COLLCOMM_TRANSPORT: shared memory + sockets, sockets, TCP only
@@ -113,8 +125,10 @@ def parts(count: int, n: int) -> list[tuple[int, int]]:
 class LocalGroup:
     """The shared-memory collectives of one group (one arena generation)."""
 
-    def __init__(self, group, arena: shm_arena.Arena, alpha: float):
+    def __init__(self, group, arena: shm_arena.Arena, alpha: float, direct: int | None = None):
         self.group, self.arena, self.alpha = group, arena, alpha
+        self.direct = direct  # from what size on members read each other's buffers directly (None: never)
+        self._scratch: np.ndarray | None = None
         self.n, self.me = group.size, group.me
         self._descs: dict[tuple, tuple[int, bytes]] = {}
         self._one_shots: dict[tuple, tuple] = {}  # prepared one-shot allreduces by shape
@@ -173,10 +187,11 @@ class LocalGroup:
         arena.watch_processes()
         try:
             alpha = arena.calibrate(time.monotonic() + timeout)
+            direct = arena.agree_direct(time.monotonic() + timeout, direct_bytes() if cma.AVAILABLE else None)
         except BaseException:
             arena.close()
             raise
-        return cls(group, arena, alpha)
+        return cls(group, arena, alpha, direct)
 
     def close(self) -> None:
         self._flush_telemetry()
@@ -238,10 +253,33 @@ class LocalGroup:
         self._traffic_seconds = 0.0
         self._pending_bytes = 0
 
+    def _is_direct(self, nbytes: int) -> bool:
+        return self.direct is not None and nbytes >= self.direct
+
+    def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
+        if self._scratch is None:
+            self._scratch = np.empty(DIRECT_CHUNK_BYTES, np.uint8)
+        return self._scratch[:DIRECT_CHUNK_BYTES // dtype.itemsize * dtype.itemsize].view(dtype)
+
+    def _reduce_direct(self, reduce, out: np.ndarray, offset: int) -> None:
+        """out (op)= every peer's published buffer from element ``offset`` on, peer by peer in
+        rank order, through the scratch (a chunk at a time)."""
+        arena, size = self.arena, out.dtype.itemsize
+        tmp = self._scratch_for(out.dtype)
+        for c0 in range(0, out.size, tmp.size):
+            piece = out[c0:c0 + tmp.size]
+            t = tmp[:piece.size]
+            for j in arena.peers:
+                arena.read_direct(j, (offset + c0) * size, t)
+                reduce(piece, t)
+
     # ------------------------------------------------------------------ collectives
     def allreduce(self, buf, op: str, timeout: float) -> None:
         x, arena, n = buf.array, self.arena, self.n
         fields = ("allreduce", buf.dtype, buf.count, op, -1)
+        if self._is_direct(buf.nbytes):
+            self._allreduce_direct(buf, op, fields, timeout)
+            return
         shot = self._one_shots.get(fields)
         if shot is None and choose(n, buf.nbytes, arena.capacity, self.alpha) == "one_shot":
             shot = self._one_shot(fields, buf, op)
@@ -272,6 +310,31 @@ class LocalGroup:
                 for j, (off, length) in enumerate(layout):
                     if j != self.me:
                         np.copyto(chunk[off:off + length], arena.view(j, h, x.dtype)[off:off + length])
+
+        self.run(fields, timeout, body, buf.nbytes)
+        if op == "avg":
+            buf.divide(n)
+
+    def _allreduce_direct(self, buf, op: str, fields: tuple, timeout: float) -> None:
+        """Large allreduce, one copy per byte: every member publishes its buffer; each reduces its
+        part reading its peers' buffers directly; step; each reads the others' reduced parts
+        straight from their buffers; step (no member returns while its buffer is being read).
+        Each part is reduced by one member in rank order of the peers: every member gets the same bits."""
+        x, arena, n, me = buf.array, self.arena, self.n, self.me
+        reduce = buf.reducer(op)
+        layout = parts(x.size, n)
+        size = x.dtype.itemsize
+
+        def body(deadline, poll, desc):
+            arena.mine[shm_arena.W_BUF] = cma.address(x)
+            arena.sync(deadline, poll, desc)
+            off, length = layout[me]
+            self._reduce_direct(reduce, x[off:off + length], off)
+            arena.sync(deadline, poll)
+            for j in arena.peers:
+                off, length = layout[j]
+                arena.read_direct(j, off * size, x[off:off + length])
+            arena.sync(deadline, poll)
 
         self.run(fields, timeout, body, buf.nbytes)
         if op == "avg":
@@ -398,6 +461,20 @@ class LocalGroup:
                 dst.divide(n)
             return
         reduce = src.reducer(op)
+        if self._is_direct(x.nbytes):  # read the peers' inputs directly
+            def direct(deadline, poll, desc):
+                arena.mine[shm_arena.W_BUF] = cma.address(x)
+                arena.sync(deadline, poll, desc)
+                mine = x[me * m:(me + 1) * m]
+                if not np.may_share_memory(y, mine):
+                    np.copyto(y, mine)
+                self._reduce_direct(reduce, y, me * m)
+                arena.sync(deadline, poll)  # nobody returns while its input is being read
+
+            self.run(fields, timeout, direct, src.nbytes)
+            if op == "avg":
+                dst.divide(n)
+            return
         step = max(1, arena.capacity // x.dtype.itemsize // n)
 
         def body(deadline, poll, desc):
@@ -428,6 +505,16 @@ class LocalGroup:
                 fields, lambda h: (arena.view(me, h, x.dtype)[:m],
                                    tuple((j * m, arena.view(j, h, x.dtype)[:m]) for j in arena.peers)), None)
             self._run_small(shot, self._small_allgather, x, y, timeout, dst.nbytes)
+            return
+        if self._is_direct(dst.nbytes):  # read each peer's input directly
+            def direct(deadline, poll, desc):
+                arena.mine[shm_arena.W_BUF] = cma.address(x)
+                arena.sync(deadline, poll, desc)
+                for j in arena.peers:
+                    arena.read_direct(j, 0, y[j * m:(j + 1) * m])
+                arena.sync(deadline, poll)  # nobody returns while its input is being read
+
+            self.run(fields, timeout, direct, dst.nbytes)
             return
         step = arena.capacity // x.dtype.itemsize
 
@@ -494,6 +581,23 @@ def _agree(group, ok: int, timeout: float) -> int:
     flag = np.array([ok], dtype=np.int32)
     allreduce(group.runtime, group, flag, "min", timeout)
     return int(flag[0])
+
+
+def direct_bytes() -> int | None:
+    """COLLCOMM_SHM_DIRECT_BYTES: from what size members read each other's buffers directly
+    (default 4 MiB); "off": never."""
+    raw = os.environ.get("COLLCOMM_SHM_DIRECT_BYTES", "").strip().lower()
+    if not raw:
+        return DEFAULT_DIRECT_BYTES
+    if raw == "off":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"COLLCOMM_SHM_DIRECT_BYTES={raw!r} is neither a number of bytes nor off") from None
+    if value < 0:
+        raise ValueError(f"COLLCOMM_SHM_DIRECT_BYTES must be >= 0, got {value}")
+    return value
 
 
 def half_bytes() -> int:

@@ -28,15 +28,16 @@ ranks that run different operations get a MismatchError naming both, never a wro
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import select
 import time
 
 import numpy as np
 
-from collcomm.errors import CollectiveTimeout, MismatchError, PeerFailure
+from collcomm.errors import CollectiveError, CollectiveTimeout, MismatchError, PeerFailure
 from collcomm.transport.frames import error_from_abort
-from collcomm.transport.shm import futex
+from collcomm.transport.shm import cma, futex
 from collcomm.transport.shm.arena_support import X86_64
 from collcomm.transport.shm.fence import fence
 from collcomm.transport.shm.segment import Segment
@@ -49,6 +50,9 @@ MAGIC = 0x31304D4853434343  # "CCCSHM01" little-endian
 W_MAGIC, W_PID, W_GROUP, W_EPOCH, W_RANK, W_GEN, W_CAP = 0, 1, 2, 3, 4, 5, 6
 W_STEP, W_DESC0, W_DESC1, W_ABORT = 8, 9, 10, 11       # one cache line: what peers poll
 W_ALPHA = 16                                            # nanoseconds per step, measured at formation
+W_BUF = 17                                              # address of the buffer peers read directly (cma)
+W_SELF = 18                                             # address of the owner's own mapping (the cma probe)
+W_CMA = 19                                              # from what size this member reads peers directly; -1: never
 W_SLEEP = 24                                            # the owner sleeps on its futex
 FUTEX_BYTE = 256                                        # u32 futex word
 DESC_TEXT = (512, 768)                                  # u16 length + text, by operation parity
@@ -80,6 +84,8 @@ class Arena:
         self._futex = memoryview(segments[me].mm)[FUTEX_BYTE:FUTEX_BYTE + 4].cast("I")
         self._futex_peer = [memoryview(s.mm)[FUTEX_BYTE:FUTEX_BYTE + 4].cast("I") for s in segments]
         self._addr = [_address(s) + FUTEX_BYTE for s in segments]
+        self.mine[W_SELF] = self._addr[me] - FUTEX_BYTE
+        self.pids = [ctl[W_PID] for ctl in self.ctl]
         self.peers = [i for i in range(self.n) if i != me]
         self._peer_ctl = [self.ctl[i] for i in self.peers]
         self.spin, self.yields = spin, yields
@@ -250,6 +256,30 @@ class Arena:
         self.mine[W_ALPHA] = max(1, int((time.perf_counter() - start) / rounds * 1e9))
         self.sync(deadline)
         return max(ctl[W_ALPHA] for ctl in self.ctl) / 1e9
+
+    def agree_direct(self, deadline: float, threshold: int | None) -> int | None:
+        """From what size on the members read each other's buffers directly (:mod:`cma`), or
+        None: each member tries to read the start of each peer's control page in the peer's own
+        process and offers its ``threshold`` (None: it will not); every member takes the same
+        answer (the largest threshold, or None when any member cannot)."""
+        ok = threshold is not None and all(
+            cma.probe(self.pids[i], self.ctl[i][W_SELF], MAGIC.to_bytes(8, "little")) for i in self.peers)
+        self.mine[W_CMA] = threshold if ok else -1
+        self.sync(deadline)
+        offers = [ctl[W_CMA] for ctl in self.ctl]
+        return None if min(offers) < 0 else max(offers)
+
+    def read_direct(self, member: int, offset: int, out: np.ndarray) -> None:
+        """Copy ``out.nbytes`` bytes from ``offset`` bytes into the buffer ``member`` published
+        (W_BUF) for this operation, out of its process; a peer gone is a PeerFailure."""
+        try:
+            cma.read(self.pids[member], self.ctl[member][W_BUF] + offset, out)
+        except OSError as e:
+            self._check_aborts()
+            if e.errno == errno.ESRCH:
+                raise PeerFailure(f"rank {self.ranks[member]} died (its process is gone) during a shared-memory "
+                                  f"operation", rank=self.ranks[member]) from None
+            raise CollectiveError(f"reading rank {self.ranks[member]}'s buffer failed: {e}") from None
 
     # ------------------------------------------------------------------ failures
     def abort(self, text: str) -> None:
