@@ -262,8 +262,10 @@ class Arena:
         None: each member tries to read the start of each peer's control page in the peer's own
         process and offers its ``threshold`` (None: it will not); every member takes the same
         answer (the largest threshold, or None when any member cannot)."""
+        # the identity words (magic, pid, group, epoch, rank, generation, half size) as the peer's
+        # own process has them: a process that is not the peer (another pid namespace) has not
         ok = threshold is not None and all(
-            cma.probe(self.pids[i], self.ctl[i][W_SELF], MAGIC.to_bytes(8, "little")) for i in self.peers)
+            cma.probe(self.pids[i], self.ctl[i][W_SELF], self.ctl[i][:W_CAP + 1].tobytes()) for i in self.peers)
         self.mine[W_CMA] = threshold if ok else -1
         self.sync(deadline)
         offers = [ctl[W_CMA] for ctl in self.ctl]
