@@ -451,15 +451,6 @@ class LocalGroup:
         x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
         m = y.size
         fields = ("reduce_scatter", src.dtype, m, op, -1)
-        if x.nbytes <= arena.capacity:  # one round: the whole input in one copy, views prepared
-            shot = self._one_shots.get(fields) or self._prepare(
-                fields, lambda h: (arena.view(me, h, x.dtype)[:x.size],
-                                   tuple(arena.view(j, h, x.dtype)[me * m:(me + 1) * m] for j in arena.peers)),
-                src.reducer(op))
-            self._run_small(shot, self._small_reduce_scatter, x, y, timeout, src.nbytes)
-            if op == "avg":
-                dst.divide(n)
-            return
         reduce = src.reducer(op)
         if self._is_direct(x.nbytes):  # read the peers' inputs directly
             def direct(deadline, poll, desc):
@@ -472,6 +463,15 @@ class LocalGroup:
                 arena.sync(deadline, poll)  # nobody returns while its input is being read
 
             self.run(fields, timeout, direct, src.nbytes)
+            if op == "avg":
+                dst.divide(n)
+            return
+        if x.nbytes <= arena.capacity:  # one round: the whole input in one copy, views prepared
+            shot = self._one_shots.get(fields) or self._prepare(
+                fields, lambda h: (arena.view(me, h, x.dtype)[:x.size],
+                                   tuple(arena.view(j, h, x.dtype)[me * m:(me + 1) * m] for j in arena.peers)),
+                reduce)
+            self._run_small(shot, self._small_reduce_scatter, x, y, timeout, src.nbytes)
             if op == "avg":
                 dst.divide(n)
             return
@@ -500,12 +500,6 @@ class LocalGroup:
         x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
         m = x.size
         fields = ("allgather", src.dtype, m, "", -1)
-        if x.nbytes <= arena.capacity:  # one round, views prepared
-            shot = self._one_shots.get(fields) or self._prepare(
-                fields, lambda h: (arena.view(me, h, x.dtype)[:m],
-                                   tuple((j * m, arena.view(j, h, x.dtype)[:m]) for j in arena.peers)), None)
-            self._run_small(shot, self._small_allgather, x, y, timeout, dst.nbytes)
-            return
         if self._is_direct(dst.nbytes):  # read each peer's input directly
             def direct(deadline, poll, desc):
                 arena.mine[shm_arena.W_BUF] = cma.address(x)
@@ -515,6 +509,12 @@ class LocalGroup:
                 arena.sync(deadline, poll)  # nobody returns while its input is being read
 
             self.run(fields, timeout, direct, dst.nbytes)
+            return
+        if x.nbytes <= arena.capacity:  # one round, views prepared
+            shot = self._one_shots.get(fields) or self._prepare(
+                fields, lambda h: (arena.view(me, h, x.dtype)[:m],
+                                   tuple((j * m, arena.view(j, h, x.dtype)[:m]) for j in arena.peers)), None)
+            self._run_small(shot, self._small_allgather, x, y, timeout, dst.nbytes)
             return
         step = arena.capacity // x.dtype.itemsize
 
