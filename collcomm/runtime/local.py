@@ -586,10 +586,10 @@ def _agree(group, ok: int, timeout: float) -> int:
 def direct_bytes() -> int | None:
     """COLLCOMM_SHM_DIRECT_BYTES: from what size members read each other's buffers directly
     (default 4 MiB); "off": never."""
-    raw = os.environ.get("COLLCOMM_SHM_DIRECT_BYTES", "").strip().lower()
+    raw = os.environ.get("COLLCOMM_SHM_DIRECT_BYTES", "").strip()
     if not raw:
         return DEFAULT_DIRECT_BYTES
-    if raw == "off":
+    if raw.lower() == "off":
         return None
     try:
         value = int(raw)
