@@ -148,15 +148,15 @@ def _collectives():
     return _COLLECTIVES
 
 
-def _timeout(timeout):
-    return _rt().timeout if timeout is None else float(timeout)
+def _timeout(rt, timeout):
+    return rt.timeout if timeout is None else float(timeout)
 
 
 def allreduce(x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` across the group, in place on every rank."""
     c = _collectives()
     rt, g = _rt(), _group(group)
-    t = rt.timeout if timeout is None else float(timeout)
+    t = _timeout(rt, timeout)
     return g.submit(lambda: c.allreduce(rt, g, x, op, t), "allreduce", async_op)
 
 
@@ -164,7 +164,7 @@ def allgather(out, x, *, group=None, async_op: bool = False, timeout: float | No
     """Gather every rank's ``x`` into ``out`` (group size x x.size elements, in rank order)."""
     c = _collectives()
     rt, g = _rt(), _group(group)
-    t = rt.timeout if timeout is None else float(timeout)
+    t = _timeout(rt, timeout)
     return g.submit(lambda: c.allgather(rt, g, out, x, t), "allgather", async_op)
 
 
@@ -172,7 +172,7 @@ def reduce_scatter(out, x, op: str = "sum", *, group=None, async_op: bool = Fals
     """Reduce ``x`` (group size x out.size elements) and leave this rank's part in ``out``."""
     c = _collectives()
     rt, g = _rt(), _group(group)
-    t = rt.timeout if timeout is None else float(timeout)
+    t = _timeout(rt, timeout)
     return g.submit(lambda: c.reduce_scatter(rt, g, out, x, op, t), "reduce_scatter", async_op)
 
 
@@ -183,7 +183,7 @@ def alltoall(out, x, *, group=None, async_op: bool = False, timeout: float | Non
     from collcomm.runtime.alltoall import alltoall as run
 
     rt, g = _rt(), _group(group)
-    t = rt.timeout if timeout is None else float(timeout)
+    t = _timeout(rt, timeout)
     return g.submit(lambda: run(rt, g, out, x, t), "alltoall", async_op)
 
 
@@ -191,7 +191,7 @@ def broadcast(x, root: int = 0, *, group=None, async_op: bool = False, timeout: 
     """Copy the root's ``x`` to every rank of the group (``root`` is a group rank)."""
     c = _collectives()
     rt, g = _rt(), _group(group)
-    t = rt.timeout if timeout is None else float(timeout)
+    t = _timeout(rt, timeout)
     return g.submit(lambda: c.broadcast(rt, g, x, root, t), "broadcast", async_op)
 
 
@@ -199,7 +199,7 @@ def reduce(x, root: int = 0, op: str = "sum", *, group=None, async_op: bool = Fa
     """Reduce ``x`` across the group into the root's ``x`` (other ranks' buffers are unchanged)."""
     c = _collectives()
     rt, g = _rt(), _group(group)
-    t = rt.timeout if timeout is None else float(timeout)
+    t = _timeout(rt, timeout)
     return g.submit(lambda: c.reduce(rt, g, x, root, op, t), "reduce", async_op)
 
 
@@ -207,7 +207,7 @@ def barrier(*, group=None, async_op: bool = False, timeout: float | None = None)
     """Return once every member of the group has entered the barrier."""
     c = _collectives()
     rt, g = _rt(), _group(group)
-    t = rt.timeout if timeout is None else float(timeout)
+    t = _timeout(rt, timeout)
     return g.submit(lambda: c.barrier(rt, g, t), "barrier", async_op)
 
 
@@ -215,14 +215,16 @@ def send(x, dst: int, *, tag: int = 0, timeout: float | None = None) -> None:
     """Send ``x`` to world rank ``dst`` (matched in order with that rank's ``recv`` of the same tag)."""
     from collcomm.runtime import p2p
 
-    p2p.send(_rt(), x, dst, tag, _timeout(timeout))
+    rt = _rt()
+    p2p.send(rt, x, dst, tag, _timeout(rt, timeout))
 
 
 def recv(x, src: int, *, tag: int = 0, timeout: float | None = None) -> None:
     """Receive into ``x`` from world rank ``src``."""
     from collcomm.runtime import p2p
 
-    p2p.recv(_rt(), x, src, tag, _timeout(timeout))
+    rt = _rt()
+    p2p.recv(rt, x, src, tag, _timeout(rt, timeout))
 
 
 def probe_topology(*, group=None, seconds_per_pair: float | None = None, timeout: float | None = None):

@@ -131,7 +131,7 @@ class LocalGroup:
         self._scratch: np.ndarray | None = None
         self.n, self.me = group.size, group.me
         self._descs: dict[tuple, tuple[int, bytes]] = {}
-        self._one_shots: dict[tuple, tuple] = {}  # prepared one-shot allreduces by shape
+        self._one_shots: dict[tuple, tuple] = {}  # prepared one-round operations by shape (_prepare)
         self._traffic_seconds = 0.0
         self._pending_bytes = 0
         self._seq, self._current = -1, (0, b"")  # the operation running (for _poll)
@@ -282,9 +282,12 @@ class LocalGroup:
             return
         shot = self._one_shots.get(fields)
         if shot is None and choose(n, buf.nbytes, arena.capacity, self.alpha) == "one_shot":
-            shot = self._one_shot(fields, buf, op)
+            # this member's input view and every member's (in rank order), by half
+            shot = self._prepare(fields, lambda h: (arena.view(self.me, h, x.dtype)[:x.size],
+                                                    tuple(arena.view(j, h, x.dtype)[:x.size] for j in range(n))),
+                                 buf.reducer(op))
         if shot is not None:  # the small-message path: every view and function prepared once
-            self._run_one_shot(x, shot, timeout)
+            self._run_small(shot, self._small_allreduce, x, None, timeout, buf.nbytes)
             if op == "avg":
                 buf.divide(n)
             return
@@ -340,43 +343,6 @@ class LocalGroup:
         if op == "avg":
             buf.divide(n)
 
-    def _one_shot(self, fields: tuple, buf, op: str) -> tuple:
-        """What a one-shot allreduce of this shape needs, by half: this member's input view and
-        every member's (in rank order); the combining function; the operation's description."""
-        if len(self._one_shots) > 64:
-            self._one_shots.clear()
-        x, arena = buf.array, self.arena
-        halves = tuple((arena.view(self.me, h, x.dtype)[:x.size],
-                        tuple(arena.view(j, h, x.dtype)[:x.size] for j in range(self.n))) for h in (0, 1))
-        shot = self._one_shots[fields] = (halves, buf.reducer(op), self._desc(fields))
-        return shot
-
-    def _run_one_shot(self, x, shot, timeout: float) -> None:
-        """One synchronization: write the input, step, reduce every member's input. Written out in
-        one function (what :meth:`run` does, inline): a small allreduce is mostly Python's calls."""
-        halves, reduce, current = shot
-        arena = self.arena
-        seq = self._seq = self.group.next_seq()
-        self._current = current
-        desc_hash, text = current
-        parity = arena.begin(desc_hash, text)
-        start = time.monotonic()
-        mine, ins = halves[arena.next_half()]
-        try:
-            np.copyto(mine, x)
-            arena.sync(start + timeout, self._poll, (parity, desc_hash, text))
-            if self.n == 2:
-                # a (op) b == b (op) a bit for bit (IEEE addition and multiplication commute;
-                # NaN payloads aside), so both members compute the same bits without a copy
-                reduce(x, ins[1 - self.me])
-            else:  # in rank order, in place: every member computes the same bits
-                np.copyto(x, ins[0])
-                for other in ins[1:]:
-                    reduce(x, other)
-        except CollectiveError as e:
-            self._fail(seq, e)
-        self._count(x.nbytes, time.monotonic() - start)
-
     def _prepare(self, fields: tuple, views, reduce) -> tuple:
         """A one-round operation of this shape, prepared: ``views(half)`` for both halves, the
         combining function and the description (what :meth:`run` looks up each time)."""
@@ -386,8 +352,9 @@ class LocalGroup:
         return shot
 
     def _run_small(self, shot, step, x, y, timeout: float, nbytes: int) -> None:
-        """:meth:`run` for a prepared one-round operation: ``step(x, y, views, reduce, deadline,
-        desc)`` writes, synchronizes once and reads."""
+        """:meth:`run` for a prepared one-round operation, written out (a small operation is
+        mostly Python's calls): ``step(x, y, views, reduce, deadline, desc)`` writes,
+        synchronizes once and reads."""
         halves, reduce, current = shot
         arena = self.arena
         seq = self._seq = self.group.next_seq()
@@ -399,6 +366,20 @@ class LocalGroup:
         except CollectiveError as e:
             self._fail(seq, e)
         self._count(nbytes, time.monotonic() - start)
+
+    def _small_allreduce(self, x, y, views, reduce, deadline, desc) -> None:
+        """One-shot: write the input, step, reduce every member's input into ``x``."""
+        mine, ins = views
+        np.copyto(mine, x)
+        self.arena.sync(deadline, self._poll, desc)
+        if self.n == 2:
+            # a (op) b == b (op) a bit for bit (IEEE addition and multiplication commute; NaN
+            # payloads aside), so both members compute the same bits without a copy
+            reduce(x, ins[1 - self.me])
+        else:  # in rank order, in place: every member computes the same bits
+            np.copyto(x, ins[0])
+            for other in ins[1:]:
+                reduce(x, other)
 
     def _small_reduce_scatter(self, x, y, views, reduce, deadline, desc) -> None:
         mine, others = views
