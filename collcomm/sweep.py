@@ -15,12 +15,35 @@ import time
 import numpy as np
 
 import collcomm as cc
+from collcomm.inputs import SizeError, integer_from_text, shown
+from collcomm.inputs import parse_size as inputs_parse_size
+
+MAX_BYTES = 1 << 40  # a float32 buffer per rank, allocated at once: well beyond any machine's memory
+MAX_FACTOR = 1 << 20
+MAX_ITERS = 1_000_000
 
 
 def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().rstrip("B")
-    return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    """Bytes from ``1K``, ``64M``, ``1.5G`` (powers of 1024): collcomm's one size parser, at most
+    1T; an argparse type (a bad size is a usage error naming the flag, exit status 2)."""
+    try:
+        size = inputs_parse_size(text, maximum=MAX_BYTES)
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return size
+
+
+def _count(low: int, high: int):
+    def convert(text: str) -> int:
+        try:
+            value = integer_from_text(text, "the value", error=argparse.ArgumentTypeError, low=low, high=high)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {shown(text)}") from None
+        return value
+
+    return convert
 
 
 def human(n: int) -> str:
@@ -32,11 +55,13 @@ def human(n: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collcomm.sweep", description=__doc__.splitlines()[0])
-    ap.add_argument("--min", default="1K", help="smallest buffer in bytes (K, M, G suffixes)")
-    ap.add_argument("--max", default="64M", help="largest buffer in bytes")
-    ap.add_argument("--factor", type=int, default=4, help="size step factor")
-    ap.add_argument("--iters", type=int, default=0, help="timed iterations per size (0: by size)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--min", type=parse_size, default="1K", help="smallest buffer in bytes (K, M, G suffixes)")
+    ap.add_argument("--max", type=parse_size, default="64M", help="largest buffer in bytes")
+    ap.add_argument("--factor", type=_count(2, MAX_FACTOR), default=4, help="size step factor (at least 2)")
+    ap.add_argument("--iters", type=_count(0, MAX_ITERS), default=0, help="timed iterations per size (0: by size)")
+    args = ap.parse_args(argv)  # before init: a bad flag costs no job
+    if args.min > args.max:
+        ap.error(f"--min {args.min} is more than --max {args.max}")
     cc.init()
     rank, n = cc.rank(), cc.world_size()
     from collcomm.api import runtime
@@ -46,7 +71,7 @@ def main(argv=None) -> int:
         print(f"allreduce sweep: {n} ranks, float32 sum, fabric {group.planner.topo.name}")
         print(f"{'size':>8} {'count':>10}  {'algorithm':<17} {'time (us)':>10} {'algbw GB/s':>11} "
               f"{'busbw GB/s':>11}  check")
-    size, lo, hi = parse_size(args.min), parse_size(args.min), parse_size(args.max)
+    size, hi = args.min, args.max
     wrong = 0
     while size <= hi:
         count = max(size // 4, 1)

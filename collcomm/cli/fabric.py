@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-from fractions import Fraction
+import re
 from typing import Sequence
 
-from collcomm.cli.arguments import positive_int
+from collcomm.cli.arguments import path, positive_int
 from collcomm.cli.errors import UsageError
 from collcomm.errors import TopologyError
+from collcomm.inputs import current_limits, exact_number, float_from_text, integer_from_text, shown
 
 
 def add_fabric_arguments(p: argparse.ArgumentParser, required: bool):
@@ -20,7 +21,7 @@ def add_fabric_arguments(p: argparse.ArgumentParser, required: bool):
     from collcomm.topology.presets import PRESETS
 
     src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--topology", metavar="FILE", help="a collcomm.topology/1 JSON file")
+    src.add_argument("--topology", type=path, metavar="FILE", help="a collcomm.topology/1 JSON file")
     src.add_argument("--preset", metavar="NAME", choices=list(PRESETS),
                      help=f"a built-in fabric: {', '.join(PRESETS)}")
     p.add_argument("--boxes", type=positive_int, metavar="B",
@@ -36,37 +37,48 @@ def parse_param(text: str) -> tuple[str, str]:
     key, sep, raw = text.partition("=")
     key, raw = key.strip(), raw.strip()
     if not sep or not key or not raw:
-        raise UsageError(f"--param {text!r}: expected key=value, e.g. --param bandwidth=25/2")
+        raise UsageError(f"--param {shown(text)}: expected key=value, e.g. --param bandwidth=25/2")
     return key, raw
+
+
+_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+_INTEGER = re.compile(r"[-+]?\d+", re.ASCII)
+_NUMERIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(/\d+)?", re.ASCII)
 
 
 def _convert_param(preset: str, key: str, raw: str, default):
     """The value of a --param: true/false, an int or an exact Fraction (a float where the
-    preset's default is a float, e.g. ``latency_us``)."""
-    words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+    preset's default is a float, e.g. ``latency_us``). Text that is no such value is a UsageError;
+    a number past collcomm's limits (``bandwidth=1e99999999999``: more digits than
+    ``COLLCOMM_MAX_NUMBER_DIGITS`` written out) a TopologyError, as in a topology file, refused
+    from its digits before anything is computed."""
+    where = f"--param {key}"
     if isinstance(default, bool):
-        if raw.lower() in words:
-            return words[raw.lower()]
-        raise UsageError(f"--param {key}={raw}: preset {preset!r} expects true or false")
+        if raw.lower() in _WORDS:
+            return _WORDS[raw.lower()]
+        raise UsageError(f"--param {key}={_as_given(raw)}: preset {preset!r} expects true or false")
     if isinstance(default, float):
-        try:
-            value = float(raw)
-        except ValueError:
-            raise UsageError(f"--param {key}={raw}: preset {preset!r} expects a number") from None
-        if not math.isfinite(value):
-            raise UsageError(f"--param {key}={raw}: expected a finite number")
-        return value
-    if raw.lower() in words:
-        return words[raw.lower()]
-    try:
-        return int(raw)
-    except ValueError:
-        pass
-    try:
-        return Fraction(raw)
-    except (ValueError, ZeroDivisionError):
-        raise UsageError(f"--param {key}={raw}: expected an integer, a fraction like 25/2, a decimal "
-                         f"or true/false") from None
+        if not _looks_numeric(raw):
+            raise UsageError(f"--param {key}={_as_given(raw)}: preset {preset!r} expects a number")
+        return float_from_text(raw, where, error=TopologyError)
+    if raw.lower() in _WORDS:
+        return _WORDS[raw.lower()]
+    if not _looks_numeric(raw):
+        raise UsageError(f"--param {key}={_as_given(raw)}: expected an integer, a fraction like 25/2, a decimal "
+                         f"or true/false")
+    if _INTEGER.fullmatch(raw):
+        return integer_from_text(raw, where, error=TopologyError)
+    return exact_number(raw, where, error=TopologyError)
+
+
+def _as_given(raw: str) -> str:
+    """The value as the user typed it, when it is short and printable (else quoted, shortened)."""
+    return raw if len(raw) <= 60 and raw.isprintable() else shown(raw)
+
+
+def _looks_numeric(raw: str) -> bool:
+    """Digits with a sign, point, exponent or fraction bar: a number's text, whatever its size."""
+    return _NUMERIC.fullmatch(raw) is not None
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -92,16 +104,21 @@ def preset_arguments(name: str, boxes: int | None, ranks: int | None, params: Se
     for text in params:
         key, raw = parse_param(text)
         if key not in signature:
-            raise TopologyError(f"preset {name!r} has no parameter {key!r}; it takes: {', '.join(allowed)}")
+            raise TopologyError(f"preset {name!r} has no parameter {shown(key)}; it takes: {', '.join(allowed)}")
         if key in kwargs:
             raise UsageError(f"--param {key} is given twice")
         kwargs[key] = _convert_param(name, key, raw, signature[key].default)
 
     def put(key: str, value, flag: str):
         if key in kwargs and kwargs[key] != value:
-            raise UsageError(f"{flag} sets {key}={value}, but --param {key}={kwargs[key]} disagrees")
+            raise UsageError(f"{flag} sets {key}={value}, but --param {key}={shown(kwargs[key])} disagrees")
         kwargs[key] = value
 
+    limits = current_limits()
+    for flag, value in (("--boxes", boxes), ("--ranks", ranks)):
+        if value is not None and value > limits.max_nodes:  # before any arithmetic on it (a torus's divisors)
+            raise TopologyError(f"{flag} {value} makes more than the {limits.max_nodes} nodes a topology may have; "
+                                f"{limits.describe('max_nodes')}")
     if boxes is not None:
         key = next((k for k in ("boxes", "leaves") if k in signature), None)
         if key is None:

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from collcomm.emulation.iproute import require_root, run_batch, run_per_namespace, run_tool
-from collcomm.emulation.plan import (DEFAULT_PREFIX, MGMT_OCTETS, MTU, EmulationError, FabricPlan, check_prefix,
-                                     first_mgmt_octet, use_mgmt_octet)
+from collcomm.emulation.plan import (DEFAULT_PREFIX, MGMT_OCTETS, MTU, EmulationError, FabricPlan, PlanError,
+                                     check_prefix, first_mgmt_octet, use_mgmt_octet)
 from collcomm.emulation.shaping import tbf_qdisc
+from collcomm.inputs import read_bounded
 
 STATE_DIR = Path(os.environ.get("COLLCOMM_EMULATE_STATE", "/run/collcomm-emulate"))
 
@@ -36,7 +37,8 @@ def current(prefix: str = DEFAULT_PREFIX) -> FabricPlan | None:
     if not path.exists():
         return None
     try:
-        p = FabricPlan.from_json(path.read_text())
+        # Bounded (COLLCOMM_MAX_INPUT_BYTES), and a FIFO put there cannot block: PlanError is a ValueError.
+        p = FabricPlan.from_json(read_bounded(path, what="emulation state file", error=PlanError))
     except (ValueError, TypeError, KeyError):
         return None
     existing = set(_namespaces(prefix))

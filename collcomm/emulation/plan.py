@@ -23,6 +23,7 @@ from fractions import Fraction
 import networkx as nx
 
 from collcomm.errors import CollectiveError
+from collcomm.inputs import Limits, exact_number, one_line, parse_json, shown
 from collcomm.topology.model import Topology
 
 DEFAULT_PREFIX = "ccemu"
@@ -32,11 +33,16 @@ MTU = 9000
 # tbf counts frames, so rates are raised by this ratio to give the scaled bandwidth as goodput.
 WIRE_PER_PAYLOAD = Fraction(MTU + 14, MTU - 52)
 REVERSE_TRICKLE_BITS = 1_000_000  # the unused direction of a one-way link (ARP, nothing routed)
-_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,8}$")
+_PREFIX_RE = re.compile(r"[a-z][a-z0-9]{1,8}")  # fullmatch: "$" would let a trailing newline in
 
 
 class EmulationError(CollectiveError):
     """The emulated fabric cannot be built, used or removed (not root, bad scale, tool missing)."""
+
+
+class PlanError(EmulationError, ValueError):
+    """A plan read back (the state file of a fabric that is up) is malformed; a ValueError too, so
+    that a reader that treats an unreadable state file as "no fabric" still does."""
 
 
 # --------------------------------------------------------------------------- scale and prefix
@@ -48,23 +54,23 @@ def parse_scale(text: str) -> Fraction:
     """``"1GB/s=100Mbit"`` -> bits per second of tc rate per GB/s of topology bandwidth."""
     m = re.fullmatch(r"\s*([0-9./]+)\s*([KMGT]?B)/s\s*=\s*([0-9./]+)\s*([kmg]?bit)\s*", text, re.IGNORECASE)
     if not m:
-        raise EmulationError(f"--scale must look like 1GB/s=100Mbit, got {text!r}")
+        raise EmulationError(f"--scale must look like 1GB/s=100Mbit, got {shown(text)}")
     try:
-        left, right = Fraction(m.group(1)), Fraction(m.group(3))
-    except (ValueError, ZeroDivisionError):
-        raise EmulationError(f"--scale must look like 1GB/s=100Mbit, got {text!r}") from None
+        left, right = (exact_number(m.group(i), "--scale", error=EmulationError) for i in (1, 3))
+    except EmulationError:
+        raise EmulationError(f"--scale must look like 1GB/s=100Mbit, got {shown(text)}") from None
     lunit = {k.lower(): v for k, v in _UNITS_BYTES.items()}[m.group(2).lower()]
     runit = _UNITS_BITS[m.group(4).lower()]
     if left <= 0 or right <= 0:
-        raise EmulationError(f"--scale: both sides must be positive, got {text!r}")
+        raise EmulationError(f"--scale: both sides must be positive, got {shown(text)}")
     gbytes = left * lunit / 10**9  # the left side in GB/s, the topology's unit
     return right * runit / gbytes
 
 
 def check_prefix(prefix: str) -> str:
-    if not _PREFIX_RE.match(prefix):
+    if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
         raise EmulationError(f"emulation prefix must be 2-9 lowercase letters or digits starting with a letter "
-                             f"(it names interfaces of at most 15 characters), got {prefix!r}")
+                             f"(it names interfaces of at most 15 characters), got {shown(prefix)}")
     return prefix
 
 
@@ -110,10 +116,101 @@ class FabricPlan:
         return mine == theirs
 
     @staticmethod
-    def from_json(text: str) -> "FabricPlan":
-        raw = json.loads(text)
-        raw["veths"] = [Veth(**v) for v in raw["veths"]]
-        return FabricPlan(**raw)
+    def from_json(text: str, what: str = "emulation plan", limits: Limits | None = None) -> "FabricPlan":
+        """The plan written by :meth:`to_json` (the state file of a fabric that is up), every field
+        checked: its names and addresses end up in ``ip`` commands run as root. A bad plan is a
+        :class:`PlanError` (an EmulationError and a ValueError) naming the field."""
+        try:
+            raw = parse_json(text, what=what, error=PlanError, limits=limits)
+            fields = _plan_fields(raw)
+        except PlanError as e:
+            raise PlanError(one_line(str(e))) from None
+        return FabricPlan(**{**fields, "veths": [Veth(**v) for v in fields["veths"]]})
+
+
+# ---------------------------------------------------------------------------- a plan read back
+MAX_NAMESPACES = 250 * 250       # one address each in 10.250.0.0/16
+MAX_TC_BITS = 10**15             # bits/s of one tbf rate (a petabit)
+_IFACE_RE = re.compile(r"e\d{1,5}|lo", re.ASCII)
+_IPV4_RE = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)", re.ASCII)
+_ROUTE_RE = re.compile(r"[ -~]{1,4096}", re.ASCII)  # printable ASCII on one line: one `ip route add`
+_REQUIRED = ("prefix", "name", "scale_bits_per_gbps", "namespaces", "node_ids", "addresses", "address_iface",
+             "veths")
+_OPTIONAL = ("routes", "mgmt_bridge", "mgmt_host", "mgmt_addresses", "num_ranks")
+
+
+def _strings(raw: dict, key: str, n: int, pattern: re.Pattern | None = None) -> list[str]:
+    value = raw.get(key)
+    if not isinstance(value, list) or len(value) != n:
+        raise PlanError(f"plan: {key!r} must be a list of {n} strings, got {shown(value)}")
+    for i, x in enumerate(value):
+        if not isinstance(x, str) or not (pattern.fullmatch(x) if pattern else 0 < len(x) <= 256 and x.isprintable()):
+            raise PlanError(f"plan: {key}[{i}] is not valid here, got {shown(x)}")
+    return value
+
+
+def _plan_fields(raw) -> dict:
+    """The fields of a FabricPlan from its parsed JSON, each checked (shape, count, pattern)."""
+    if not isinstance(raw, dict):
+        raise PlanError("plan must be a JSON object")
+    unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL))
+    missing = [k for k in _REQUIRED if k not in raw]
+    if unknown or missing:
+        raise PlanError(f"plan: {'unknown field ' + shown(unknown[0]) if unknown else 'missing ' + repr(missing[0])}")
+    try:
+        prefix = check_prefix(raw["prefix"]) if isinstance(raw["prefix"], str) else check_prefix("")
+    except EmulationError:
+        raise PlanError(f"plan: 'prefix' is not a valid prefix, got {shown(raw['prefix'])}") from None
+    name = raw["name"]
+    if not isinstance(name, str) or len(name) > 256 or not name.isprintable():
+        raise PlanError(f"plan: 'name' must be a string of at most 256 printable characters, got {shown(name)}")
+    scale = raw["scale_bits_per_gbps"]
+    if not isinstance(scale, str):
+        raise PlanError(f"plan: 'scale_bits_per_gbps' must be a fraction as text, got {shown(scale)}")
+    exact_number(scale, "plan: 'scale_bits_per_gbps'", error=PlanError, low=0, low_open=True, high=MAX_TC_BITS)
+    spaces = raw["namespaces"]
+    if not isinstance(spaces, list) or not 0 < len(spaces) <= MAX_NAMESPACES:
+        raise PlanError(f"plan: 'namespaces' must be a list of 1 to {MAX_NAMESPACES} names, got {shown(spaces)}")
+    n = len(spaces)
+    if spaces != [f"{prefix}-{i}" for i in range(n)]:
+        raise PlanError(f"plan: 'namespaces' must be {prefix}-0 ... {prefix}-{n - 1}")
+    fields = {"prefix": prefix, "name": name, "scale_bits_per_gbps": scale, "namespaces": spaces,
+              "node_ids": _strings(raw, "node_ids", n), "addresses": _strings(raw, "addresses", n, _IPV4_RE),
+              "address_iface": _strings(raw, "address_iface", n, _IFACE_RE)}
+    veths = raw["veths"]
+    if not isinstance(veths, list) or len(veths) > n * n:
+        raise PlanError(f"plan: 'veths' must be a list of at most {n * n} veth pairs")
+    for i, v in enumerate(veths):
+        ok = isinstance(v, dict) and set(v) == {"a", "b", "a_if", "b_if", "a_bits", "b_bits"}
+        ok = ok and all(type(v[k]) is int and 0 <= v[k] < n for k in ("a", "b")) and v["a"] != v["b"]
+        ok = ok and all(isinstance(v[k], str) and _IFACE_RE.fullmatch(v[k]) for k in ("a_if", "b_if"))
+        ok = ok and all(type(v[k]) is int and 0 < v[k] <= MAX_TC_BITS for k in ("a_bits", "b_bits"))
+        if not ok:
+            raise PlanError(f"plan: veths[{i}] must hold a, b (namespace indexes), a_if, b_if (interfaces) "
+                            f"and a_bits, b_bits (rates up to {MAX_TC_BITS:g} bit/s), got {shown(v)}")
+    fields["veths"] = veths
+    routes = raw.get("routes", [])
+    if not isinstance(routes, list) or len(routes) not in (0, n) or not all(
+            isinstance(r, list) and len(r) < n and all(isinstance(x, str) and _ROUTE_RE.fullmatch(x) for x in r)
+            for r in routes):
+        raise PlanError("plan: 'routes' must be one list per namespace of `ip route` arguments (printable, "
+                        "one line each)")
+    fields["routes"] = routes
+    ranks = raw.get("num_ranks", 0)
+    if type(ranks) is not int or not 0 <= ranks <= n:
+        raise PlanError(f"plan: 'num_ranks' must be an integer in [0, {n}], got {shown(ranks)}")
+    fields["num_ranks"] = ranks
+    bridge = raw.get("mgmt_bridge", "")
+    if bridge not in ("", f"{prefix}br"):
+        raise PlanError(f"plan: 'mgmt_bridge' must be {prefix}br, got {shown(bridge)}")
+    fields["mgmt_bridge"] = bridge
+    host = raw.get("mgmt_host", "")
+    if host != "" and not (isinstance(host, str) and _IPV4_RE.fullmatch(host)):
+        raise PlanError(f"plan: 'mgmt_host' must be an IPv4 address, got {shown(host)}")
+    fields["mgmt_host"] = host
+    mgmt = raw.get("mgmt_addresses", [])
+    fields["mgmt_addresses"] = _strings(raw, "mgmt_addresses", ranks, _IPV4_RE) if mgmt != [] else []
+    return fields
 
 
 def _address(i: int) -> str:

@@ -14,8 +14,8 @@ transport is created) or from :func:`configure`. Its grammar, rules separated by
     drop:SRC->DST[:p=P]         do not send a DATA frame at all (default P 1); the sender finds
                                 it lost (PROBE/ECHO after its retransmission timeout) and sends
                                 it again
-    delay:SRC->DST:ms=MS        sleep MS milliseconds before sending each DATA frame
-    throttle:SRC->DST:bps=B     pace DATA frames to B bytes per second
+    delay:SRC->DST:ms=MS        sleep MS milliseconds (0 to 1e12) before sending each DATA frame
+    throttle:SRC->DST:bps=B     pace DATA frames to B bytes per second (finite, at least 1)
 
 drop, delay and throttle also apply to the DATA frames SRC relays to DST on a detour (its own,
 or another member's that it passes on), so a relay can lose what it carries; control frames
@@ -27,7 +27,7 @@ or another member's that it passes on), so a relay can lose what it carries; con
 
 Every rule may also take ``seed=N`` (its own seed) and ``count=N`` (inject at most N times on
 a link). Example: ``corrupt:0->1:p=0.01;drop:*->2:p=0.001;delay:1->0:ms=20;seed=7``.
-A malformed plan raises ``ValueError`` in one line naming the bad part.
+A malformed plan raises ``ValueError`` in one line naming the bad part (quoted short).
 
 The runtime gives the active plan to its transport (which knows it only as a
 :class:`collcomm.transport.interface.FaultPlan`); each link applies it to the frames it sends to
@@ -37,18 +37,24 @@ its peer (src = this rank, dst = the peer); random choices are drawn from a gene
 
 from __future__ import annotations
 
+import math
 import os
 import random
-import re
 import threading
 import time
 from dataclasses import dataclass, field
+
+from collcomm.inputs import SizeError, parse_size, shown
 
 ENV = "COLLCOMM_FAULTS"
 KINDS = ("corrupt", "drop", "delay", "throttle", "reset")
 _PARAMS = {"corrupt": {"p"}, "drop": {"p"}, "delay": {"ms"}, "throttle": {"bps"}, "reset": {"after"}}
 _REQUIRED = {"delay": "ms", "throttle": "bps", "reset": "after"}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgG]?)[iI]?[bB]?\s*$")
+# Bounds on the numbers a plan sleeps on: time.sleep() raises OverflowError (in the sending
+# thread, mid-collective) on an infinite or too long sleep, so a plan is refused when parsed.
+MAX_DELAY_MS = 1e12  # 1e9 s, the longest timeout the API takes
+MIN_BPS = 1.0        # a throttle slower than a byte per second would sleep past any deadline
+MAX_RANK_DIGITS = 9
 
 
 @dataclass(frozen=True)
@@ -83,19 +89,19 @@ class FaultPlan:
 
 
 def _size(text: str, part: str) -> int:
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"{ENV}: bad size {text!r} in {part!r}")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    """Bytes (K/M/G/T suffixes, powers of 1024): collcomm's one size parser, bounded."""
+    try:
+        return parse_size(text)
+    except SizeError as e:
+        raise ValueError(f"{ENV}: bad size in {shown(part)}: {e}") from None
 
 
 def _endpoint(text: str, part: str) -> int | None:
     text = text.strip()
     if text == "*":
         return None
-    if not text.isdigit():
-        raise ValueError(f"{ENV}: bad rank {text!r} in {part!r} (a rank number or '*')")
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_RANK_DIGITS:  # "²".isdigit() is true
+        raise ValueError(f"{ENV}: bad rank {shown(text)} in {shown(part)} (a rank number or '*')")
     return int(text)
 
 
@@ -111,24 +117,24 @@ def parse(text: str) -> FaultPlan:
             try:
                 seed = int(part[5:])
             except ValueError:
-                raise ValueError(f"{ENV}: bad seed in {part!r}") from None
+                raise ValueError(f"{ENV}: bad seed in {shown(part)}") from None
             continue
         fields = part.split(":")
         kind = fields[0].strip().lower()
         if kind not in KINDS:
-            raise ValueError(f"{ENV}: unknown fault {fields[0]!r} in {part!r} (one of {', '.join(KINDS)})")
+            raise ValueError(f"{ENV}: unknown fault {shown(fields[0])} in {shown(part)} (one of {', '.join(KINDS)})")
         if len(fields) < 2 or "->" not in fields[1]:
-            raise ValueError(f"{ENV}: missing SRC->DST in {part!r}")
+            raise ValueError(f"{ENV}: missing SRC->DST in {shown(part)}")
         src_text, _, dst_text = fields[1].partition("->")
         kw: dict = {"kind": kind, "src": _endpoint(src_text, part), "dst": _endpoint(dst_text, part)}
         for param in fields[2:]:
             name, eq, value = param.partition("=")
             name = name.strip().lower()
             if not eq or name not in _PARAMS[kind] | {"seed", "count"}:
-                raise ValueError(f"{ENV}: bad parameter {param!r} in {part!r} "
+                raise ValueError(f"{ENV}: bad parameter {shown(param)} in {shown(part)} "
                                  f"(allowed: {', '.join(sorted(_PARAMS[kind] | {'seed', 'count'}))})")
             if name in kw:
-                raise ValueError(f"{ENV}: parameter {name!r} given twice in {part!r}")
+                raise ValueError(f"{ENV}: parameter {shown(name)} given twice in {shown(part)}")
             try:
                 if name == "after":
                     kw[name] = _size(value, part)
@@ -139,17 +145,17 @@ def parse(text: str) -> FaultPlan:
             except ValueError as e:
                 if str(e).startswith(ENV):
                     raise
-                raise ValueError(f"{ENV}: bad value {param!r} in {part!r}") from None
+                raise ValueError(f"{ENV}: bad value {shown(param)} in {shown(part)}") from None
         if kind in _REQUIRED and _REQUIRED[kind] not in kw:
-            raise ValueError(f"{ENV}: {kind} needs {_REQUIRED[kind]}= in {part!r}")
+            raise ValueError(f"{ENV}: {kind} needs {_REQUIRED[kind]}= in {shown(part)}")
         if "p" in kw and not 0.0 <= kw["p"] <= 1.0:
-            raise ValueError(f"{ENV}: probability out of [0, 1] in {part!r}")
-        if kind == "throttle" and not kw["bps"] > 0:
-            raise ValueError(f"{ENV}: throttle needs bps > 0 in {part!r}")
-        if kind == "delay" and not kw["ms"] >= 0:
-            raise ValueError(f"{ENV}: delay needs ms >= 0 in {part!r}")
+            raise ValueError(f"{ENV}: probability out of [0, 1] in {shown(part)}")
+        if kind == "throttle" and not (MIN_BPS <= kw["bps"] and math.isfinite(kw["bps"])):
+            raise ValueError(f"{ENV}: throttle needs a finite bps >= {MIN_BPS:g} in {shown(part)}")
+        if kind == "delay" and not 0 <= kw["ms"] <= MAX_DELAY_MS:  # false for nan and inf too
+            raise ValueError(f"{ENV}: delay needs ms >= 0 and <= {MAX_DELAY_MS:g} in {shown(part)}")
         if kw.get("count") is not None and kw["count"] < 0:
-            raise ValueError(f"{ENV}: count must be >= 0 in {part!r}")
+            raise ValueError(f"{ENV}: count must be >= 0 in {shown(part)}")
         rules.append(Rule(**kw))
     return FaultPlan(tuple(rules), seed, text or "")
 

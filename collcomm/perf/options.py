@@ -16,6 +16,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collcomm.inputs import SizeError, shown
+from collcomm.inputs import parse_size as inputs_parse_size
+
 PROG = "collcomm-perf"
 EXIT_OK, EXIT_WRONG, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -39,8 +42,14 @@ MPI_TYPES = ("int8", "uint8", "int32", "uint32", "int64", "uint64", "float", "do
 AVERAGES = {0: "rank 0", 1: "average", 2: "min", 3: "max"}
 MAX_SIZES = 10000
 DEFAULT_BYTES = 32 << 20
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
+# Upper bounds of the counts (-n, -w, -c, -N, -f), of -np (ranks started on this machine) and of -T
+# (collcomm's API refuses longer timeouts too: Python's waits cannot honour them). A bound keeps a
+# typo (an extra digit or three) from a run that never ends or a fork storm.
+MAX_COUNT = 1_000_000
+MAX_NPROCS = 1024
+MAX_RANK = (1 << 31) - 1
+MAX_TIMEOUT = 1e9
+_INTEGER = re.compile(r"\s*[-+]?\d{1,30}\s*", re.ASCII)
 
 
 class UsageError(Exception):
@@ -115,12 +124,12 @@ class Options:
 
 # ---------------------------------------------------------------------------- values
 def parse_size(text: str, flag: str) -> int:
-    """Bytes from ``123``, ``1K``, ``1.5M``, ``2G`` (powers of 1024; case and a trailing B ignored)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise UsageError(f"{flag} {text!r}: not a size; give bytes with an optional K, M or G suffix "
-                         f"(powers of 1024), e.g. 1K, 1.5M, 2G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """Bytes from ``123``, ``1K``, ``1.5M``, ``2G``, ``4KiB`` (powers of 1024; case ignored; at
+    most ``COLLCOMM_MAX_SIZE_BYTES``, 1P): :func:`collcomm.inputs.sizes.parse_size`."""
+    try:
+        return inputs_parse_size(str(text))
+    except SizeError as e:
+        raise UsageError(f"{flag} {e}") from None
 
 
 def sweep_sizes(lo: int, hi: int, factor: int, step: int) -> list[int]:
@@ -139,18 +148,21 @@ def collective_name(text: str) -> str:
     name = name[:-5] if name.endswith("_perf") else name
     name = _COLLECTIVE_ALIASES.get(name, name)
     if name not in COLLECTIVES:
-        raise UsageError(f"unknown collective {text!r}; choose one of: {', '.join(COLLECTIVES)}")
+        raise UsageError(f"unknown collective {shown(text)}; choose one of: {', '.join(COLLECTIVES)}")
     return name
 
 
-def _int(flag: str, low: int):
+def _int(flag: str, low: int | None, high: int):
+    """An argparse type: an integer of at most 30 digits in [low, high] (``low`` None: checked
+    later by parse(), which words the message for the flag)."""
     def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
+        if not _INTEGER.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"expected an integer, got {shown(text)}")
+        value = int(text)
+        if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
 
     return convert
@@ -158,11 +170,12 @@ def _int(flag: str, low: int):
 
 def _seconds(text: str) -> float:
     try:
-        value = float(text)
+        value = float(text) if len(text) <= 100 else math.nan
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected seconds, got {shown(text)}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds (at most {MAX_TIMEOUT:g}), "
+                                         f"got {shown(text)}")
     return value
 
 
@@ -192,25 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the operation, as a flag (same as the positional argument)")
     p.add_argument("-b", "--minbytes", default=None, metavar="SIZE", help="smallest size in bytes (default 32M)")
     p.add_argument("-e", "--maxbytes", default=None, metavar="SIZE", help="largest size in bytes (default 32M)")
-    p.add_argument("-f", "--stepfactor", type=_int("-f", 1), default=1, metavar="F",
+    p.add_argument("-f", "--stepfactor", type=_int("-f", 1, MAX_COUNT), default=1, metavar="F",
                    help="multiply the size by F each step (1: add -i instead)")
     p.add_argument("-i", "--stepbytes", default="1M", metavar="SIZE", help="size increment when -f is 1 (default 1M)")
-    p.add_argument("-n", "--iters", type=_int("-n", 1), default=20, metavar="N", help="timed iterations (default 20)")
-    p.add_argument("-w", "--warmup_iters", type=_int("-w", 0), default=1, metavar="N",
+    p.add_argument("-n", "--iters", type=_int("-n", 1, MAX_COUNT), default=20, metavar="N",
+                   help="timed iterations (default 20)")
+    p.add_argument("-w", "--warmup_iters", type=_int("-w", 0, MAX_COUNT), default=1, metavar="N",
                    help="warm-up iterations at the largest and smallest size (default 1)")
-    p.add_argument("-c", "--check", type=_int("-c", 0), default=1, metavar="N",
+    p.add_argument("-c", "--check", type=_int("-c", 0, MAX_COUNT), default=1, metavar="N",
                    help="correctness-check iterations per size and variant (0: #wrong prints N/A; default 1)")
     p.add_argument("-o", "--op", default=None, metavar="OP",
                    help=f"reduction: {', '.join(OPS)} or all (default sum; collectives that do not reduce: none)")
     p.add_argument("-d", "--datatype", default="float", metavar="TYPE",
                    help=f"{' '.join(DTYPES)} or all (default float)")
-    p.add_argument("-r", "--root", type=_int("-r", 0), default=0, metavar="RANK",
+    p.add_argument("-r", "--root", type=_int("-r", 0, MAX_RANK), default=0, metavar="RANK",
                    help="root of broadcast and reduce (default 0)")
-    p.add_argument("-a", "--average", type=_int("-a", 0), default=1, metavar="A",
+    p.add_argument("-a", "--average", type=_int("-a", None, MAX_COUNT), default=1, metavar="A",
                    help="combine the ranks' times: 0 rank 0, 1 average, 2 min, 3 max (default 1)")
-    p.add_argument("-N", "--run_cycles", type=int, default=1, metavar="N",
+    p.add_argument("-N", "--run_cycles", type=_int("-N", None, MAX_COUNT), default=1, metavar="N",
                    help="repeat the whole sweep N times (default 1; 0, forever, is refused)")
-    p.add_argument("-np", "--nprocs", type=int, default=None, metavar="N",
+    p.add_argument("-np", "--nprocs", type=_int("-np", None, MAX_NPROCS), default=None, metavar="N",
                    help="ranks to launch on this machine (default 1; leave out under `collcomm run`)")
     p.add_argument("-T", "--timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="timeout of every collective call (default collcomm's, COLLCOMM_TIMEOUT or 300)")
@@ -237,7 +251,7 @@ def parse(argv: list[str]) -> Options:
     args = build_parser().parse_args(argv)
     if args.collective and args.collective_flag and collective_name(args.collective) != collective_name(
             args.collective_flag):
-        raise UsageError(f"two collectives given: {args.collective!r} and -C {args.collective_flag!r}")
+        raise UsageError(f"two collectives given: {shown(args.collective)} and -C {shown(args.collective_flag)}")
     coll = collective_name(args.collective or args.collective_flag or "allreduce")
 
     lo = parse_size(args.minbytes, "-b") if args.minbytes is not None else None
@@ -270,7 +284,8 @@ def parse(argv: list[str]) -> Options:
     if args.algorithm is not None:
         algorithm = ALGORITHMS.get(args.algorithm.strip().lower())
         if algorithm is None:
-            raise UsageError(f"--algorithm {args.algorithm!r}: choose one of forestcoll, ring, tree, halving_doubling")
+            raise UsageError(f"--algorithm {shown(args.algorithm)}: choose one of forestcoll, ring, tree, "
+                             f"halving_doubling")
     probe = args.topology is not None and args.topology.strip().lower() == "probe"  # the ranks measure it
     for flag, path in (("--topology", None if probe else args.topology), ("--emulate", args.emulate)):
         if path is not None and not Path(path).is_file():
@@ -309,7 +324,7 @@ def _dtypes(text: str) -> list[str]:
         return [d for d in DTYPES if d != "bfloat16" or has_module("torch")]
     name = _DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
-        raise UsageError(f"-d {text!r}: unknown type; choose one of: {', '.join(DTYPES)}, all")
+        raise UsageError(f"-d {shown(text)}: unknown type; choose one of: {', '.join(DTYPES)}, all")
     if name == "bfloat16" and not has_module("torch"):
         raise UsageError("-d bfloat16 needs torch (NumPy has no bfloat16); install torch or choose another type")
     return [name]
@@ -324,7 +339,7 @@ def _ops(text: str | None, coll: str, dtypes: list[str]) -> list[str]:
     if name == "all":
         return list(OPS)
     if name not in OPS:
-        raise UsageError(f"-o {text!r}: unknown reduction; choose one of: {', '.join(OPS)}, all")
+        raise UsageError(f"-o {shown(text)}: unknown reduction; choose one of: {', '.join(OPS)}, all")
     if name == "avg":
         ints = [d for d in dtypes if d not in FLOAT_TYPES]
         if ints and len(dtypes) == 1:
@@ -339,7 +354,8 @@ def _compare(text: str | None, dtypes: list[str]) -> list[str]:
     for part in text.split(","):
         name = part.strip().lower().replace("_", "-")
         if name not in COMPARE:
-            raise UsageError(f"--compare {text}: unknown library {part.strip()!r}; choose from {', '.join(COMPARE)} "
+            raise UsageError(f"--compare {shown(text)}: unknown library {shown(part.strip())}; choose from "
+                             f"{', '.join(COMPARE)} "
                              f"(comma-separated)")
         if name not in libs:
             libs.append(name)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from collcomm.errors import ScheduleError
+from collcomm.inputs import Limits, current_limits, exact_number, one_line, parse_json, read_bounded, shown
 
 FORMAT = "collcomm.schedule/1"
 ALLGATHER = "allgather"
@@ -125,28 +126,53 @@ def save(s: Schedule, path: str | Path) -> None:
     Path(path).write_text(dumps(s) + "\n")
 
 
-def _parse_fraction(value: Any, where: str) -> Fraction:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ScheduleError(f"{where}: expected an exact number like \"1/13\", got {value!r}")
+MAX_NAME_CHARS = 256  # of a node id, or the algorithm's and the topology's names
+MAX_SECONDS = 1e9     # generation_seconds
+
+
+def _fraction(value: Any, where: str, limits: Limits, low=0, high=None) -> Fraction:
+    """An exact share or bandwidth: an integer or a string like "1/13", positive, at most ``high``."""
+    if isinstance(value, float):  # exact numbers only: a float here is a schedule written by hand
+        raise ScheduleError(f"{where}: expected an exact number like \"1/13\", got {shown(value)}")
+    return exact_number(value, where, error=ScheduleError, limits=limits, low=low, low_open=True, high=high,
+                        what='an exact number like "1/13"')
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS or not value.isprintable():
+        raise ScheduleError(f"{where} must be a string of 1 to {MAX_NAME_CHARS} printable characters, "
+                            f"got {shown(value)}")
+    return value
+
+
+def _names(value: Any, where: str, limit: int, field: str, limits: Limits) -> list[str]:
+    if not isinstance(value, list):
+        raise ScheduleError(f"{where} must be a list of node ids, got {shown(value)}")
+    if len(value) > limit:
+        raise ScheduleError(f"{where} has {len(value)} entries; {limits.describe(field)}")
+    return [_name(x, f"{where} entry {i}") for i, x in enumerate(value)]
+
+
+def from_dict(d: Any, limits: Limits | None = None) -> Schedule:
+    """A Schedule from the parsed ``collcomm.schedule/1`` document ``d``, within ``limits``."""
+    limits = current_limits(limits)
     try:
-        return Fraction(value)
-    except (ValueError, ZeroDivisionError):
-        raise ScheduleError(f"{where}: expected an exact number like \"1/13\", got {value!r}") from None
+        return _from_dict(d, limits)
+    except ScheduleError as e:
+        raise ScheduleError(one_line(str(e))) from None
 
 
-def from_dict(d: Any) -> Schedule:
+def _from_dict(d: Any, limits: Limits) -> Schedule:
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ScheduleError(f"schedule format must be {FORMAT!r}")
     coll = d.get("collective")
     if coll not in COLLECTIVES:
-        raise ScheduleError(f"'collective' must be one of {', '.join(COLLECTIVES)}, got {coll!r}")
-    nodes = d.get("compute_nodes")
-    if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
-        raise ScheduleError("'compute_nodes' must be a list of node ids")
+        raise ScheduleError(f"'collective' must be one of {', '.join(COLLECTIVES)}, got {shown(coll)}")
+    nodes = _names(d.get("compute_nodes"), "'compute_nodes'", limits.max_nodes, "max_nodes", limits)
     phases = []
     raw_phases = d.get("phases")
-    if not isinstance(raw_phases, list):
-        raise ScheduleError("'phases' must be a list")
+    if not isinstance(raw_phases, list) or len(raw_phases) > 2:
+        raise ScheduleError("'phases' must be a list of one or two phases")
     for pi, p in enumerate(raw_phases):
         if not isinstance(p, dict) or p.get("collective") not in PHASE_COLLECTIVES:
             raise ScheduleError(f"phase {pi}: 'collective' must be allgather or reduce_scatter")
@@ -157,41 +183,61 @@ def from_dict(d: Any) -> Schedule:
             where = f"phase {pi} tree {ti}"
             if not isinstance(t, dict) or not isinstance(t.get("root"), str) or not isinstance(t.get("edges"), list):
                 raise ScheduleError(f"{where}: needs 'root', 'share' and 'edges'")
+            root = _name(t["root"], f"{where}: 'root'")
             edges = []
             for ei, e in enumerate(t["edges"]):
                 if not (isinstance(e, dict) and isinstance(e.get("src"), str) and isinstance(e.get("dst"), str)):
                     raise ScheduleError(f"{where} edge {ei}: needs 'src' and 'dst'")
-                path = e.get("path", [e["src"], e["dst"]])
+                src, dst = _name(e["src"], f"{where} edge {ei}: 'src'"), _name(e["dst"], f"{where} edge {ei}: 'dst'")
+                path = e.get("path", [src, dst])
                 if not isinstance(path, list) or not all(isinstance(x, str) for x in path):
                     raise ScheduleError(f"{where} edge {ei}: 'path' must be a list of node ids")
-                edges.append(TreeEdge(e["src"], e["dst"], tuple(path)))
-            trees.append(Tree(t["root"], _parse_fraction(t.get("share"), f"{where} share"), tuple(edges)))
+                path = _names(path, f"{where} edge {ei}: 'path'", limits.max_nodes, "max_nodes", limits)
+                edges.append(TreeEdge(src, dst, tuple(path)))
+            share = _fraction(t.get("share"), f"{where} share", limits, high=1)
+            trees.append(Tree(root, share, tuple(edges)))
         phases.append(Phase(p["collective"], trees))
     algbw = d.get("algbw")
+    seconds = d.get("generation_seconds", 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_SECONDS:
+        raise ScheduleError(f"'generation_seconds' must be a number of seconds in [0, {MAX_SECONDS:g}], "
+                            f"got {shown(seconds)}")
+    info = d.get("info", {})
+    if not isinstance(info, dict):
+        raise ScheduleError(f"'info' must be an object, got {shown(info)}")
+    names = {key: d.get(key, default) for key, default in (("algorithm", "unknown"), ("topology", ""))}
+    for key, value in names.items():
+        if not isinstance(value, str) or len(value) > MAX_NAME_CHARS or not value.isprintable():
+            raise ScheduleError(f"{key!r} must be a string of at most {MAX_NAME_CHARS} printable characters, "
+                                f"got {shown(value)}")
     return Schedule(
         collective=coll,
-        algorithm=str(d.get("algorithm", "unknown")),
-        topology=str(d.get("topology", "")),
-        compute_nodes=list(nodes),
+        algorithm=names["algorithm"],
+        topology=names["topology"],
+        compute_nodes=nodes,
         phases=phases,
-        algbw=None if algbw is None else _parse_fraction(algbw, "algbw"),
-        generation_seconds=float(d.get("generation_seconds", 0.0)),
-        info=dict(d.get("info", {})),
+        algbw=None if algbw is None else _fraction(algbw, "algbw", limits),
+        generation_seconds=float(seconds),
+        info=dict(info),
     )
 
 
-def loads(text: str) -> Schedule:
-    try:
-        return from_dict(json.loads(text))
-    except json.JSONDecodeError as e:
-        raise ScheduleError(f"schedule is not valid JSON: {e.msg} at line {e.lineno}") from None
+def loads(text: str, limits: Limits | None = None) -> Schedule:
+    """A Schedule from ``collcomm.schedule/1`` text, within ``limits`` (:mod:`collcomm.inputs.limits`)."""
+    limits = current_limits(limits)
+    return from_dict(parse_json(text, what="schedule", error=ScheduleError, limits=limits), limits)
 
 
-def load(path: str | Path) -> Schedule:
+def load(path: str | Path, limits: Limits | None = None) -> Schedule:
+    """A Schedule from a ``collcomm.schedule/1`` file; a bad file is one ScheduleError naming the
+    file, the field and the limit."""
+    limits = current_limits(limits)
+    p = Path(path)
+    text = read_bounded(p, what="schedule file", error=ScheduleError, limits=limits)
     try:
-        return loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ScheduleError(f"schedule file {str(path)!r} does not exist") from None
+        return loads(text, limits)
+    except ScheduleError as e:
+        raise ScheduleError(f"{p.name}: {e}") from None
 
 
 # ---------------------------------------------------------------------------- helpers

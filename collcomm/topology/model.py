@@ -15,6 +15,7 @@ from fractions import Fraction
 from typing import Iterable, Mapping
 
 from collcomm.errors import TopologyError
+from collcomm.inputs import Limits, current_limits, exact_number, finite_float, shown
 
 COMPUTE = "compute"
 SWITCH = "switch"
@@ -37,27 +38,27 @@ class Link:
     duplex: bool = True
 
 
-def as_bandwidth(value, where: str) -> Fraction:
-    """An exact, positive bandwidth from an int, a decimal number or a fraction string."""
-    if isinstance(value, bool):
-        raise TopologyError(f"{where}: bandwidth must be a number, got {value!r}")
-    try:
-        if isinstance(value, Fraction):
-            bw = value
-        elif isinstance(value, int):
-            bw = Fraction(value)
-        elif isinstance(value, float):
-            # The decimal text of a float is what the user wrote: 0.1 means 1/10.
-            bw = Fraction(repr(value))
-        elif isinstance(value, str):
-            bw = Fraction(value.strip())
-        else:
-            raise TypeError
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-        raise TopologyError(f"{where}: bandwidth must be a number or a fraction like \"25/2\", got {value!r}") from None
-    if bw <= 0:
-        raise TopologyError(f"{where}: bandwidth must be positive, got {value!r}")
-    return bw
+# Above this a bandwidth (GB/s, a zettabyte per second) is a mistake of units or an attack; the
+# topology/1 loader (jsonio) refuses it with the same bound.
+MAX_BANDWIDTH = Fraction(10**12)
+
+
+def as_bandwidth(value, where: str, limits: Limits | None = None) -> Fraction:
+    """An exact bandwidth in (0, MAX_BANDWIDTH] from an int, a decimal number or a fraction string.
+
+    Text and floats go through :func:`collcomm.inputs.exact_number`, which bounds their digits
+    before building the Fraction (``Fraction("1e99999999999")`` would hang). An int or a Fraction is
+    already built, so only its range is checked: code that scales bandwidths (a reroute) may make
+    long fractions, and ``limits`` must not refuse them."""
+    if isinstance(value, (int, Fraction)) and not isinstance(value, bool):
+        bw = Fraction(value)
+        if bw <= 0:
+            raise TopologyError(f"{where}: bandwidth must be positive, got {shown(value)}")
+        if bw > MAX_BANDWIDTH:
+            raise TopologyError(f"{where}: bandwidth must be at most {float(MAX_BANDWIDTH):g}, got {shown(value)}")
+        return bw
+    return exact_number(value, f"{where}: bandwidth", error=TopologyError, limits=limits, low=0, low_open=True,
+                        high=MAX_BANDWIDTH)
 
 
 class Topology:
@@ -107,6 +108,7 @@ class Topology:
     def _build_edges(self) -> None:
         cap: dict[tuple[str, str], Fraction] = defaultdict(Fraction)
         lat: dict[tuple[str, str], float] = {}
+        limits = current_limits()  # read once, not per link
         for i, link in enumerate(self.links):
             where = f"link {i} ({link.src} -> {link.dst})"
             for end in (link.src, link.dst):
@@ -114,14 +116,13 @@ class Topology:
                     raise TopologyError(f"{where}: unknown node {end!r}")
             if link.src == link.dst:
                 raise TopologyError(f"{where}: a link cannot connect {link.src!r} to itself")
-            bw = as_bandwidth(link.bandwidth, where)
-            if not isinstance(link.latency_us, (int, float)) or isinstance(link.latency_us, bool) \
-                    or not link.latency_us >= 0 or link.latency_us == float("inf"):
-                raise TopologyError(f"{where}: latency_us must be a finite number >= 0, got {link.latency_us!r}")
+            bw = as_bandwidth(link.bandwidth, where, limits)
+            # An int past a float's range (10**400) is refused here, not an OverflowError below.
+            latency_us = finite_float(link.latency_us, f"{where}: latency_us", error=TopologyError, low=0.0)
             pairs = [(link.src, link.dst)] + ([(link.dst, link.src)] if link.duplex else [])
             for pair in pairs:
                 cap[pair] += bw
-                lat[pair] = min(lat.get(pair, float("inf")), float(link.latency_us))
+                lat[pair] = min(lat.get(pair, float("inf")), latency_us)
         self.capacity = dict(cap)
         self.latency_us = lat
 
