@@ -13,11 +13,18 @@ The job token is fresh for every job and reaches the ranks only through their en
 (``COLLCOMM_TOKEN``), never their argv; the launcher prints and logs nothing that holds it. The
 embedded coordinator listens on this machine in plaintext, so the ranks (and the launcher's own
 client) connect without TLS even when ``COLLCOMM_TLS_CA`` is set for other jobs.
+
+Before anything starts, :func:`check_job` refuses a job that cannot run (:class:`JobRefused`, a
+ValueError): a number of ranks outside 1..:data:`MAX_LOCAL_RANKS`, a timeout that is not a finite
+number of seconds in (0, 1e9], no program or one that is not found, a topology file that does not
+load or has another number of ranks.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +34,13 @@ from collections import deque
 from pathlib import Path
 
 GRACE_SECONDS = 3.0
+# Ranks of one job on this machine: each is a process with its own threads and sockets, so a
+# mistyped -n (100000000) must be refused, not spawned until the machine gives out.
+MAX_LOCAL_RANKS = 1024
+
+
+class JobRefused(ValueError):
+    """The launcher refuses a job before it starts anything; the message says why."""
 
 
 class _Rank:
@@ -78,17 +92,8 @@ def run(nprocs: int, command: list[str], *, topology: str | None = None, timeout
     ``topology`` or ``COLLCOMM_TOPOLOGY`` says otherwise."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    if nprocs < 1:
-        raise ValueError(f"-n must be at least 1, got {nprocs}")
-    if not command:
-        raise ValueError("no program to run")
-    if topology and topology != "probe":  # "probe": the ranks measure the fabric at init
-        from collcomm.topology import jsonio
-
-        topo = jsonio.load(topology)  # fail early, in the launcher, on a bad file
-        if topo.num_ranks != nprocs:
-            raise ValueError(f"topology {topology} has {topo.num_ranks} ranks but -n is {nprocs}")
-        topology = str(Path(topology).resolve())
+    topology = check_job(nprocs, command, topology=topology, timeout=timeout, emulate=emulate,
+                         find_program=wrap is None)
     fabric, built = None, False
     if emulate:
         fabric, built = _fabric(emulate, nprocs, scale, prefix)
@@ -103,22 +108,57 @@ def run(nprocs: int, command: list[str], *, topology: str | None = None, timeout
             emu.down(fabric.prefix)
 
 
+def check_job(nprocs: int, command: list[str], *, topology: str | None = None, timeout: float | None = None,
+              emulate: str | None = None, find_program: bool = True) -> str | None:
+    """Refuse a job that cannot run (:class:`JobRefused`, naming the argument; a bad topology file
+    is a TopologyError), before anything starts; return ``topology`` as the ranks get it (an
+    absolute path, "probe" or None). With ``find_program``, ``command[0]`` must be an executable
+    file or a program on ``PATH``."""
+    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or not 1 <= nprocs <= MAX_LOCAL_RANKS:
+        raise JobRefused(f"-n must be a number of ranks in 1..{MAX_LOCAL_RANKS}, got {nprocs!r}")
+    if timeout is not None:
+        from collcomm.runtime.arguments import MAX_TIMEOUT
+
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+                math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+            raise JobRefused(f"--timeout must be a finite number of seconds in (0, {MAX_TIMEOUT:g}], got {timeout!r}")
+    if not command:
+        raise JobRefused("no program to run")
+    if find_program and shutil.which(command[0]) is None:
+        where = "is not an executable file" if os.sep in command[0] else "is not found on PATH"
+        raise JobRefused(f"program {command[0]!r} {where}")
+    if topology and topology != "probe":  # "probe": the ranks measure the fabric at init
+        from collcomm.topology import jsonio
+
+        topo = jsonio.load(topology)  # fail early, in the launcher, on a bad file
+        if topo.num_ranks != nprocs:
+            raise JobRefused(f"topology {topology} has {topo.num_ranks} ranks but -n is {nprocs}")
+        topology = str(Path(topology).resolve())
+    if emulate:
+        from collcomm.topology import jsonio
+
+        fabric = jsonio.load(emulate)
+        if fabric.num_ranks != nprocs:
+            raise JobRefused(f"emulated topology {emulate} has {fabric.num_ranks} ranks but -n is {nprocs}")
+    return topology
+
+
 def _fabric(path: str, nprocs: int, scale: str | None, prefix: str | None):
     """The emulated fabric of topology file ``path``: the one already up under the prefix (the same
     topology at the same scale, left up afterwards), or a new one (built=True: the caller removes it).
-    ValueError when another fabric is up under the prefix."""
+    JobRefused when it has another number of ranks or another fabric is up under the prefix."""
     from collcomm import emulation as emu
     from collcomm.topology import jsonio
 
     emu.require_root("--emulate")
     topo = jsonio.load(path)
     if topo.num_ranks != nprocs:
-        raise ValueError(f"emulated topology {path} has {topo.num_ranks} ranks but -n is {nprocs}")
+        raise JobRefused(f"emulated topology {path} has {topo.num_ranks} ranks but -n is {nprocs}")
     wanted = emu.plan(topo, prefix or emu.DEFAULT_PREFIX, scale or emu.DEFAULT_SCALE)
     existing = emu.current(wanted.prefix)
     if existing is not None:
         if not existing.same_fabric(wanted):
-            raise ValueError(f"another fabric ({existing.name}) is up under prefix {wanted.prefix!r}: run "
+            raise JobRefused(f"another fabric ({existing.name}) is up under prefix {wanted.prefix!r}: run "
                              f"`collcomm emulate down --prefix {wanted.prefix}` or choose another --prefix")
         return existing, False
     return emu.up(wanted), True
@@ -137,6 +177,7 @@ def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_e
     ranks: list[_Rank] = []
     pumps: list[threading.Thread] = []
     interrupted = {"signal": None}
+    verdict: str | None = None  # the line that names the failed rank
 
     def forward(signum, frame):
         interrupted["signal"] = signum
@@ -198,9 +239,7 @@ def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_e
             code = failed.proc.returncode
             last = next((l for l in reversed(failed.tail) if l.strip()), "")
             what = f"signal {-code}" if code < 0 else f"exit code {code}"
-            with lock:
-                stderr.write(f"collcomm run: rank {failed.rank} failed with {what}"
-                             + (f": {last.strip()}" if last else "") + "\n")
+            verdict = f"collcomm run: rank {failed.rank} failed with {what}" + (f": {last.strip()}" if last else "")
             return code if code > 0 else 128 - code
         return 0
     finally:
@@ -213,6 +252,10 @@ def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_e
         from collcomm.transport.shm.segment import job_tag, remove_job
 
         remove_job(job_tag(address, token))
+        if verdict is not None:  # last, after whatever the coordinator logs as it stops
+            with lock:
+                stderr.write(verdict + "\n")
+                stderr.flush()
 
 
 def _blame_order(r: _Rank) -> tuple:

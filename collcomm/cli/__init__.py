@@ -14,8 +14,16 @@ and status, :mod:`.emulate`), the fabric a command names in :mod:`.fabric`, what
 prints in :mod:`.describe`. Exit status (:mod:`.errors`): 0 on success; 2 for bad input (a
 malformed file, an unknown preset, parameter or algorithm, an unwritable output), with exactly
 one line on stderr that starts with ``collcomm: error:``; 1 when the work itself fails (an
-algorithm that is not available or returns an invalid plan); 130 on Ctrl-C. Heavy modules
-(matplotlib, the generators) are imported only by the commands that use them.
+algorithm that is not available or returns an invalid plan); 130 on Ctrl-C. ``collcomm run``
+exits with its job's status (the failing rank's own). Heavy modules (matplotlib, the
+generators) are imported only by the commands that use them.
+
+Input is checked in one layer, before any work starts: every argument by its argparse type
+(:mod:`.arguments`: ports, timeouts, counts, paths, addresses; a refusal names the argument),
+then each command's files and combinations of options inside :func:`.errors.reading_inputs`, where
+whatever a layer below raises (a ValueError, an OverflowError, a RecursionError, ...) is bad input:
+exit 2, one line that names what was read and the exception's class. Once the work has started,
+such an exception is a bug and is not dressed up as a usage error: it ends in a traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Sequence
 from collcomm.cli import emulate, jobs, schedule, topology
 from collcomm.cli.arguments import Parser
 from collcomm.cli.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CommandFailed, UsageError,
-                                 one_line)
+                                 one_line, reading_inputs)
 from collcomm.cli.fabric import build_preset, load_fabric, preset_arguments
 from collcomm.errors import CollectiveError
 
@@ -54,17 +62,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``collcomm`` command line; returns the exit status."""
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        with reading_inputs("the command line"):
+            args = parser.parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
     except (UsageError, CollectiveError) as e:
-        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        _error(e)
         return EXIT_USAGE
     except CommandFailed as e:
-        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        _error(e)
         return EXIT_FAILED
     except BrokenPipeError:
         # The reader went away (| head): stop quietly, without a second error on flush.
@@ -74,7 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return EXIT_FAILED
-    except OSError as e:
+    except OSError as e:  # the system refused the work (an input's OSError is a UsageError by now)
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"{PROG}: error: {where}{one_line(e.strerror or e)}", file=sys.stderr)
-        return EXIT_USAGE
+        _error(f"{where}{e.strerror or type(e).__name__}")
+        return EXIT_FAILED
+
+
+def _error(message) -> None:
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)

@@ -4,7 +4,8 @@ Every action needs root; ``down`` removes everything under the prefix, also afte
 
 from __future__ import annotations
 
-from collcomm.cli.errors import EXIT_OK, PROG, UsageError
+from collcomm.cli import arguments
+from collcomm.cli.errors import EXIT_OK, PROG, UsageError, reading_inputs
 
 
 def add_command(sub) -> None:
@@ -16,19 +17,21 @@ def add_command(sub) -> None:
                                    "routes; needs root. `down` removes everything under the prefix.")
     esub = e.add_subparsers(dest="action", metavar="ACTION", required=True)
     eu = esub.add_parser("up", help="build the fabric of a topology file")
-    eu.add_argument("topology_file", metavar="T.json", help="collcomm.topology/1 file")
+    eu.add_argument("topology_file", type=arguments.path, metavar="T.json", help="collcomm.topology/1 file")
     add_emulation_arguments(eu, None, None)
     eu.set_defaults(func=cmd_emulate_up)
     ed = esub.add_parser("down", help="remove the fabric (and anything left under its prefix)")
-    ed.add_argument("--prefix", default=None, metavar="NAME", help="name prefix of the fabric (default ccemu)")
+    ed.add_argument("--prefix", type=arguments.name, default=None, metavar="NAME",
+                    help="name prefix of the fabric (default ccemu)")
     ed.set_defaults(func=cmd_emulate_down)
     es = esub.add_parser("status", help="show what exists under the prefix")
-    es.add_argument("--prefix", default=None, metavar="NAME", help="name prefix of the fabric (default ccemu)")
+    es.add_argument("--prefix", type=arguments.name, default=None, metavar="NAME",
+                    help="name prefix of the fabric (default ccemu)")
     es.set_defaults(func=cmd_emulate_status)
     ef = esub.add_parser("fault", help="inject a fault on one link of the fabric: down, throttled, or back up",
                          description="Take one link of the emulated fabric down (a black hole both ways), shape "
                                      "one direction to a percentage of its planned rate, or restore it; needs root.")
-    ef.add_argument("--link", nargs=2, required=True, metavar=("A", "B"),
+    ef.add_argument("--link", type=arguments.name, nargs=2, required=True, metavar=("A", "B"),
                     help="the link's two ends: node ids of the topology or rank numbers")
     fmode = ef.add_mutually_exclusive_group(required=True)
     fmode.add_argument("--down", action="store_true", help="drop every packet both ways")
@@ -36,7 +39,8 @@ def add_command(sub) -> None:
                        help="shape the direction A->B to PERCENT of its planned rate, e.g. 10%%")
     fmode.add_argument("--up", action="store_true", help="restore the planned rates both ways")
     ef.add_argument("--both", action="store_true", help="--bandwidth: shape B->A as well")
-    ef.add_argument("--prefix", default=None, metavar="NAME", help="name prefix of the fabric (default ccemu)")
+    ef.add_argument("--prefix", type=arguments.name, default=None, metavar="NAME",
+                    help="name prefix of the fabric (default ccemu)")
     ef.set_defaults(func=cmd_emulate_fault)
 
 
@@ -45,10 +49,12 @@ def cmd_emulate_up(args) -> int:
     from collcomm.emulation.options import check_emulation_arguments
     from collcomm.topology import jsonio
 
-    check_emulation_arguments(None, args.scale, args.prefix, flag=None)
-    emu.require_root()
-    topo = jsonio.load(args.topology_file)
-    p = emu.up(emu.plan(topo, args.prefix or emu.DEFAULT_PREFIX, args.scale or emu.DEFAULT_SCALE))
+    with reading_inputs("emulate up"):
+        check_emulation_arguments(None, args.scale, args.prefix, flag=None)
+        emu.require_root()
+        topo = jsonio.load(args.topology_file)
+        plan = emu.plan(topo, args.prefix or emu.DEFAULT_PREFIX, args.scale or emu.DEFAULT_SCALE)
+    p = emu.up(plan)
     print(f"{p.name}: {len(p.namespaces)} namespaces ({p.num_ranks} ranks), {len(p.veths)} shaped links, "
           f"coordinator network {p.mgmt_host}/16 on {p.mgmt_bridge}; remove with "
           f"`{PROG} emulate down --prefix {p.prefix}`")
@@ -60,7 +66,8 @@ def cmd_emulate_up(args) -> int:
 def cmd_emulate_down(args) -> int:
     from collcomm import emulation as emu
 
-    prefix = emu.check_prefix(args.prefix or emu.DEFAULT_PREFIX)
+    with reading_inputs("emulate down"):
+        prefix = emu.check_prefix(args.prefix or emu.DEFAULT_PREFIX)
     gone = emu.down(prefix)
     print(f"removed {len(gone['namespaces'])} namespaces, {len(gone['links'])} links and "
           f"{len(gone['pids'])} processes under prefix {prefix!r}")
@@ -70,8 +77,9 @@ def cmd_emulate_down(args) -> int:
 def cmd_emulate_status(args) -> int:
     from collcomm import emulation as emu
 
-    prefix = emu.check_prefix(args.prefix or emu.DEFAULT_PREFIX)
-    emu.require_root()
+    with reading_inputs("emulate status"):
+        prefix = emu.check_prefix(args.prefix or emu.DEFAULT_PREFIX)
+        emu.require_root()
     left = emu.leftovers(prefix)
     p = emu.current(prefix)
     state = f"up: {p.name}, {p.num_ranks} ranks" if p else ("down" if not left["namespaces"] else "partial")
@@ -83,11 +91,12 @@ def cmd_emulate_status(args) -> int:
 def cmd_emulate_fault(args) -> int:
     from collcomm import emulation as emu
 
-    prefix = emu.check_prefix(args.prefix or emu.DEFAULT_PREFIX)
-    if args.both and args.bandwidth is None:
-        raise UsageError("--both applies to --bandwidth (--down and --up act on both directions)")
-    percent = emu.parse_percent(args.bandwidth) if args.bandwidth is not None else None
-    emu.require_root("collcomm emulate fault")
+    with reading_inputs("emulate fault"):
+        prefix = emu.check_prefix(args.prefix or emu.DEFAULT_PREFIX)
+        if args.both and args.bandwidth is None:
+            raise UsageError("--both applies to --bandwidth (--down and --up act on both directions)")
+        percent = emu.parse_percent(args.bandwidth) if args.bandwidth is not None else None
+        emu.require_root("collcomm emulate fault")
     p = emu.current(prefix)
     if p is None:
         raise UsageError(f"no emulated fabric is up under prefix {prefix!r}; build one with "

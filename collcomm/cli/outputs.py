@@ -9,6 +9,7 @@ from pathlib import Path
 
 from collcomm.cli.errors import CommandFailed, UsageError
 
+
 def check_output(path: str, flag: str, image: bool = False) -> None:
     """Fail before any work when an output cannot be written where asked."""
     p = Path(path)
@@ -19,7 +20,9 @@ def check_output(path: str, flag: str, image: bool = False) -> None:
         raise UsageError(f"{flag} {path}: {str(parent)!r} is not a directory")
     if not parent.is_dir():
         raise UsageError(f"{flag} {path}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UsageError(f"{flag} {path}: the file is not writable")
+    if not p.exists() and not os.access(parent, os.W_OK):
         raise UsageError(f"{flag} {path}: directory {str(parent)!r} is not writable")
     if image:
         suffix = p.suffix.lower().lstrip(".")

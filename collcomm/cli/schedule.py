@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from collcomm.cli.arguments import positive_int
-from collcomm.cli.errors import EXIT_FAILED, EXIT_OK, CommandFailed, UsageError, one_line
+from collcomm.cli import arguments
+from collcomm.cli.errors import EXIT_FAILED, EXIT_OK, CommandFailed, UsageError, one_line, reading_inputs
 from collcomm.cli.fabric import add_fabric_arguments, load_fabric
 from collcomm.cli.formatting import exact, gbps, ranks_and_switches
 from collcomm.cli.outputs import check_output, draw, write_text
@@ -26,13 +26,14 @@ def add_command(sub) -> None:
     s.add_argument("--collective", choices=COLLECTIVE_NAMES,
                    help="allgather (default), reduce_scatter or allreduce (default with --compare)")
     s.add_argument("--algorithm", choices=list(ALGORITHMS), help="default: forestcoll")
-    s.add_argument("--max-trees-per-root", type=positive_int, metavar="K",
+    s.add_argument("--max-trees-per-root", type=arguments.positive_int, metavar="K",
                    help="forestcoll: at most K trees per root (reports the fraction of the optimum kept)")
-    s.add_argument("-o", "--output", metavar="FILE", help="write the schedule")
+    s.add_argument("-o", "--output", type=arguments.path, metavar="FILE", help="write the schedule")
     s.add_argument("--format", choices=("json", "msccl-xml"),
                    help="format of -o: json (collcomm.schedule/1) or msccl-xml (default: from the extension)")
-    s.add_argument("--plot", metavar="IMAGE", help="draw one root's trees (.png, .svg, .pdf)")
-    s.add_argument("--root", metavar="RANK_OR_ID", help="root whose trees --plot draws (default: rank 0)")
+    s.add_argument("--plot", type=arguments.path, metavar="IMAGE", help="draw one root's trees (.png, .svg, .pdf)")
+    s.add_argument("--root", type=arguments.name, metavar="RANK_OR_ID",
+                   help="root whose trees --plot draws (default: rank 0)")
     s.add_argument("--phase", choices=("allgather", "reduce_scatter"),
                    help="phase of an allreduce that --plot draws (default: allgather)")
     s.add_argument("--compare", action="store_true", help="run every algorithm and print a table")
@@ -75,8 +76,8 @@ def _tree_bound(schedule) -> Fraction | None:
     return 1 / sum(1 / b for b in bounds)
 
 
-def cmd_schedule(args) -> int:
-    collective = args.collective or ("allreduce" if args.compare else "allgather")
+def _check_options(args, collective: str) -> None:
+    """The options' combinations and the output paths, checked before the fabric is built."""
     if args.compare:
         for flag, value in (("--algorithm", args.algorithm), ("-o", args.output), ("--format", args.format),
                             ("--plot", args.plot), ("--root", args.root), ("--phase", args.phase)):
@@ -85,11 +86,9 @@ def cmd_schedule(args) -> int:
     algorithm = args.algorithm or "forestcoll"
     if args.max_trees_per_root is not None and algorithm != "forestcoll":
         raise UsageError("--max-trees-per-root applies to --algorithm forestcoll only")
-    fmt = args.format
-    if fmt is not None and not args.output:
+    if args.format is not None and not args.output:
         raise UsageError("--format chooses the format of -o FILE; give -o too")
     if args.output:
-        fmt = fmt or ("msccl-xml" if args.output.lower().endswith(".xml") else "json")
         check_output(args.output, "-o")
     if args.plot:
         check_output(args.plot, "--plot", image=True)
@@ -97,12 +96,27 @@ def cmd_schedule(args) -> int:
             raise UsageError(f"--phase {args.phase}: a {collective} schedule has only the {collective} phase")
     elif args.root is not None or args.phase is not None:
         raise UsageError("--root and --phase choose what --plot draws; give --plot too")
-    topo = load_fabric(args)
+
+
+def _check_root(root: str, topo) -> None:
+    # ASCII digits only: str.isdigit() is true of "²", which int() refuses.
+    if not (root in topo.compute or (root.isascii() and root.isdigit() and int(root) < topo.num_ranks)):
+        raise UsageError(f"--root {root}: not a rank of {topo.name} (give 0..{topo.num_ranks - 1} or a rank id "
+                         f"such as {topo.compute[0]})")
+
+
+def cmd_schedule(args) -> int:
+    collective = args.collective or ("allreduce" if args.compare else "allgather")
+    algorithm = args.algorithm or "forestcoll"
+    fmt = args.format
+    if args.output:
+        fmt = fmt or ("msccl-xml" if args.output.lower().endswith(".xml") else "json")
+    with reading_inputs("schedule"):
+        _check_options(args, collective)
+    with reading_inputs(arguments.fabric_source(args)):
+        topo = load_fabric(args)
     if args.root is not None:
-        root = args.root
-        if not (root in topo.compute or (root.isdigit() and int(root) < topo.num_ranks)):
-            raise UsageError(f"--root {root}: not a rank of {topo.name} (give 0..{topo.num_ranks - 1} or a rank id "
-                             f"such as {topo.compute[0]})")
+        _check_root(args.root, topo)
     from collcomm.schedules.optimum import collective_bound
 
     optimum = collective_bound(topo, collective)

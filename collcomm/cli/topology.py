@@ -8,19 +8,21 @@ what they measured.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
-from collcomm.cli.arguments import positive_int
+from collcomm.cli import arguments
 from collcomm.cli.describe import describe_probe, describe_topology
-from collcomm.cli.errors import EXIT_OK, CommandFailed, UsageError
+from collcomm.cli.errors import EXIT_OK, CommandFailed, UsageError, reading_inputs
 from collcomm.cli.fabric import add_fabric_arguments, load_fabric
 from collcomm.cli.outputs import check_output, draw, write_text
+
+MAX_PROBE_SECONDS = 60.0  # of one transfer's measuring window
 
 
 def add_command(sub) -> None:
     from collcomm.emulation.options import add_emulation_arguments
+    from collcomm.launcher import MAX_LOCAL_RANKS
 
     t = sub.add_parser("topology", help="build, save, summarise or draw a fabric",
                        description="Build a preset (or load a file), then save it (-o), summarise it (--show, the "
@@ -29,24 +31,31 @@ def add_command(sub) -> None:
     fabric.add_argument("--probe", action="store_true",
                         help="measure the fabric: run -np N ranks on this machine that probe latency, pairwise "
                              "bandwidth and link sharing, and infer a topology")
-    t.add_argument("-np", "--nprocs", type=positive_int, metavar="N", help="--probe: number of ranks")
-    t.add_argument("--topology-seconds", type=float, metavar="S",
+    t.add_argument("-np", "--nprocs", type=arguments.integer(1, MAX_LOCAL_RANKS, "a number of ranks"), metavar="N",
+                   help="--probe: number of ranks")
+    t.add_argument("--topology-seconds", type=arguments.seconds_up_to(MAX_PROBE_SECONDS), metavar="S",
                    help="--probe: measuring window of each transfer in seconds (default 0.5)")
-    t.add_argument("--measurements", metavar="FILE", help="--probe: also write what was measured (JSON)")
+    t.add_argument("--measurements", type=arguments.path, metavar="FILE",
+                   help="--probe: also write what was measured (JSON)")
     add_emulation_arguments(t, "--emulate", "--probe: run the ranks in this emulated fabric (needs root)")
-    t.add_argument("-o", "--output", metavar="FILE", help="write collcomm.topology/1 JSON")
+    t.add_argument("-o", "--output", type=arguments.path, metavar="FILE", help="write collcomm.topology/1 JSON")
     t.add_argument("--show", action="store_true", help="print a summary (default when nothing else is asked)")
-    t.add_argument("--plot", metavar="IMAGE", help="draw the fabric (.png, .svg, .pdf)")
+    t.add_argument("--plot", type=arguments.path, metavar="IMAGE", help="draw the fabric (.png, .svg, .pdf)")
     t.set_defaults(func=cmd_topology)
 
 
 def cmd_topology(args) -> int:
-    _probe_options(args)
-    if args.output:
-        check_output(args.output, "-o")
-    if args.plot:
-        check_output(args.plot, "--plot", image=True)
-    topo = probe_fabric(args) if args.probe else load_fabric(args)
+    with reading_inputs("topology"):
+        _probe_options(args)
+        if args.output:
+            check_output(args.output, "-o")
+        if args.plot:
+            check_output(args.plot, "--plot", image=True)
+    if args.probe:
+        topo = probe_fabric(args)
+    else:
+        with reading_inputs(arguments.fabric_source(args)):
+            topo = load_fabric(args)
     show = args.show or args.probe or not (args.output or args.plot)
     if show:
         print(describe_topology(topo))
@@ -79,9 +88,6 @@ def _probe_options(args) -> None:
     from collcomm.emulation.options import check_emulation_arguments
 
     check_emulation_arguments(args.emulate, args.scale, args.prefix)
-    if args.topology_seconds is not None and not (math.isfinite(args.topology_seconds)
-                                                  and 0 < args.topology_seconds <= 60):
-        raise UsageError(f"--topology-seconds {args.topology_seconds:g}: expected a number of seconds in (0, 60]")
     if args.emulate is not None:
         from collcomm.topology.jsonio import load
 
@@ -105,7 +111,7 @@ def probe_fabric(args):
     import tempfile
     import time
 
-    from collcomm.launcher import run
+    from collcomm.launcher import JobRefused, run
     from collcomm.topology.jsonio import load
 
     with tempfile.TemporaryDirectory(prefix="collcomm-probe-") as tmp:
@@ -119,8 +125,8 @@ def probe_fabric(args):
         start = time.monotonic()
         try:
             code = run(args.nprocs, command, **options)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        except JobRefused as e:  # e.g. another emulated fabric is up under --prefix
+            raise UsageError(f"--probe: {e}") from None
         if code != 0 or not os.path.exists(out):
             raise CommandFailed(f"the probe job of {args.nprocs} ranks failed (exit status {code})")
         topo = load(out)

@@ -17,9 +17,15 @@ from collcomm.coordinator.standalone import add_arguments, run
 PROG = "python -m collcomm.coordinator"
 
 
+def _one_line(message) -> str:
+    from collcomm.inputs.messages import one_line
+
+    return one_line(" ".join(str(message).split()))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage text
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -32,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (CollectiveError, ValueError, OSError) as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
