@@ -12,7 +12,8 @@ public functions below (:mod:`collcomm.api`) are loaded when first used.
 from collcomm._version import __version__
 from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, CorruptionError, EvictedError,
                              LinkFailure, MismatchError, ObjectDeleted, ObjectError, ObjectExists, ObjectLost,
-                             ObjectStoreFull, PeerFailure, ScheduleError, TopologyError)
+                             ObjectStoreFull, PeerFailure, ScheduleError, TopologyError, UsageError,
+                             UsageTypeError)
 
 _API = ("allgather", "allreduce", "alltoall", "barrier", "broadcast", "delete", "get", "grow", "init",
         "is_initialized", "link_health", "new_group", "object_info", "probe_topology", "put", "rank", "recv",
@@ -20,7 +21,8 @@ _API = ("allgather", "allreduce", "alltoall", "barrier", "broadcast", "delete", 
 
 __all__ = [
     "AuthenticationError", "CollectiveError", "CollectiveTimeout", "CorruptionError", "EvictedError", "LinkFailure",
-    "MismatchError", "ObjectDeleted", "ObjectError", "ObjectExists", "ObjectLost", "ObjectStoreFull", "PeerFailure", "ScheduleError", "TopologyError", "__version__", *_API,
+    "MismatchError", "ObjectDeleted", "ObjectError", "ObjectExists", "ObjectLost", "ObjectStoreFull", "PeerFailure", "ScheduleError", "TopologyError", "UsageError",
+    "UsageTypeError", "__version__", *_API,
 ]
 
 

@@ -12,7 +12,7 @@ import hashlib
 import os
 import threading
 
-from collcomm.errors import CollectiveError
+from collcomm.errors import CollectiveError, UsageError
 
 _RUNTIME = None
 _EMBEDDED = None  # a coordinator this process started (torchrun without COLLCOMM_COORDINATOR)
@@ -26,7 +26,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
+        raise UsageError(f"{name}={raw!r} is not an integer", name) from None
 
 
 def init(rank: int | None = None, world_size: int | None = None, coordinator: str | None = None,
@@ -126,54 +126,62 @@ def world_size() -> int:
 
 def _group(group):
     rt = _rt()
-    if group is None and rt.world is None:
-        raise CollectiveError("this process joined an open job, which has no world: pass group= (cc.new_group)")
-    g = rt.world if group is None else group
-    while getattr(g, "successor", None) is not None:  # a shrunk group: its survivors' group
+    if group is None:
+        if rt.world is None:
+            raise CollectiveError("this process joined an open job, which has no world: pass group= (cc.new_group)")
+        g = rt.world
+    else:
+        g = _modules()[1].group(group)
+    while g.successor is not None:  # a shrunk group: its survivors' group
         g = g.successor
     return g
 
 
-_COLLECTIVES = None
+_MODULES = None
 
 
-def _collectives():
-    """collcomm.runtime.collectives, imported at the first collective (a function-level import
-    costs a microsecond per call, a fair share of a small collective on shared memory)."""
-    global _COLLECTIVES
-    if _COLLECTIVES is None:
-        from collcomm.runtime import collectives
+def _modules():
+    """(collcomm.runtime.collectives, collcomm.runtime.arguments), imported at the first collective
+    (a function-level import costs a microsecond per call, a fair share of a small collective on
+    shared memory)."""
+    global _MODULES
+    if _MODULES is None:
+        from collcomm.runtime import arguments, collectives
 
-        _COLLECTIVES = collectives
-    return _COLLECTIVES
-
-
-def _timeout(rt, timeout):
-    return rt.timeout if timeout is None else float(timeout)
+        _MODULES = (collectives, arguments)
+    return _MODULES
 
 
+# Every call checks its arguments (collcomm.runtime.arguments, and the buffers and reductions in
+# collcomm.runtime.buffers) before it is submitted: a mistake is a UsageError (a ValueError) or a
+# UsageTypeError (also a TypeError) raised here, on the calling rank, at the call (async_op too),
+# before anything is sent.
 def allreduce(x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` across the group, in place on every rank."""
-    c = _collectives()
+    c, a = _modules()
     rt, g = _rt(), _group(group)
-    t = _timeout(rt, timeout)
-    return g.submit(lambda: c.allreduce(rt, g, x, op, t), "allreduce", async_op)
+    buf = a.reduction(x, op, "allreduce: x")
+    t = a.timeout(timeout, rt.timeout)
+    return g.submit(lambda: c.allreduce(rt, g, buf, op, t), "allreduce", a.flag(async_op, "async_op"))
 
 
 def allgather(out, x, *, group=None, async_op: bool = False, timeout: float | None = None):
     """Gather every rank's ``x`` into ``out`` (group size x x.size elements, in rank order)."""
-    c = _collectives()
+    c, a = _modules()
     rt, g = _rt(), _group(group)
-    t = _timeout(rt, timeout)
-    return g.submit(lambda: c.allgather(rt, g, out, x, t), "allgather", async_op)
+    dst, src = a.gathered(out, x, g.size)
+    t = a.timeout(timeout, rt.timeout)
+    return g.submit(lambda: c.allgather(rt, g, dst, src, t), "allgather", a.flag(async_op, "async_op"))
 
 
 def reduce_scatter(out, x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` (group size x out.size elements) and leave this rank's part in ``out``."""
-    c = _collectives()
+    c, a = _modules()
     rt, g = _rt(), _group(group)
-    t = _timeout(rt, timeout)
-    return g.submit(lambda: c.reduce_scatter(rt, g, out, x, op, t), "reduce_scatter", async_op)
+    dst, src = a.scattered(out, x, op, g.size)
+    t = a.timeout(timeout, rt.timeout)
+    return g.submit(lambda: c.reduce_scatter(rt, g, dst, src, op, t), "reduce_scatter",
+                    a.flag(async_op, "async_op"))
 
 
 def alltoall(out, x, *, group=None, async_op: bool = False, timeout: float | None = None):
@@ -182,33 +190,39 @@ def alltoall(out, x, *, group=None, async_op: bool = False, timeout: float | Non
     rank) of ``out``. ``out`` may be ``x`` (in place)."""
     from collcomm.runtime.alltoall import alltoall as run
 
+    _, a = _modules()
     rt, g = _rt(), _group(group)
-    t = _timeout(rt, timeout)
-    return g.submit(lambda: run(rt, g, out, x, t), "alltoall", async_op)
+    dst, src = a.exchanged(out, x, g.size)
+    t = a.timeout(timeout, rt.timeout)
+    return g.submit(lambda: run(rt, g, dst, src, t), "alltoall", a.flag(async_op, "async_op"))
 
 
 def broadcast(x, root: int = 0, *, group=None, async_op: bool = False, timeout: float | None = None):
     """Copy the root's ``x`` to every rank of the group (``root`` is a group rank)."""
-    c = _collectives()
+    c, a = _modules()
     rt, g = _rt(), _group(group)
-    t = _timeout(rt, timeout)
-    return g.submit(lambda: c.broadcast(rt, g, x, root, t), "broadcast", async_op)
+    buf = a.buffer(x, "broadcast: x")
+    root = a.root(root, g, "broadcast")
+    t = a.timeout(timeout, rt.timeout)
+    return g.submit(lambda: c.broadcast(rt, g, buf, root, t), "broadcast", a.flag(async_op, "async_op"))
 
 
 def reduce(x, root: int = 0, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` across the group into the root's ``x`` (other ranks' buffers are unchanged)."""
-    c = _collectives()
+    c, a = _modules()
     rt, g = _rt(), _group(group)
-    t = _timeout(rt, timeout)
-    return g.submit(lambda: c.reduce(rt, g, x, root, op, t), "reduce", async_op)
+    buf = a.reduction(x, op, "reduce: x")
+    root = a.root(root, g, "reduce")
+    t = a.timeout(timeout, rt.timeout)
+    return g.submit(lambda: c.reduce(rt, g, buf, root, op, t), "reduce", a.flag(async_op, "async_op"))
 
 
 def barrier(*, group=None, async_op: bool = False, timeout: float | None = None):
     """Return once every member of the group has entered the barrier."""
-    c = _collectives()
+    c, a = _modules()
     rt, g = _rt(), _group(group)
-    t = _timeout(rt, timeout)
-    return g.submit(lambda: c.barrier(rt, g, t), "barrier", async_op)
+    t = a.timeout(timeout, rt.timeout)
+    return g.submit(lambda: c.barrier(rt, g, t), "barrier", a.flag(async_op, "async_op"))
 
 
 def send(x, dst: int, *, tag: int = 0, timeout: float | None = None) -> None:
@@ -216,7 +230,7 @@ def send(x, dst: int, *, tag: int = 0, timeout: float | None = None) -> None:
     from collcomm.runtime import p2p
 
     rt = _rt()
-    p2p.send(rt, x, dst, tag, _timeout(rt, timeout))
+    p2p.send(rt, x, dst, tag, _modules()[1].timeout(timeout, rt.timeout))
 
 
 def recv(x, src: int, *, tag: int = 0, timeout: float | None = None) -> None:
@@ -224,7 +238,7 @@ def recv(x, src: int, *, tag: int = 0, timeout: float | None = None) -> None:
     from collcomm.runtime import p2p
 
     rt = _rt()
-    p2p.recv(rt, x, src, tag, _timeout(rt, timeout))
+    p2p.recv(rt, x, src, tag, _modules()[1].timeout(timeout, rt.timeout))
 
 
 def probe_topology(*, group=None, seconds_per_pair: float | None = None, timeout: float | None = None):
@@ -232,8 +246,11 @@ def probe_topology(*, group=None, seconds_per_pair: float | None = None, timeout
     Topology; every member of the group (default: the world) calls it and gets the same one."""
     from collcomm.probing import probe_runtime
 
+    a = _modules()[1]
     members = None if group is None else _group(group).members
-    topo, _ = probe_runtime(_rt(), members, seconds_per_pair=seconds_per_pair, timeout=timeout)
+    seconds = a.optional_timeout(seconds_per_pair, "probe_topology: seconds_per_pair")
+    topo, _ = probe_runtime(_rt(), members, seconds_per_pair=seconds,
+                            timeout=a.optional_timeout(timeout, "probe_topology: timeout"))
     return topo
 
 
@@ -250,7 +267,7 @@ def shrink(group=None, *, timeout: float | None = None):
     :class:`~collcomm.errors.EvictedError`. Ranks keep their world numbers (``cc.rank()``);
     ``group.rank``/``group.size`` are the ranks within the new group."""
     rt = _rt()
-    return rt.shrink(_group(group), timeout=timeout)
+    return rt.shrink(_group(group), timeout=_modules()[1].optional_timeout(timeout, "shrink: timeout"))
 
 
 def grow(group=None, *, timeout: float | None = None):
@@ -260,7 +277,7 @@ def grow(group=None, *, timeout: float | None = None):
     (default: the world) again, with the newcomer, at a new epoch, and return it (it becomes the
     default group when it is the world). With nobody to admit, survivors get the group unchanged."""
     rt = _rt()
-    return rt.grow(_group(group), timeout=timeout)
+    return rt.grow(_group(group), timeout=_modules()[1].optional_timeout(timeout, "grow: timeout"))
 
 
 def link_health(*, group=None, format: str = "dict"):
@@ -285,21 +302,32 @@ def _objects():
     return rt.objects
 
 
+def _object_checks():
+    """collcomm.objects.layer, whose argument checks run at the call (loaded by _objects())."""
+    from collcomm.objects import layer
+
+    return layer
+
+
 def put(key: str, buf, copy: bool = True, *, async_op: bool = False, timeout: float | None = None):
     """Publish ``buf`` (NumPy array or CPU torch tensor) under ``key`` for any process to get.
     The copy is registered before it is made, so readers start while it is; ``copy=False``
     shares ``buf`` itself (do not change it until ``delete``). A key put twice before ``delete``
     raises ObjectExists. The call returns once the copy is made (a 64 MiB copy: tens of ms);
     with ``async_op=True`` it returns at once, and ``buf`` must not change until the Work is done."""
-    layer = _objects()
-    return layer.submit(lambda: layer.put(key, buf, copy, timeout), f"put of '{key}'", async_op)
+    layer, a = _objects(), _modules()[1]
+    key = _object_checks().object_key(key, "put: key")  # at the call, async_op too
+    t = a.timeout(timeout, layer.runtime.timeout, "put: timeout")
+    return layer.submit(lambda: layer.put(key, buf, copy, t), f"put of '{key}'", a.flag(async_op, "async_op"))
 
 
 def get(key: str, out=None, *, timeout: float | None = None, async_op: bool = False):
     """The object ``key``, as soon as it exists anywhere: a read-only array (zero copy), or
     copied into ``out``. Waits up to ``timeout`` for the object to be put."""
-    layer = _objects()
-    return layer.submit(lambda: layer.get(key, out, timeout), f"get of '{key}'", async_op)
+    layer, a = _objects(), _modules()[1]
+    key = _object_checks().object_key(key, "get: key")
+    t = a.timeout(timeout, layer.runtime.timeout, "get: timeout")
+    return layer.submit(lambda: layer.get(key, out, t), f"get of '{key}'", a.flag(async_op, "async_op"))
 
 
 def reduce_objects(keys, out_key: str, op: str = "sum", num_required: int | None = None, *,
@@ -307,19 +335,23 @@ def reduce_objects(keys, out_key: str, op: str = "sum", num_required: int | None
     """Reduce the objects ``keys`` into a new object ``out_key`` using the first ``num_required``
     to become ready (all when None); returns the keys used. Any rank may then ``get(out_key)``,
     pipelined behind the reduction."""
-    layer = _objects()
-    return layer.submit(lambda: layer.reduce_objects(keys, out_key, op, num_required, timeout),
-                        f"reduce_objects into '{out_key}'", async_op)
+    layer, a = _objects(), _modules()[1]
+    keys, out_key, op, num_required = _object_checks().reduce_arguments(keys, out_key, op, num_required)
+    t = a.timeout(timeout, layer.runtime.timeout, "reduce_objects: timeout")
+    return layer.submit(lambda: layer.reduce_objects(keys, out_key, op, num_required, t),
+                        f"reduce_objects into '{out_key}'", a.flag(async_op, "async_op"))
 
 
 def delete(key: str, *, timeout: float | None = None) -> bool:
     """Forget ``key`` and free every copy of it; False if there was none."""
-    return _objects().delete(key, timeout)
+    layer = _objects()
+    return layer.delete(key, _modules()[1].timeout(timeout, layer.runtime.timeout, "delete: timeout"))
 
 
 def object_info(key: str, *, timeout: float | None = None) -> dict:
     """What the directory knows of ``key``: size, dtype, shape, complete, and its copies."""
-    return _objects().info(key, timeout)
+    layer = _objects()
+    return layer.info(key, _modules()[1].timeout(timeout, layer.runtime.timeout, "object_info: timeout"))
 
 
 def shutdown() -> None:

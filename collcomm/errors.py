@@ -12,6 +12,22 @@ class CollectiveError(Exception):
     """Base class of every collcomm error."""
 
 
+class UsageError(CollectiveError, ValueError):
+    """A call's argument cannot be used: a rank out of range, a timeout that cannot be honoured,
+    an unsupported reduction, buffers whose sizes do not fit. Raised on the calling rank before
+    anything is sent (the job is unharmed: its next call runs as if this one never happened).
+    ``argument`` names the argument. A ValueError, so callers that catch ValueError still do."""
+
+    def __init__(self, message: str, argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
+
+
+class UsageTypeError(UsageError, TypeError):
+    """A call's argument is of a kind that cannot be used (a list for a buffer, a float or a bool
+    for a rank, a string for a timeout, an unsupported dtype): a UsageError and a TypeError."""
+
+
 class TopologyError(CollectiveError, ValueError):
     """A topology is malformed, or a fabric cannot carry the requested collective."""
 
@@ -49,7 +65,13 @@ class EvictedError(CollectiveError):
 
 
 class MismatchError(CollectiveError):
-    """Ranks disagree on the collective, size, dtype or reduction."""
+    """Ranks disagree on the collective, size, dtype or reduction. The message names this rank's
+    operation and a peer's that differs ("rank 0 runs allreduce of ... but rank 1 runs broadcast
+    of ..."); ``rank`` is that peer, when known."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
 
 
 class AuthenticationError(CollectiveError):

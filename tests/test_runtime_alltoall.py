@@ -105,9 +105,10 @@ def test_alltoall_matches_numpy(n):
         if n == 1:
             assert uneven == "accepted"  # any size splits into one block
         else:
-            assert uneven.startswith("ValueError") and f"{n} equal blocks" in uneven, uneven
-        assert v["refusals"]["sizes"].startswith("ValueError"), v["refusals"]
-        assert v["refusals"]["dtypes"].startswith("TypeError"), v["refusals"]
+            # the library's own usage errors (issue 20): UsageError is a ValueError, UsageTypeError a TypeError
+            assert uneven.startswith("UsageError") and f"{n} equal blocks" in uneven, uneven
+        assert v["refusals"]["sizes"].startswith("UsageError"), v["refusals"]
+        assert v["refusals"]["dtypes"].startswith("UsageTypeError"), v["refusals"]
 
 
 DISAGREE = """

@@ -15,6 +15,11 @@ store (:mod:`.store`) and move by pull between object servers (:mod:`.server`, :
 - ``reduce_objects``: :mod:`.reduce`.
 - ``delete`` removes the directory entry and frees every copy (each holder is told; a dead one
   has nothing to free).
+
+Every call checks its arguments first (:func:`object_key`, :func:`reduce_arguments`): a bad key,
+buffer, flag, reduction or count is a :class:`~collcomm.errors.UsageError` (a ValueError) or
+:class:`~collcomm.errors.UsageTypeError` (also a TypeError) naming the argument, raised before
+anything reaches the directory.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -29,14 +35,17 @@ import time
 import numpy as np
 
 from collcomm.coordinator.objects import Holder, Info, Meta, inline_limit
-from collcomm.errors import CollectiveError, CollectiveTimeout, ObjectExists, ObjectLost
+from collcomm.coordinator.state import MAX_KEY_LENGTH
+from collcomm.errors import CollectiveError, CollectiveTimeout, ObjectExists, ObjectLost, UsageError, UsageTypeError
+from collcomm.inputs import shown
 from collcomm.objects import wire
 from collcomm.objects.pull import SourceLost, UpstreamFailed, pull
 from collcomm.objects.reduce import Reduction
 from collcomm.objects.server import ObjectServer
 from collcomm.objects.stage import Stages
 from collcomm.objects.store import PRIMARY, REPLICA, ObjectStore
-from collcomm.runtime.buffers import as_buffer, loaded_torch
+from collcomm.runtime import arguments
+from collcomm.runtime.buffers import REDUCTIONS, as_buffer, loaded_torch
 from collcomm.runtime.group import Work
 
 log = logging.getLogger("collcomm.objects")
@@ -44,6 +53,9 @@ log = logging.getLogger("collcomm.objects")
 COPY_CHUNK = 4 << 20  # put copies this much at a time, so readers can start on the first chunk
 MAX_REPOINTS = 64     # a get gives up after losing this many sources
 ASYNC_WORKERS = 16    # threads for async_op calls (they mostly wait)
+MAX_REDUCE_KEYS = 1 << 16  # inputs of one reduce_objects (``keys`` may be an endless generator)
+# C0 and C1 controls: a key is named in one-line messages and logs, and a newline would split them.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def _netns() -> str:
@@ -85,7 +97,9 @@ class ObjectLayer:
 
     # ------------------------------------------------------------------ put
     def put(self, key: str, x, copy: bool = True, timeout: float | None = None) -> None:
+        key = object_key(key, "put: key")
         array, meta = _as_array(x, key)
+        copy = arguments.flag(copy, "copy")
         timeout = self._timeout(timeout)
         raw = array.reshape(-1).view(np.uint8) if array.size else np.empty(0, np.uint8)
         if meta.size <= self.inline_limit:
@@ -115,6 +129,7 @@ class ObjectLayer:
 
     # ------------------------------------------------------------------ get
     def get(self, key: str, out=None, timeout: float | None = None):
+        key = object_key(key, "get: key")
         timeout = self._timeout(timeout)
         deadline = time.monotonic() + timeout
         c = self._local(key, deadline)
@@ -197,10 +212,12 @@ class ObjectLayer:
     # ------------------------------------------------------------------ reduce, delete, info
     def reduce_objects(self, keys, out_key: str, op: str = "sum", num_required: int | None = None,
                        timeout: float | None = None) -> list[str]:
+        keys, out_key, op, num_required = reduce_arguments(keys, out_key, op, num_required)
         return Reduction(self, keys, out_key, op, num_required, self._timeout(timeout)).run()
 
     def delete(self, key: str, timeout: float | None = None) -> bool:
         """Forget ``key`` and free every copy; False if there was no such object."""
+        key = object_key(key, "delete: key")
         timeout = self._timeout(timeout)
         existed, holders = self.client.object_delete(key, timeout=timeout)
         self.store.drop(key)
@@ -223,7 +240,7 @@ class ObjectLayer:
             pass  # a dead holder has nothing left to free
 
     def info(self, key: str, timeout: float | None = None) -> dict:
-        i: Info = self.client.object_info(key, timeout=self._timeout(timeout))
+        i: Info = self.client.object_info(object_key(key, "object_info: key"), timeout=self._timeout(timeout))
         return {"key": i.key, "size": i.meta.size, "dtype": i.meta.dtype, "shape": i.meta.shape,
                 "complete": i.complete, "inline": i.inline is not None,
                 "locations": [{"rank": l.holder.rank, "complete": l.complete, "source": l.parent}
@@ -237,10 +254,7 @@ class ObjectLayer:
 
     # ------------------------------------------------------------------ plumbing
     def _timeout(self, timeout: float | None) -> float:
-        t = self.runtime.timeout if timeout is None else float(timeout)
-        if not t > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout}")
-        return t
+        return arguments.timeout(timeout, self.runtime.timeout)
 
     @staticmethod
     def _left(deadline: float, key: str) -> float:
@@ -269,26 +283,81 @@ def _box(runtime) -> str:
         return ""
 
 
+def object_key(key, what: str) -> str:
+    """``key`` when it can name an object: a string of 1 to MAX_KEY_LENGTH characters (the
+    directory's limit), UTF-8 (it travels in protobuf), without control characters. ``what``
+    names the argument ("put: key", "reduce_objects: keys[3]")."""
+    if not isinstance(key, str):
+        raise UsageTypeError(f"{what} must be a string, got {type(key).__name__} {shown(key)}",
+                             arguments.argument(what))
+    if not 0 < len(key) <= MAX_KEY_LENGTH or _CONTROL.search(key):
+        raise UsageError(f"{what} must be 1 to {MAX_KEY_LENGTH} characters without control characters, got "
+                         f"{shown(key)}", arguments.argument(what))
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} cannot be encoded as UTF-8 (a lone surrogate), got {shown(key)}",
+                         arguments.argument(what)) from None
+    return key
+
+
+def reduce_arguments(keys, out_key, op, num_required) -> tuple[list[str], str, str, int | None]:
+    """reduce_objects' arguments checked: ``keys`` a non-empty sequence of distinct keys (at most
+    MAX_REDUCE_KEYS), ``out_key`` a key not among them, ``op`` a reduction, ``num_required`` None
+    or an integer in 1..len(keys)."""
+    if isinstance(keys, (str, bytes, dict)) or not hasattr(keys, "__iter__"):
+        raise UsageTypeError(f"reduce_objects: keys must be a sequence of object keys (a list, a tuple), got "
+                             f"{type(keys).__name__} {shown(keys)}", "keys")
+    checked: list[str] = []
+    seen: set[str] = set()
+    for i, key in enumerate(keys):  # stops early: ``keys`` may be endless
+        if i >= MAX_REDUCE_KEYS:
+            raise UsageError(f"reduce_objects: keys has more than {MAX_REDUCE_KEYS} entries", "keys")
+        key = object_key(key, f"reduce_objects: keys[{i}]")
+        if key in seen:
+            raise UsageError(f"reduce_objects: keys[{i}] repeats {shown(key)}", "keys")
+        seen.add(key)
+        checked.append(key)
+    if not checked:
+        raise UsageError("reduce_objects: keys is empty; give at least one object key", "keys")
+    out_key = object_key(out_key, "reduce_objects: out_key")
+    if out_key in seen:
+        raise UsageError(f"reduce_objects: out_key {shown(out_key)} is also one of the keys", "out_key")
+    if not isinstance(op, str):
+        raise UsageTypeError(f"reduce_objects: op must be one of {', '.join(REDUCTIONS)}, got "
+                             f"{type(op).__name__} {shown(op)}", "op")
+    if op not in REDUCTIONS:
+        raise UsageError(f"reduce_objects: op {shown(op)} is not a reduction; choose one of {', '.join(REDUCTIONS)}",
+                         "op")
+    if num_required is not None:
+        num_required = arguments.integer(num_required, "reduce_objects: num_required")
+        if not 1 <= num_required <= len(checked):
+            raise UsageError(f"reduce_objects: num_required={num_required} must be between 1 and {len(checked)} "
+                             f"(the number of keys)", "num_required")
+    return checked, out_key, op, num_required
+
+
 def _as_array(x, key: str) -> tuple[np.ndarray, Meta]:
-    """The bytes of ``x`` (NumPy array or CPU torch tensor) and its meta; refuses what cannot travel."""
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"object key must be a non-empty string, got {key!r}")
+    """The bytes of ``x`` (put's ``buf``: a NumPy array or a CPU torch tensor) and its meta;
+    refuses what cannot travel (UsageTypeError naming ``buf``)."""
     if isinstance(x, np.ndarray):
         if x.dtype.hasobject or x.dtype.fields is not None:
-            raise TypeError(f"object '{key}': dtype {x.dtype} cannot travel (objects or records)")
+            raise UsageTypeError(f"put of object '{key}': buf has dtype {x.dtype}, which cannot travel (objects or "
+                                 f"records)", "buf")
         a = np.ascontiguousarray(x)
         return a, Meta(a.nbytes, a.dtype.str if a.dtype.byteorder == ">" else a.dtype.name, tuple(a.shape))
     torch = loaded_torch()
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
-            raise TypeError(f"object '{key}' is on {x.device}; put takes CPU tensors")
+            raise UsageTypeError(f"put of object '{key}': buf is on {x.device}; put takes CPU tensors", "buf")
         t = x.detach().contiguous()
         if t.dtype == torch.bfloat16:
             a = t.view(torch.int16).numpy().view(np.uint16)
             return a, Meta(a.nbytes, "bfloat16", tuple(t.shape))
         a = t.numpy()
         return a, Meta(a.nbytes, a.dtype.name, tuple(a.shape))
-    raise TypeError(f"object '{key}' must be a NumPy array or a CPU torch tensor, got {type(x).__name__}")
+    raise UsageTypeError(f"put of object '{key}': buf must be a NumPy array or a CPU torch tensor, got "
+                         f"{type(x).__name__}", "buf")
 
 
 def _numpy_type(dtype: str) -> np.dtype:
@@ -309,11 +378,11 @@ def _deliver(raw: np.ndarray, meta: Meta, out, key: str, readonly: bool = False)
         return typed
     if isinstance(out, np.ndarray):  # any dtype: only the bytes must fit
         if not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError(f"get of object '{key}': out must be a writable C-contiguous array")
+            raise UsageError(f"get of object '{key}': out must be a writable C-contiguous array", "out")
         target = out.reshape(-1)
     else:
-        target = as_buffer(out, f"out of get('{key}')").array  # a tensor's memory, seen through NumPy
+        target = as_buffer(out, f"get of object '{key}': out").array  # a tensor's memory, seen through NumPy
     if target.nbytes != meta.size:
-        raise ValueError(f"get of object '{key}': out holds {target.nbytes} bytes, the object {meta.size}")
+        raise UsageError(f"get of object '{key}': out holds {target.nbytes} bytes, the object {meta.size}", "out")
     np.copyto(target.view(np.uint8), raw)
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from collcomm.errors import CollectiveError, MismatchError
-from collcomm.runtime.buffers import as_buffer
+from collcomm.runtime import arguments
 from collcomm.runtime.group import Group
 from collcomm.runtime.operation import OperationEvents
 from collcomm.transport import frames
@@ -20,15 +20,8 @@ def alltoall(rt, group: Group, out, x, timeout: float) -> None:
     each member sends to a different peer. Sends are queued on the links' sender threads and
     every receive lands straight in ``out`` (registered before the first send), so no order of
     arrival can deadlock. ``out`` may be ``x`` itself (the input is then copied first)."""
-    src, dst = as_buffer(x, "input"), as_buffer(out, "output")
+    dst, src = arguments.exchanged(out, x, group.size)  # (Buffers the API checked pass as they are)
     n, me = group.size, group.me
-    if dst.dtype != src.dtype:
-        raise TypeError(f"alltoall: output dtype {dst.dtype} differs from input dtype {src.dtype}")
-    if dst.count != src.count:
-        raise ValueError(f"alltoall: output holds {dst.count} elements, input {src.count}; they must be equal")
-    if src.count % n:
-        raise ValueError(f"alltoall: {src.count} elements do not split into {n} equal blocks (one per group "
-                         f"rank); give a multiple of {n}")
     block = src.count // n
     data = src.array
     if np.may_share_memory(data, dst.array):
@@ -89,17 +82,17 @@ class Alltoall(OperationEvents):
 
     def destination(self, header: Header, world_peer: int) -> memoryview:
         peer = self._member_of(world_peer)
-        if header.desc != self.desc:
-            raise MismatchError(f"rank {peer} runs a different operation #{self.op_seq} than this rank's "
-                                f"{self.describe}")
+        if header.desc != self.desc:  # (its words come from the coordinator: failures.explain_mismatch)
+            raise MismatchError(f"rank {world_peer} runs another operation #{self.op_seq} than {self.describe}",
+                                rank=world_peer)
         c = header.chunk
         lo, hi = self._span(peer, c) if 0 <= c < self.chunks else (0, -1)
         with self._lock:
             fresh = (peer, c) not in self._seen
             self._seen.add((peer, c))
         if header.tree != 0 or header.length != hi - lo or not fresh:
-            raise MismatchError(f"rank {peer} sent an unexpected piece (chunk {c}, {header.length} bytes) for "
-                                f"this rank's {self.describe}")
+            raise MismatchError(f"rank {world_peer} sent an unexpected piece (chunk {c}, {header.length} bytes) for "
+                                f"{self.describe} #{self.op_seq}", rank=world_peer)
         return memoryview(self.recv_bytes[lo:hi])
 
     def delivered(self, header: Header, view: memoryview, world_peer: int) -> None:

@@ -12,10 +12,15 @@ from typing import Callable
 
 import numpy as np
 
+from collcomm.errors import UsageError, UsageTypeError
+
 SUPPORTED = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32",
              "uint64")
 REDUCTIONS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor")
 BITWISE = ("band", "bor", "bxor")  # integer buffers only
+_FLOATS = frozenset(("float16", "bfloat16", "float32", "float64"))
+_FLOAT_OPS = frozenset(op for op in REDUCTIONS if op not in BITWISE)
+_INTEGER_OPS = frozenset(op for op in REDUCTIONS if op != "avg")
 _UFUNC = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum, "avg": np.add,
           "band": np.bitwise_and, "bor": np.bitwise_or, "bxor": np.bitwise_xor}
 
@@ -40,7 +45,7 @@ class Buffer:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in ("float16", "bfloat16", "float32", "float64")
+        return self.dtype in _FLOATS
 
     def reducer(self, op: str) -> Callable[[np.ndarray, np.ndarray], None]:
         check_reduction(op, self)
@@ -75,44 +80,90 @@ _NUMPY_REDUCERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {}
 
 
 def check_reduction(op: str, buf: Buffer) -> None:
-    if op not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {op!r}; choose one of {', '.join(REDUCTIONS)}")
+    """Refuse a reduction that is not one of REDUCTIONS or does not fit the buffer's dtype
+    (UsageError naming ``op``)."""
+    if type(op) is str and op in (_FLOAT_OPS if buf.dtype in _FLOATS else _INTEGER_OPS):
+        return  # (the common case in one look: this runs on every reduction)
+    if type(op) is not str or op not in REDUCTIONS:
+        what = f"{op!r}" if isinstance(op, str) and len(op) <= 40 else f"of type {type(op).__name__}"
+        raise UsageError(f"op: unknown reduction {what}; choose one of {', '.join(REDUCTIONS)}", "op")
     if op == "avg" and not buf.is_float:
-        raise ValueError(f"avg needs a floating-point buffer, got {buf.dtype}")
+        raise UsageError(f"op: avg needs a floating-point buffer, got {buf.dtype}", "op")
     if op in BITWISE and buf.is_float:
-        raise ValueError(f"{op} needs an integer buffer, got {buf.dtype}")
+        raise UsageError(f"op: {op} needs an integer buffer, got {buf.dtype}", "op")
 
 
 def as_buffer(x, what: str = "buffer", *, read_only: bool = False) -> Buffer:
-    """A flat view of ``x`` (NumPy array or CPU torch tensor); refuses what cannot be used in place.
+    """A flat view of ``x`` (NumPy array or CPU torch tensor); refuses what cannot be used in place
+    (UsageError, or UsageTypeError for the wrong kind or dtype, naming ``what``: "allreduce: x").
     ``read_only``: the operation only reads ``x`` (an allgather's or a send's input), so a read-only
-    array will do."""
-    if isinstance(x, np.ndarray):
-        if not x.flags.c_contiguous:
-            raise ValueError(f"{what} must be contiguous (C order); pass np.ascontiguousarray(...) and copy back")
-        if not x.flags.writeable and not read_only:
-            raise ValueError(f"{what} is read-only")
+    array will do. A Buffer (the API's, checked already) is returned as it is."""
+    if type(x) is np.ndarray:  # (the common case first; subclasses below)
         name = _NAMES.get(x.dtype)  # (dtype.name is slow: computed in Python each time)
-        if name is None:
-            raise TypeError(f"{what} has dtype {x.dtype.name}; supported: {', '.join(SUPPORTED)}")
-        return Buffer(x.reshape(-1), name)
+        flags = x.flags
+        if name is not None and flags.c_contiguous and (read_only or flags.writeable):
+            return Buffer(x.reshape(-1), name)
+        _refuse_array(x, what, read_only)
+    if type(x) is Buffer:
+        return x
+    if isinstance(x, np.ndarray):
+        if isinstance(x, np.matrix):  # (reshape(-1) of a matrix is 2-D)
+            raise UsageTypeError(f"{what} is a numpy.matrix; pass np.asarray(...)", argument(what))
+        _refuse_array(x, what, read_only)
+        return Buffer(x.reshape(-1), _NAMES[x.dtype])
     torch = loaded_torch()
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
-            raise TypeError(f"{what} is on {x.device}; the TCP transport takes CPU tensors")
+            raise UsageTypeError(f"{what} is on {x.device}; the TCP transport takes CPU tensors", argument(what))
+        if x.layout != torch.strided:
+            raise UsageTypeError(f"{what} is a {x.layout} tensor; collectives take dense (strided) tensors",
+                                 argument(what))
         if not x.is_contiguous():
-            raise ValueError(f"{what} must be contiguous; call .contiguous() and copy back")
+            raise UsageError(f"{what} must be contiguous; call .contiguous() and copy back", argument(what))
         if x.dtype == torch.bfloat16:
             return Buffer(x.detach().view(-1).view(torch.int16).numpy().view(np.uint16), "bfloat16")
-        arr = x.detach().view(-1).numpy()
-        name = _NAMES.get(arr.dtype)
+        name = _TORCH_NAMES[x.dtype]
         if name is None:
-            raise TypeError(f"{what} has dtype {x.dtype}; supported: {', '.join(SUPPORTED)}")
-        return Buffer(arr, name)
-    raise TypeError(f"{what} must be a NumPy array or a CPU torch tensor, got {type(x).__name__}")
+            raise UsageTypeError(f"{what} has dtype {x.dtype}; supported: {', '.join(SUPPORTED)}", argument(what))
+        return Buffer(x.detach().view(-1).numpy(), name)
+    raise UsageTypeError(f"{what} must be a NumPy array or a CPU torch tensor, got {type(x).__name__}",
+                         argument(what))
+
+
+def _refuse_array(x: np.ndarray, what: str, read_only: bool) -> None:
+    """Raise why the array ``x`` cannot be used in place (nothing when it can)."""
+    if _NAMES.get(x.dtype) is None:
+        dtype = x.dtype.name if x.dtype.isnative else x.dtype.str + " (not this machine's byte order)"
+        raise UsageTypeError(f"{what} has dtype {dtype}; supported: {', '.join(SUPPORTED)}", argument(what))
+    if not x.flags.c_contiguous:
+        raise UsageError(f"{what} must be contiguous (C order); pass np.ascontiguousarray(...) and copy back",
+                         argument(what))
+    if not x.flags.writeable and not read_only:
+        raise UsageError(f"{what} is read-only", argument(what))
+
+
+def argument(what: str) -> str:
+    """The argument's name in a description ("allreduce: x" -> "x", "new_group: ranks[1]" -> "ranks")."""
+    return what.rpartition(": ")[2].partition("[")[0]
 
 
 _NAMES = {np.dtype(n): n for n in SUPPORTED if n != "bfloat16"}
+
+
+class _TorchNames(dict):
+    """torch dtype -> name (None: not supported), filled on first use: torch is the program's to import."""
+
+    def __missing__(self, dtype):
+        torch = loaded_torch()
+        name = None
+        for n in SUPPORTED:
+            if n != "bfloat16" and getattr(torch, n, None) == dtype:
+                name = n
+        self[dtype] = name
+        return name
+
+
+_TORCH_NAMES = _TorchNames()
 
 
 def loaded_torch():
@@ -141,5 +192,5 @@ def _bfloat16_reducer(op: str) -> Callable[[np.ndarray, np.ndarray], None]:
 def numpy_dtype(name: str) -> np.dtype:
     """The NumPy type a dtype name travels and is reduced as (bfloat16: uint16 bits)."""
     if name not in SUPPORTED:
-        raise TypeError(f"dtype {name} cannot be reduced; supported: {', '.join(SUPPORTED)}")
+        raise UsageTypeError(f"dtype {name} cannot be reduced; supported: {', '.join(SUPPORTED)}", "dtype")
     return np.dtype("uint16" if name == "bfloat16" else name)

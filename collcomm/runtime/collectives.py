@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from collcomm.errors import MismatchError
-from collcomm.runtime.buffers import as_buffer
+from collcomm.errors import MismatchError, PeerFailure
+from collcomm.runtime import arguments, failures
+from collcomm.runtime.buffers import Buffer, as_buffer
 from collcomm.runtime.executor import shard_layout
 from collcomm.runtime.group import Group
+from collcomm.runtime.operation import describe_fields
 from collcomm.schedules.ir import ALLGATHER, ALLREDUCE, REDUCE_SCATTER
 from collcomm.transport import frames
+from collcomm.transport.frames import error_from_abort
 
 
 def allreduce(rt, group: Group, x, op: str, timeout: float, watch_previous: bool = False) -> None:
-    buf = as_buffer(x)
+    buf = x if type(x) is Buffer else as_buffer(x)  # (the API's is checked)
     reducer = buf.reducer(op)
     if buf.count == 0 or group.size == 1:
         return
@@ -69,14 +72,9 @@ def one_shot_over_sockets(n: int, nbytes: int) -> bool:
     return one <= two
 
 
-def allgather(rt, group: Group, out, x, timeout: float) -> None:
-    src, dst = as_buffer(x, "input", read_only=True), as_buffer(out, "output")
+def allgather(rt, group: Group, dst: Buffer, src: Buffer, timeout: float) -> None:
+    """``dst``, ``src``: the output and the input, checked (collcomm.runtime.arguments.gathered)."""
     n = src.count
-    if dst.dtype != src.dtype:
-        raise TypeError(f"allgather: output dtype {dst.dtype} differs from input dtype {src.dtype}")
-    if dst.count != n * group.size:
-        raise ValueError(f"allgather: output holds {dst.count} elements, needs {group.size} x {n} = "
-                         f"{group.size * n}")
     dst.array[group.me * n:(group.me + 1) * n] = src.array
     if n == 0 or group.size == 1:
         return
@@ -89,14 +87,9 @@ def allgather(rt, group: Group, out, x, timeout: float) -> None:
                        desc_fields=("allgather", dst.dtype, n, "", -1), timeout=timeout, nbytes=dst.nbytes)
 
 
-def reduce_scatter(rt, group: Group, out, x, op: str, timeout: float) -> None:
-    src, dst = as_buffer(x, "input"), as_buffer(out, "output")
+def reduce_scatter(rt, group: Group, dst: Buffer, src: Buffer, op: str, timeout: float) -> None:
+    """``dst``, ``src``: the output and the input, checked (collcomm.runtime.arguments.scattered)."""
     m = dst.count
-    if dst.dtype != src.dtype:
-        raise TypeError(f"reduce_scatter: output dtype {dst.dtype} differs from input dtype {src.dtype}")
-    if src.count != m * group.size:
-        raise ValueError(f"reduce_scatter: input holds {src.count} elements, needs {group.size} x {m} = "
-                         f"{group.size * m}")
     reducer = src.reducer(op)
     local = group.local_path(timeout) if m and group.size > 1 else None
     if local is not None:  # reduces straight out of the members' segments into the output
@@ -114,8 +107,8 @@ def reduce_scatter(rt, group: Group, out, x, op: str, timeout: float) -> None:
 
 
 def broadcast(rt, group: Group, x, root: int, timeout: float) -> None:
-    buf = as_buffer(x)
-    check_root(group, root)
+    buf = x if type(x) is Buffer else as_buffer(x)  # (the API's is checked)
+    check_root(group, root, "broadcast")
     if buf.count == 0 or group.size == 1:
         return
     local = group.local_path(timeout)
@@ -129,8 +122,8 @@ def broadcast(rt, group: Group, x, root: int, timeout: float) -> None:
 
 
 def reduce(rt, group: Group, x, root: int, op: str, timeout: float) -> None:
-    buf = as_buffer(x)
-    check_root(group, root)
+    buf = x if type(x) is Buffer else as_buffer(x)  # (the API's is checked)
+    check_root(group, root, "reduce")
     reducer = buf.reducer(op)
     if buf.count == 0 or group.size == 1:
         return
@@ -154,14 +147,30 @@ def _rooted(rt, group: Group, fields: tuple, timeout: float, run) -> None:
     the only one to see it while the others return. After the operation every rank allreduces
     (max) the hash of its description and its negation; the allreduce also watches the abort
     record of the operation itself. A rank whose operation failed does not take part: the
-    others learn of it from that record. A disagreement is a MismatchError on every rank."""
+    others learn of it from that record. A disagreement is a MismatchError on every rank, naming
+    its own operation and a peer's that differs (failures.explain_mismatch)."""
     mine = frames.describe(*fields) >> 1  # fits int64
     run()
+    seq = group.last_seq  # the rooted operation's number (what a disagreement is explained under)
     seen = np.array([mine, -mine], dtype=np.int64)
-    allreduce(rt, group, seen, "max", timeout, watch_previous=True)
+    try:
+        allreduce(rt, group, seen, "max", timeout, watch_previous=True)
+    except MismatchError as e:  # the rooted operation failed elsewhere: a disagreement about it
+        raise _explain(rt, group, seq, fields, e) from e
+    except PeerFailure as e:  # the rank that saw the disagreement raised it and left at once
+        record = failures.recorded_abort(rt, group, seq)
+        if record is None or not record[1].startswith("mismatch|"):
+            raise
+        raise _explain(rt, group, seq, fields, error_from_abort(record[1], record[0])) from e
     if int(seen[0]) != mine or int(seen[1]) != -mine:
-        raise MismatchError(f"ranks disagree on this {fields[0]} (this rank: {fields[2]} {fields[1]}, "
-                            f"root {fields[4]}{', ' + fields[3] if fields[3] else ''})")
+        raise _explain(rt, group, seq, fields, MismatchError(f"the members of {group.name!r} disagree on "
+                                                             f"operation #{seq}"))
+
+
+def _explain(rt, group: Group, seq: int, fields: tuple, error: MismatchError) -> MismatchError:
+    """``error`` in this rank's terms: its rooted operation ``seq`` (``fields``) and a peer's."""
+    return failures.explain_mismatch(rt, group, seq, error, frames.describe(group.id, group.epoch, *fields),
+                                     describe_fields(fields))
 
 
 def barrier(rt, group: Group, timeout: float) -> None:
@@ -173,6 +182,6 @@ def barrier(rt, group: Group, timeout: float) -> None:
     allreduce(rt, group, token, "sum", timeout)
 
 
-def check_root(group: Group, root: int) -> None:
-    if not isinstance(root, (int, np.integer)) or not 0 <= root < group.size:
-        raise ValueError(f"root {root!r} is not a rank of {group} (0..{group.size - 1})")
+def check_root(group: Group, root: int, kind: str) -> None:
+    if type(root) is not int or not 0 <= root < group.size:  # (the API's root is checked: an int in range)
+        arguments.root(root, group, kind)

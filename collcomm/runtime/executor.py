@@ -267,17 +267,18 @@ class Operation(OperationEvents):
     # ------------------------------------------------------------------ receiving (transport calls these)
     def destination(self, header: Header, world_peer: int) -> memoryview:
         peer = self._member_of(world_peer)
-        if header.desc != self.desc:
-            raise MismatchError(f"rank {peer} runs a different operation #{self.op_seq} than this rank's "
-                                f"{self.describe}")
+        if header.desc != self.desc:  # (its words come from the coordinator: failures.explain_mismatch)
+            raise MismatchError(f"rank {world_peer} runs another operation #{self.op_seq} than {self.describe}",
+                                rank=world_peer)
         pc = self.plan.by_key.get((header.tree, header.chunk))
         nbytes = 0 if pc is None else (pc.stop - pc.start) * self.itemsize
         kind = None if pc is None else self.plan.kinds[pc.phase]
         expected_from = None if pc is None else (pc.parent if kind == ALLGATHER else pc.children)
         if pc is None or header.length != nbytes or \
                 (peer != expected_from if kind == ALLGATHER else peer not in expected_from):
-            raise MismatchError(f"rank {peer} sent an unexpected piece (tree {header.tree}, chunk {header.chunk}, "
-                                f"{header.length} bytes) for this rank's {self.describe}")
+            raise MismatchError(f"rank {world_peer} sent an unexpected piece (tree {header.tree}, chunk "
+                                f"{header.chunk}, {header.length} bytes) for {self.describe} #{self.op_seq}",
+                                rank=world_peer)
         if kind == ALLGATHER:
             return memoryview(self.bytes[pc.start * self.itemsize:pc.stop * self.itemsize])
         scratch = self._scratch.get(peer)

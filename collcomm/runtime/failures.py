@@ -12,6 +12,8 @@ recorded first cause instead (:func:`first_cause`), so every member names the sa
 
 from __future__ import annotations
 
+import time
+
 from collcomm.errors import CollectiveError, EvictedError, MismatchError, PeerFailure
 from collcomm.transport.frames import abort_text, error_from_abort
 
@@ -64,7 +66,7 @@ def outside_failure(rt, group, seq: int, desc: int | None = None, describe: str 
             return error_from_abort(record[1], record[0])
     if desc is None:
         return None
-    key = abort_key(group, seq) + "/desc/"
+    key = _desc_key(group, seq)
     try:
         rt.client.kv_set(key + str(rt.rank), f"{desc}|{describe}".encode(), timeout=5.0)
         for member in group.members:
@@ -76,11 +78,78 @@ def outside_failure(rt, group, seq: int, desc: int | None = None, describe: str 
                 continue
             their_desc, _, their_text = theirs.partition("|")
             if their_desc != str(desc):
-                return MismatchError(f"rank {member} waits in {their_text} #{seq} while this rank runs "
-                                     f"{describe}")
+                return mismatch(rt.rank, describe, member, their_text)
     except CollectiveError:
         return None
     return None
+
+
+# ---------------------------------------------------------------------------- ranks that disagree
+# How long a rank whose operation failed with a MismatchError waits for the description of the
+# peer's operation (the peer publishes it as soon as it learns of the failure: at once from an abort
+# frame, within a poll period from the coordinator's record). Past it the error says "another operation".
+MISMATCH_WAIT = 1.0
+
+
+def _desc_key(group, seq: int) -> str:
+    """Where each member publishes "<hash>|<words>" of its operation ``seq`` (read by the others)."""
+    return abort_key(group, seq) + "/desc/"
+
+
+def mismatch(me: int, mine: str, peer: int, theirs: str | None) -> MismatchError:
+    """The error of ranks that disagree, worded the same on every path and true on any rank it
+    reaches: "rank 0 runs allreduce of ... but rank 1 runs broadcast of ..."."""
+    return MismatchError(f"rank {me} runs {mine} but rank {peer} runs {theirs or 'a different operation'}",
+                         rank=peer)
+
+
+def publish_operation(rt, group, seq: int, desc: int, describe: str) -> None:
+    """Publish what this rank runs as operation ``seq`` (its hash and its words), for members that
+    disagree with it (:func:`explain_mismatch`)."""
+    try:
+        rt.client.kv_set(_desc_key(group, seq) + str(rt.rank), f"{desc}|{describe}".encode(), timeout=5.0)
+    except CollectiveError:
+        pass
+
+
+def explain_mismatch(rt, group, seq: int, error: MismatchError, desc: int, describe: str,
+                     wait: float = MISMATCH_WAIT) -> MismatchError:
+    """The MismatchError this rank raises for operation ``seq``: its own operation and that of a peer
+    that runs another one, whoever detected the disagreement (over sockets a rank sees only the hash
+    of a peer's operation, and a rank told by another learns only what that one saw).
+
+    This rank publishes its operation (:func:`publish_operation`) and reads the peers' as they
+    publish theirs, for at most ``wait`` seconds: first the peer the error names, then the rank that
+    recorded why the operation failed and the one it blamed, then the other members."""
+    publish_operation(rt, group, seq, desc, describe)
+    candidates = [error.rank] if error.rank is not None else []
+    record = recorded_abort(rt, group, seq)
+    if record is not None:
+        candidates.append(record[0])
+        culprit = record[1].split("|", 2)[1] if record[1].count("|") >= 2 else ""
+        if culprit.lstrip("-").isdigit():
+            candidates.append(int(culprit))
+    candidates += group.members
+    key, deadline = _desc_key(group, seq), time.monotonic() + wait
+    tried: set[int] = set()
+    agrees = False  # the peer the error names runs this very operation (its pieces did not fit: another plan)
+    for peer in candidates:
+        if peer == rt.rank or peer in tried or peer not in group.members:
+            continue
+        tried.add(peer)
+        try:
+            theirs = rt.client.kv_get(key + str(peer), timeout=max(deadline - time.monotonic(), 0.0))
+        except CollectiveError:
+            continue
+        their_desc, _, their_text = theirs.decode(errors="replace").partition("|")
+        if their_desc != str(desc):
+            return mismatch(rt.rank, describe, peer, their_text)
+        agrees = agrees or peer == error.rank
+    if agrees or str(error).startswith(f"rank {rt.rank} runs "):
+        return error  # its own words are the best ones
+    if error.rank is not None:
+        return mismatch(rt.rank, describe, error.rank, None)
+    return MismatchError(f"rank {rt.rank} runs {describe} but another member runs a different operation ({error})")
 
 
 def record_abort(rt, group, seq: int, error: CollectiveError) -> None:

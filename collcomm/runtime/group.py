@@ -18,10 +18,11 @@ from typing import Callable
 
 import numpy as np
 
-from collcomm.errors import CollectiveError, CollectiveTimeout, PeerFailure
+from collcomm.errors import CollectiveError, CollectiveTimeout, MismatchError, PeerFailure
 from collcomm.runtime import failures
 from collcomm.runtime.buffers import Buffer
 from collcomm.runtime.executor import ExecutionPlan, Operation
+from collcomm.runtime.operation import describe_fields
 from collcomm.schedules.planner import Planner
 from collcomm.topology.model import Topology
 from collcomm.transport import frames
@@ -37,7 +38,13 @@ class Work:
         self._what = what
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the operation completes (or ``timeout`` s pass: CollectiveTimeout); re-raise its error."""
+        """Block until the operation completes (or ``timeout`` s pass: CollectiveTimeout); re-raise its error.
+        None waits as long as the operation takes (it ends at its own timeout); else a finite number
+        of seconds above 0 (collcomm.runtime.arguments.timeout; is_completed() asks without waiting)."""
+        if timeout is not None:
+            from collcomm.runtime import arguments
+
+            timeout = arguments.timeout(timeout, 0.0, "wait: timeout")
         try:
             self._future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
@@ -70,6 +77,7 @@ class Group:
         self._index = {r: i for i, r in enumerate(self.members)}
         self.size = len(self.members)
         self._seq = itertools.count()
+        self.last_seq = -1  # the number of the operation started last
         self._lock = threading.Lock()  # one operation at a time, in order
         self._pending = 0
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
@@ -118,7 +126,7 @@ class Group:
         """The number of the next operation; the monitor's round (reports, plan switch) runs first."""
         if self.successor is not None:
             raise CollectiveError(f"{self} was shrunk to {self.successor}; run collectives on that group")
-        seq = next(self._seq)
+        seq = self.last_seq = next(self._seq)
         if self.monitor is None and self.runtime.monitor_every > 0 and self.size > 1:
             from collcomm.runtime.monitor import GroupMonitor
 
@@ -179,18 +187,22 @@ class Group:
         itemsize = work.dtype.itemsize
         chunk_elems = max(1, self.chunk_bytes // itemsize)
         plan = self._plan(schedule, shards, chunk_elems)
-        describe = f"{desc_fields[0]} of {buf.count} {buf.dtype}" + (f" ({desc_fields[3]})" if desc_fields[3] else "")
+        describe = describe_fields(desc_fields)
         desc = frames.describe(self.id, self.epoch, *desc_fields)
         links: dict[int, object] = {}
         op = Operation(links=links.__getitem__, member_of=self.member_index, me=self.me, group=self.id,
                        epoch=self.epoch, op_seq=seq, desc=desc, describe=describe, work=work, plan=plan,
                        reducer=reducer, chained=chained, max_chunk_bytes=chunk_elems * itemsize)
-        self.execute(op, seq, plan.peers, links, timeout, watch)
+        # (an agreement that watches the previous operation is not what a disagreement is about:
+        # the rooted collective explains it, collectives._rooted)
+        self.execute(op, seq, plan.peers, links, timeout, watch, explain=not watch_previous)
 
-    def execute(self, op, seq: int, peers, links: dict, timeout: float, watch: tuple = ()) -> None:
+    def execute(self, op, seq: int, peers, links: dict, timeout: float, watch: tuple = (), *,
+                explain: bool = True) -> None:
         """Run ``op`` (operation number ``seq``) with the members ``peers`` (group ranks), filling
         ``links`` (member -> link) as the connections open: register it in the group's mailbox,
-        start it and wait for it; on failure tell the members why and raise the typed error."""
+        start it and wait for it; on failure tell the members why and raise the typed error
+        (``explain``: a MismatchError names this rank's operation and a peer's that differs)."""
         rt = self.runtime
         mailbox = rt.transport.mailbox(self.id)
         check = lambda: failures.outside_failure(rt, self, seq, op.desc, op.describe, watch)  # noqa: E731
@@ -205,19 +217,26 @@ class Group:
             op.start()
             op.wait(max(deadline - time.monotonic(), 0.0), poll=check, poll_every=POLL_SECONDS)
         except CollectiveError as e:
-            self.raise_failure(seq, e)
+            self.raise_failure(seq, e, (op.desc, op.describe) if explain else None)
         finally:
             mailbox.finish(seq)
 
-    def raise_failure(self, seq: int, e: CollectiveError) -> None:
+    def raise_failure(self, seq: int, e: CollectiveError, operation: tuple[int, str] | None = None) -> None:
         """Operation ``seq`` failed here with ``e``: tell the members, and raise the error every
-        member raises (the first cause recorded, or EvictedError when this rank was declared failed)."""
+        member raises (the first cause recorded, or EvictedError when this rank was declared failed).
+        ``operation`` (its hash and words, over sockets): a MismatchError is told in this rank's
+        terms, its own operation and a differing peer's (failures.explain_mismatch)."""
         rt = self.runtime
         error = failures.first_cause(rt, self, seq, e)
+        disagree = operation is not None and isinstance(error, MismatchError)
+        if disagree:  # before the record: a member that reads it finds this rank's words
+            failures.publish_operation(rt, self, seq, *operation)
         self._failed(seq, error)
         evicted = failures.evicted(rt, self)
         if evicted is not None:
             raise evicted from e
+        if disagree:
+            error = failures.explain_mismatch(rt, self, seq, error, *operation)
         if rt.auto_shrink and isinstance(error, (PeerFailure, CollectiveTimeout)):
             try:  # leave the group shrunk for the next call; this call still raises
                 rt.shrink(self)

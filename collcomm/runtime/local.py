@@ -39,8 +39,9 @@ import time
 
 import numpy as np
 
-from collcomm.errors import CollectiveError
+from collcomm.errors import CollectiveError, MismatchError
 from collcomm.runtime import failures
+from collcomm.runtime.operation import describe_fields
 from collcomm.transport import frames
 from collcomm.transport.shm import arena as shm_arena, cma
 from collcomm.transport.shm.segment import Segment, name as segment_name
@@ -214,9 +215,19 @@ class LocalGroup:
 
     def _fail(self, seq: int, error: CollectiveError) -> None:
         """Say why in this member's control page, drop the arena, raise the group's typed error."""
+        if isinstance(error, MismatchError) and error.rank is None:  # told by a peer: in this member's terms
+            error = self._disagreement(error)
         self.arena.abort(frames.abort_text(error))
         self.group.drop_local(self)
         self.group.raise_failure(seq, error)
+
+    def _disagreement(self, told: MismatchError) -> MismatchError:
+        """A disagreement another member saw, told as this member's operation and a peer's that
+        differs (every member's description of the operation is in its control page)."""
+        parity = self.arena.operation & 1
+        desc, text = self._current
+        peer = self.arena.differing(parity, desc)
+        return told if peer is None else self.arena.mismatch(peer, parity, text)
 
     def _poll(self):
         """What the coordinator knows of the current operation (asked while a wait sleeps)."""
@@ -230,7 +241,7 @@ class LocalGroup:
             if len(self._descs) > 256:
                 self._descs.clear()
             h = frames.describe(self.group.id, self.group.epoch, *fields) >> 1  # fits int64
-            d = self._descs[fields] = (h, describe(fields).encode()[:shm_arena.DESC_TEXT_MAX])
+            d = self._descs[fields] = (h, describe_fields(fields).encode()[:shm_arena.DESC_TEXT_MAX])
         return d
 
     def _count(self, nbytes: int, seconds: float) -> None:
@@ -533,16 +544,6 @@ class LocalGroup:
     def barrier(self, timeout: float) -> None:
         self.run(("barrier", "", 0, "", -1), timeout,
                  lambda deadline, poll, desc: self.arena.sync(deadline, poll, desc))
-
-
-def describe(fields: tuple) -> str:
-    """What an operation is, in words: "allreduce of 1024 float32 (sum)"."""
-    kind, dtype, count, op, root = fields
-    if kind == "barrier":
-        return "barrier"
-    per = " per rank" if kind in ("allgather", "reduce_scatter") else ""
-    extra = ", ".join(x for x in (op, f"root {root}" if root >= 0 else "") if x)
-    return f"{kind} of {count} {dtype}{per}" + (f" ({extra})" if extra else "")
 
 
 def _reduce_into(reduce, out: np.ndarray, first: np.ndarray | None, others: list[np.ndarray]) -> None:

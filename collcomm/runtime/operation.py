@@ -82,3 +82,14 @@ class OperationEvents:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+
+def describe_fields(fields: tuple) -> str:
+    """What an operation is, in words, from its description fields (kind, dtype, count, op, root):
+    "allreduce of 1024 float32 (sum)", "broadcast of 10 int64 (root 1)"."""
+    kind, dtype, count, op, root = fields
+    if kind == "barrier":
+        return "barrier"
+    per = " per rank" if kind in ("allgather", "reduce_scatter") else ""
+    extra = ", ".join(x for x in (op, f"root {root}" if root >= 0 else "") if x)
+    return f"{kind} of {count} {dtype}{per}" + (f" ({extra})" if extra else "")

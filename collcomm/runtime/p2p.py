@@ -24,7 +24,8 @@ import time
 
 import numpy as np
 
-from collcomm.errors import CollectiveError, CollectiveTimeout, MismatchError
+from collcomm.errors import CollectiveError, CollectiveTimeout, MismatchError, UsageError
+from collcomm.runtime import arguments
 from collcomm.runtime.buffers import as_buffer
 from collcomm.transport import frames
 from collcomm.transport.frames import Header
@@ -99,8 +100,8 @@ class _PointToPoint:
 
 
 def send(rt, x, dst: int, tag: int, timeout: float) -> None:
-    buf = as_buffer(x, read_only=True)
-    _check_peer(rt, dst, tag)
+    buf = as_buffer(x, "send: x", read_only=True)
+    dst, tag = _check_peer(rt, dst, tag, "send: dst")
     group = P2P_BASE + tag
     seq = rt.p2p.next(dst, tag, send=True)
     view = memoryview(buf.array.view(np.uint8))
@@ -115,8 +116,8 @@ def send(rt, x, dst: int, tag: int, timeout: float) -> None:
 
 
 def recv(rt, x, src: int, tag: int, timeout: float) -> None:
-    buf = as_buffer(x)
-    _check_peer(rt, src, tag)
+    buf = as_buffer(x, "recv: x")
+    src, tag = _check_peer(rt, src, tag, "recv: src")
     group = P2P_BASE + tag
     seq = rt.p2p.next(src, tag, send=False)
     view = memoryview(buf.array.view(np.uint8))
@@ -131,19 +132,20 @@ def recv(rt, x, src: int, tag: int, timeout: float) -> None:
         mailbox.finish(seq)
 
 
-def _check_peer(rt, peer: int, tag: int) -> None:
+def _check_peer(rt, peer: int, tag: int, what: str) -> tuple[int, int]:
+    """(peer, tag) checked: the peer another rank of the job (UsageError naming ``what``)."""
+    size = arguments.MAX_RANK if rt.open else rt.world_size
+    peer = arguments.rank(peer, size, what, "peers (the ranks of the job)" if rt.open else
+                          f"peers (the other ranks of the world of {rt.world_size})")
+    if peer == rt.rank:
+        raise UsageError(f"{what}={peer} is this rank; a peer is another rank", arguments.argument(what))
     if rt.open:  # an open job: any rank that has joined
-        if not isinstance(peer, (int, np.integer)) or peer == rt.rank:
-            raise ValueError(f"peer {peer!r} must be another rank of the job")
-        rt.know([int(peer)])
-    elif not isinstance(peer, (int, np.integer)) or not 0 <= peer < rt.world_size or peer == rt.rank:
-        raise ValueError(f"peer {peer!r} must be another rank of the world (0..{rt.world_size - 1})")
-    _check_tag(tag)
+        rt.know([peer])
+    return peer, _check_tag(tag)
 
 
-def _check_tag(tag: int) -> None:
-    if not isinstance(tag, (int, np.integer)) or not 0 <= tag < (1 << 31) - 1:
-        raise ValueError(f"tag {tag!r} must be an integer in [0, 2**31 - 1)")
+def _check_tag(tag: int) -> int:
+    return tag if type(tag) is int and 0 <= tag < arguments.MAX_TAG else arguments.tag(tag)
 
 
 # ---------------------------------------------------------------------------- from any source
@@ -217,10 +219,10 @@ def _open_link(rt, peer: int, group: int, timeout: float) -> None:
 
 def recv_any(rt, x, peers: list[int], tag: int, timeout: float) -> int:
     """Receive ``x`` from whichever of ``peers`` (world ranks) sends first with ``tag``; return it."""
-    buf = as_buffer(x)
+    buf = as_buffer(x, "recv: x")
     if not peers:
-        raise ValueError("recv from any source: no other rank in the group")
-    _check_tag(tag)
+        raise UsageError("recv from any source: no other rank in the group", "src")
+    tag = _check_tag(tag)
     group = P2P_BASE + tag
     state = _State(memoryview(buf.array.view(np.uint8)), frames.describe("p2p", buf.dtype),
                    f"recv of {buf.count} {buf.dtype} from any rank")

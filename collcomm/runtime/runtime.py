@@ -11,13 +11,14 @@ collectives (:mod:`collcomm.runtime.collectives`), alltoall and point-to-point m
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 
 from collcomm.coordinator.client import CoordinatorClient
-from collcomm.errors import CollectiveError
+from collcomm.errors import CollectiveError, UsageError, UsageTypeError
 from collcomm.faults import inject
-from collcomm.runtime import local, membership
+from collcomm.runtime import arguments, local, membership
 from collcomm.runtime.executor import DEFAULT_CHUNK_BYTES
 from collcomm.runtime.group import Group
 from collcomm.runtime.membership import WORLD_GROUP
@@ -32,16 +33,30 @@ DEFAULT_TIMEOUT = 300.0
 OPEN_RANKS_KEY = "open/ranks"  # the counter an open job's processes draw their ranks from
 
 
-def _env_float(name: str, default: float) -> float:
+MAX_CHUNK_BYTES = 1 << 30  # the largest piece of a collective on the wire (COLLCOMM_CHUNK_BYTES, init(chunk_bytes=))
+
+
+def _chunk_bytes(value) -> int | None:
+    """``init(chunk_bytes=...)``: None (COLLCOMM_CHUNK_BYTES or the default) or 1..MAX_CHUNK_BYTES."""
+    if value is None:
+        return None
+    n = arguments.integer(value, "init: chunk_bytes")
+    if not 0 < n <= MAX_CHUNK_BYTES:
+        raise UsageError(f"init: chunk_bytes={n} is out of range: 1..{MAX_CHUNK_BYTES}", "chunk_bytes")
+    return n
+
+
+def _env_float(name: str, default: float, limit: float = arguments.MAX_TIMEOUT) -> float:
+    """A positive, finite number from the environment (at most ``limit``), or ``default``."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {raw}")
+        raise UsageError(f"{name}={raw!r} is not a number", name) from None
+    if not 0 < value <= limit:  # (NaN fails too)
+        raise UsageError(f"{name}={raw!r}: give a finite number above 0, at most {limit:g}", name)
     return value
 
 
@@ -52,12 +67,28 @@ class Runtime:
                  timeout: float | None = None, topology: str | Topology | None = None, host: str | None = None,
                  algorithm: str | None = None, chunk_bytes: int | None = None, auto_shrink: bool | None = None,
                  monitor_every: int | None = None, hostname: str | None = None):
+        world_size = arguments.integer(world_size, "init: world_size")
         self.open = world_size == 0
         if self.open:
             if topology is not None:
-                raise ValueError("an open job (world size 0) takes no topology: its ranks are drawn as processes join")
-        elif world_size < 1 or rank is None or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+                raise UsageError("an open job (world size 0) takes no topology: its ranks are drawn as processes join",
+                                 "topology")
+            if rank is not None:
+                rank = arguments.rank(rank, arguments.MAX_RANK, "init: rank", "ranks of an open job")
+        elif not 0 < world_size <= arguments.MAX_RANK:
+            raise UsageError(f"init: world_size={world_size} is out of range: 1..{arguments.MAX_RANK} (0: an open job)",
+                             "world_size")
+        elif rank is None:
+            raise UsageError(f"init: rank unknown in a world of {world_size}", "rank")
+        else:
+            rank = arguments.rank(rank, world_size, "init: rank", f"the ranks of a world of {world_size}")
+        timeout = arguments.optional_timeout(timeout, "init: timeout")
+        chunk_bytes = _chunk_bytes(chunk_bytes)
+        if monitor_every is not None:
+            monitor_every = arguments.integer(monitor_every, "init: monitor_every")
+        for what, value in (("algorithm", algorithm), ("host", host), ("hostname", hostname)):
+            if value is not None and not isinstance(value, str):
+                raise UsageTypeError(f"init: {what} must be a string, got {type(value).__name__}", what)
         self.world_size = world_size
         local.transport_choice()  # a misspelt COLLCOMM_TRANSPORT is refused before anything starts
         local.half_bytes()       # ... and so is a bad COLLCOMM_SHM_BYTES
@@ -66,7 +97,8 @@ class Runtime:
         self.hostname = hostname or os.environ.get("COLLCOMM_HOSTNAME") or socket.gethostname()
         self.timeout = timeout if timeout is not None else _env_float("COLLCOMM_TIMEOUT", DEFAULT_TIMEOUT)
         self.algorithm = algorithm or os.environ.get("COLLCOMM_ALGORITHM") or None
-        self.chunk_bytes = chunk_bytes or int(_env_float("COLLCOMM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+        self.chunk_bytes = chunk_bytes or max(1, int(_env_float("COLLCOMM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES,
+                                                                 MAX_CHUNK_BYTES)))
         # A size the user chose stays; the default one the link monitor may fit to the measured
         # link rates (collcomm.faults.chunks), group by group.
         self.chunk_fixed = bool(chunk_bytes) or bool(os.environ.get("COLLCOMM_CHUNK_BYTES", "").strip())
@@ -75,7 +107,7 @@ class Runtime:
         self.monitor_every = int(monitor_every) if monitor_every is not None else \
             int(os.environ.get("COLLCOMM_MONITOR_EVERY") or 0)
         if self.monitor_every < 0:
-            raise ValueError(f"monitor_every must be >= 0, got {self.monitor_every}")
+            raise UsageError(f"monitor_every must be >= 0, got {self.monitor_every}", "monitor_every")
         listen = host or os.environ.get("COLLCOMM_HOST") or ("127.0.0.1" if coordinator.startswith(
             ("127.", "localhost")) else "0.0.0.0")
         advertise = None if listen not in ("0.0.0.0", "") else own_address(coordinator)
@@ -137,7 +169,7 @@ class Runtime:
                                              hostname=self.hostname, timeout=self.timeout))
             still = [r for r in unknown if r not in self.peer_addresses]
             if still:
-                raise ValueError(f"rank(s) {still} have not joined this job")
+                raise UsageError(f"rank(s) {still} have not joined this job", "ranks")
 
     def _reported_dead(self, rank: int) -> bool:
         try:
@@ -192,16 +224,12 @@ class Runtime:
 
     # ------------------------------------------------------------------ groups
     def new_group(self, ranks, name: str | None = None, timeout: float | None = None) -> Group:
-        members = [int(r) for r in ranks]
-        if len(set(members)) != len(members):
-            raise ValueError(f"new_group: duplicate ranks in {members}")
-        for r in members:
-            if not self.open and not 0 <= r < self.world_size:
-                raise ValueError(f"new_group: rank {r} is not in the world of {self.world_size}")
-        if self.rank not in members:
-            raise ValueError(f"new_group: only the members call it; rank {self.rank} is not in {members}")
-        name = name or "group-" + "-".join(map(str, members))
-        info = self.client.form_group(name, members, self.rank, timeout=timeout or self.timeout)
+        members = arguments.members(ranks, None if self.open else self.world_size, self.rank)
+        name = arguments.group_name(name) or "group-" + "-".join(map(str, members))
+        if len(name) > arguments.MAX_NAME:  # many members: a digest of them (the same on every member)
+            name = "group-" + hashlib.sha256(name.encode()).hexdigest()[:32]
+        timeout = arguments.timeout(timeout, self.timeout, "new_group: timeout")
+        info = self.client.form_group(name, members, self.rank, timeout=timeout)
         if self.open:  # members that joined after this process did
             self.know(info.members)
         group = Group(self, info.group_id, name, list(info.members), info.epoch)

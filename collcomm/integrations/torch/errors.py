@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from collcomm.errors import CollectiveError, CollectiveTimeout
+from collcomm.errors import CollectiveError, CollectiveTimeout, UsageError
 
 
 class CollcommError(dist.DistBackendError):
@@ -24,8 +24,11 @@ class CollcommTimeout(CollcommError):
 def torch_error(e: BaseException, what: str, pg: dist.ProcessGroup) -> BaseException:
     """The error to raise for ``e``, raised by the operation ``what`` of the process group ``pg``:
     collcomm's errors (and any other but ValueError, TypeError, RuntimeError, which pass as they
-    are) become :class:`CollcommError`, timeouts :class:`CollcommTimeout`, naming rank and group."""
+    are) become :class:`CollcommError`, timeouts :class:`CollcommTimeout`, naming rank and group.
+    A UsageError (a bad argument: a ValueError or TypeError) passes as it is, as PyTorch's do."""
     where = f"collcomm {what} on rank {pg.rank()} of group {pg.group_name or '?'} (size {pg.size()})"
+    if isinstance(e, UsageError):
+        return e
     if isinstance(e, CollectiveTimeout):
         # " Timed out " between spaces, as gloo words it: PyTorch's suite matches " (Timed out|closed|timeout) "
         err: BaseException = CollcommTimeout(f"{where}: Timed out ({e})", e)

@@ -234,10 +234,22 @@ class Arena:
     def _compare(self, desc: tuple) -> None:
         parity, mine, text = desc
         for i, ctl in zip(self.peers, self._peer_ctl):
-            theirs = ctl[W_DESC0 + parity]
-            if theirs != mine:
-                raise MismatchError(f"rank {self.ranks[i]} runs {self._text(i, parity)} while this rank runs "
-                                    f"{text.decode(errors='replace')}")
+            if ctl[W_DESC0 + parity] != mine:
+                raise self.mismatch(i, parity, text)
+
+    def mismatch(self, member: int, parity: int, text: bytes) -> MismatchError:
+        """The error for a peer that runs another operation than this member's ``text``: it names
+        both ranks by number ("rank 0 runs ... but rank 1 runs ..."), so it reads true on any rank
+        it reaches (a peer that learns of it from this member's abort words)."""
+        return MismatchError(f"rank {self.ranks[self.me]} runs {text.decode(errors='replace')} but rank "
+                             f"{self.ranks[member]} runs {self._text(member, parity)}", rank=self.ranks[member])
+
+    def differing(self, parity: int, desc: int) -> int | None:
+        """The first peer whose description of the current operation (slot ``parity``) is not ``desc``."""
+        for i, ctl in zip(self.peers, self._peer_ctl):
+            if ctl[W_DESC0 + parity] != desc:
+                return i
+        return None
 
     def _text(self, member: int, parity: int) -> str:
         raw = memoryview(self.segments[member].mm)
