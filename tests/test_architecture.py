@@ -19,7 +19,7 @@ GENERATED = {"collcomm/coordinator/coordinator_pb2.py", "collcomm/coordinator/co
 
 # Each tier imports only the tiers below it (docs/ARCHITECTURE.md, "Tiers"); the longest prefix wins.
 TIERS = {
-    "collcomm.errors": 0, "collcomm._version": 0,
+    "collcomm.errors": 0, "collcomm._version": 0, "collcomm.refusals": 0, "collcomm.inputs": 0,
     "collcomm.topology": 1, "collcomm.schedules": 1, "collcomm.faults": 1,
     "collcomm.transport": 2, "collcomm.coordinator": 2,
     "collcomm.runtime": 3,

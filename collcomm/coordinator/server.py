@@ -4,7 +4,8 @@ Every handler takes one lock (a :class:`threading.Condition`), asks the state, a
 answer is :class:`~collcomm.coordinator.state.Waiting`, waits on the condition until the state
 changes, the request's ``timeout_s`` or the gRPC deadline passes, the caller goes away, or the
 server shuts down (which wakes every waiter with a "shutdown" error). An interceptor refuses
-calls without the job token before any handler runs.
+calls without the job token before any handler runs; it counts them per caller and logs a summary
+line per interval (:mod:`collcomm.refusals`), never a line per call.
 
 With ``tls=`` (a certificate and its key, :mod:`.tls`) the service speaks TLS through grpc's
 own ``ssl_server_credentials``; clients verify it with ``COLLCOMM_TLS_CA``. Without it the
@@ -39,6 +40,7 @@ from collcomm.coordinator import protocol
 from collcomm.coordinator import state as st
 from collcomm.coordinator import tls as tls_mod
 from collcomm.errors import CollectiveError
+from collcomm.refusals import RefusalLog
 
 log = logging.getLogger("collcomm.coordinator")
 
@@ -63,11 +65,15 @@ class _Refused(Exception):
 
 
 class _TokenCheck(grpc.ServerInterceptor):
-    """Let a call through only if its ``collcomm-token`` metadata equals the job token."""
+    """Let a call through only if its ``collcomm-token`` metadata equals the job token. Refusals
+    are counted per caller's address and summarized (``refusals``), never logged one line each:
+    anyone who reaches the port may call."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, refusals: RefusalLog):
         self._token = token.encode("ascii")
-        self._deny = grpc.unary_unary_rpc_method_handler(self._refuse)
+        self._refusals = refusals
+        self._deny_wrong = grpc.unary_unary_rpc_method_handler(functools.partial(self._refuse, "wrong token"))
+        self._deny_missing = grpc.unary_unary_rpc_method_handler(functools.partial(self._refuse, "no token"))
 
     def intercept_service(self, continuation, handler_call_details):
         for key, value in handler_call_details.invocation_metadata or ():
@@ -75,14 +81,24 @@ class _TokenCheck(grpc.ServerInterceptor):
                 given = value.encode("utf-8", "replace") if isinstance(value, str) else bytes(value)
                 if hmac.compare_digest(given, self._token):
                     return continuation(handler_call_details)
-                break
-        return self._deny
+                return self._deny_wrong
+        return self._deny_missing
 
-    @staticmethod
-    def _refuse(request, context):
-        log.warning("refused a call from %s: wrong or missing job token", context.peer())
+    def _refuse(self, reason: str, request, context):
+        peer = context.peer()
+        self._refusals.refused(caller_address(peer), reason,
+                               f"refused a call from {peer}: wrong or missing job token ({reason})")
         context.abort(grpc.StatusCode.UNAUTHENTICATED,
                       "wrong or missing job token (metadata collcomm-token); use the job's COLLCOMM_TOKEN")
+
+
+def caller_address(peer: str) -> str:
+    """A gRPC peer ("ipv4:127.0.0.1:5432", "ipv6:[::1]:5432", "unix:/path") without its port:
+    whom refusals are counted for (each call may come from a port of its own)."""
+    family, _, rest = peer.partition(":")
+    if family in ("ipv4", "ipv6") and ":" in rest:
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
 
 
 def _handled(method):
@@ -314,6 +330,7 @@ class CoordinatorServer:
                                            _env_bytes("COLLCOMM_DIRECTORY_BYTES", ob.DEFAULT_MAX_BYTES),
                                            ob.inline_limit())
         self._closed = False
+        self._refusals = RefusalLog(log, "calls")  # calls without the token (see _TokenCheck)
         self._stopped = threading.Event()
         self._server: grpc.Server | None = None
         self.address: str | None = None
@@ -324,7 +341,7 @@ class CoordinatorServer:
             raise RuntimeError("the coordinator server was already started")
         server = grpc.server(
             futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="collcomm-coordinator"),
-            interceptors=[_TokenCheck(self._token)],
+            interceptors=[_TokenCheck(self._token, self._refusals)],
             options=[("grpc.so_reuseport", 0)],  # a second coordinator must not share the port
             maximum_concurrent_rpcs=self._max_workers)
         pb_grpc.add_CoordinatorServicer_to_server(_Servicer(self), server)
@@ -361,6 +378,7 @@ class CoordinatorServer:
         server = self._server
         if server is not None:
             server.stop(grace).wait(grace + 5.0)
+        self._refusals.flush()
         self._stopped.set()
 
     def wait_stopped(self, timeout: float) -> bool:

@@ -3,7 +3,9 @@
 One listener (TCP, and an abstract Unix socket for processes of the same machine and network
 namespace, as the transport does), one thread per connection, at most :data:`MAX_CONNECTIONS` at
 once (beyond that a connection is refused at once). Every connection proves the job token first
-(:mod:`collcomm.transport.tcp.handshake`). Requests and frames: :mod:`collcomm.objects.wire`.
+(:mod:`collcomm.transport.tcp.handshake`); refused connections are counted per source and
+summarized (:mod:`collcomm.refusals`), never logged one line each. Requests and frames:
+:mod:`collcomm.objects.wire`.
 
 A read of a copy that is announced but not made yet (a reader registered with the directory an
 instant before its copy exists) waits up to :data:`ANNOUNCE_WAIT_S` for it. A stream waits for
@@ -19,12 +21,14 @@ import socket
 import threading
 import time
 
-from collcomm.errors import CollectiveError, CollectiveTimeout
+from collcomm.errors import AuthenticationError, CollectiveError, CollectiveTimeout
 from collcomm.objects import wire
 from collcomm.objects.store import ObjectStore, Restarted
+from collcomm.refusals import RefusalLog
 from collcomm.transport.frames import ProtocolError
+from collcomm.transport.tcp.connections import refusal_reason
 from collcomm.transport.tcp.handshake import accept, server_handshake
-from collcomm.transport.tcp.sockets import listen, tune
+from collcomm.transport.tcp.sockets import listen, peer_source, tune
 
 log = logging.getLogger("collcomm.objects")
 
@@ -44,6 +48,8 @@ class ObjectServer:
         self.stages = stages          # runs "stage" requests (collcomm.objects.stage.Stages)
         self._listener, self._local, self.address = listen(host, 0, advertise_host, "collcomm-obj-")
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        # Refused connections: counted per source and summarized, since anyone may knock.
+        self.refusals = RefusalLog(log, "connections", f"rank {rank}: object server ")
         self._closed = False
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -57,23 +63,35 @@ class ObjectServer:
     def _accept_loop(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                conn, _ = listener.accept()
+                conn, addr = listener.accept()
             except OSError:
                 return
             if not self._slots.acquire(blocking=False):
+                self._refused(conn, addr, "too many connections", f"more than {MAX_CONNECTIONS} at once")
                 conn.close()  # too many at once: the reader retries or picks another source
                 continue
             with self._lock:
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True,
+            threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
                              name=f"collcomm-objects-serve-r{self.rank}").start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _refused(self, conn: socket.socket, addr, reason: str, why) -> None:
+        source, who = peer_source(conn, addr)
+        self.refusals.refused(source, reason, f"rank {self.rank}: object server refused a connection from {who}: "
+                                              f"{why}")
+
+    def _serve(self, conn: socket.socket, addr=None) -> None:
         try:
             tune(conn)  # (socket buffers of 4 MiB: the default ones cut every chunk into pieces)
-            hello, _ = server_handshake(conn, self.token, self.rank)
-            if hello.group != wire.OBJECT_CHANNEL:
-                raise ProtocolError(f"connection for group {hello.group} at the object server")
+            try:
+                hello, _ = server_handshake(conn, self.token, self.rank)
+                if hello.group != wire.OBJECT_CHANNEL:
+                    raise ProtocolError(f"connection for group {hello.group} at the object server")
+            except (OSError, ProtocolError, AuthenticationError) as e:
+                reason = refusal_reason(e)
+                if reason is not None:  # (None: closed without a word)
+                    self._refused(conn, addr, reason, e)
+                return
             accept(conn)
             conn.settimeout(30.0)
             request = wire.read_request(conn)
@@ -180,6 +198,7 @@ class ObjectServer:
                 pass
         for t in self._threads:
             t.join(2.0)
+        self.refusals.flush()
 
 
 def _closed_by_peer(conn: socket.socket):

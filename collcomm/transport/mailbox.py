@@ -5,13 +5,33 @@ sequence number before it starts; a transport's receiving side asks the mailbox 
 of each frame's operation and waits while that operation has not started here yet (its frames
 stay in the connection meanwhile). Frames of finished operations are stale (None), and an abort
 that arrives before its operation registered is handed to it when it does.
+
+Such early aborts are kept within bounds, since a peer's ABORT frames name any operation number
+it likes: the first abort per operation is kept, for at most :data:`MAX_EARLY_ABORTS` operations
+(the nearest ones) less than :data:`ABORT_WINDOW` operations past the floor. An abort beyond is
+dropped, counted (:attr:`GroupMailbox.dropped_aborts`) and logged as a refusal
+(:mod:`collcomm.refusals`). A dropped abort costs time, not correctness: the failure is also
+recorded in the coordinator, where a waiting collective looks for it (collcomm.runtime.failures),
+and any operation ends at its timeout.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import threading
 
+from collcomm.refusals import RefusalLog
 from collcomm.transport.interface import Receiver
+
+# Aborts kept for operations that have not started here. A peer is legitimately ahead by a few
+# operations (its part of one may end before ours starts: a send, a leaf's part of a reduce),
+# each aborted once; far more is a peer gone wrong or an attacker growing this table.
+MAX_EARLY_ABORTS = 64
+ABORT_WINDOW = 1 << 16  # operations past the floor: an abort for one further ahead is dropped
+# One log for every mailbox of the process, so that dropped aborts write a bounded number of lines.
+_REFUSALS = RefusalLog(logging.getLogger("collcomm.transport"), "abort frames")
+atexit.register(_REFUSALS.flush)  # what is still counted (there is no listener whose close would write it)
 
 
 class GroupMailbox:
@@ -24,6 +44,7 @@ class GroupMailbox:
         self._aborts: dict[int, BaseException] = {}
         self._floor = 0  # operations below are finished; their frames are stale
         self._closed = False
+        self.dropped_aborts = 0  # early aborts dropped by the bounds above
 
     def register(self, op: int, receiver: Receiver) -> None:
         with self._cond:
@@ -67,13 +88,35 @@ class GroupMailbox:
     def floor(self) -> int:
         return self._floor
 
-    def abort(self, op: int, error: BaseException) -> None:
+    def abort(self, op: int, error: BaseException, source: str | None = None) -> bool:
+        """Fail ``op``'s receiver with ``error``, or keep the error for when ``op`` registers (see
+        the module for the bounds). False when it was dropped by them; ``source`` names the sender
+        in the refusal's log line."""
+        dropped = None
         with self._cond:
             r = self._receivers.get(op)
-            if r is None and op >= self._floor:
-                self._aborts[op] = error
+            if r is None and op >= self._floor and op not in self._aborts:  # (the first abort per op stays)
+                if op - self._floor >= ABORT_WINDOW:
+                    dropped, why = op, f"{ABORT_WINDOW} or more past operation {self._floor}, the next to run here"
+                elif len(self._aborts) < MAX_EARLY_ABORTS:
+                    self._aborts[op] = error
+                else:  # full: keep the nearest operations
+                    farthest = max(self._aborts)
+                    dropped = op if op > farthest else farthest
+                    why = f"{MAX_EARLY_ABORTS} nearer operations not started here have an abort kept already"
+                    if dropped != op:
+                        del self._aborts[farthest]
+                        self._aborts[op] = error
+            if dropped is not None:
+                self.dropped_aborts += 1
         if r is not None:
             r.failed(error)
+        if dropped is None:
+            return True
+        _REFUSALS.refused(source or f"group {self.group}", "abort too far ahead",
+                          f"group {self.group}: dropped an abort of operation {dropped} from "
+                          f"{source or 'a peer'}: {why}")
+        return dropped != op
 
     def fail_all(self, error: BaseException) -> None:
         with self._cond:

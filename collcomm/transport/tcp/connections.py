@@ -6,6 +6,8 @@ of its own (:mod:`.handshake`); at most MAX_HANDSHAKES are pending per listener,
 oldest is cut off, so idle connections can never lock the job out. An accepted connection waits
 until the link that asks for it takes it (:meth:`Connections._wait_accepted`). A connection that
 asks to be re-opened after a break is admitted only while this rank still holds its link.
+Refused connections are counted per source and summarized, never logged one line each
+(:mod:`collcomm.refusals`: anyone may knock).
 
 :class:`Connections` is the part of :class:`~collcomm.transport.tcp.transport.TcpTransport` that
 does this.
@@ -24,13 +26,38 @@ from collcomm.transport import frames
 from collcomm.transport.frames import ProtocolError
 from collcomm.transport.interface import P2P_BASE
 from collcomm.transport.tcp.frameauth import FrameAuth
-from collcomm.transport.tcp.handshake import accept, client_handshake, refuse, server_handshake
-from collcomm.transport.tcp.sockets import PeerClosed, open_socket
+from collcomm.transport.tcp.handshake import FrameAuthDiffers, accept, client_handshake, refuse, server_handshake
+from collcomm.transport.tcp.sockets import PeerClosed, open_socket, peer_source
 
 log = logging.getLogger("collcomm.transport")
 
 MAX_HANDSHAKES = 64  # pending handshakes per listener; beyond, the oldest is cut off
 CHECK_EVERY = 0.25  # seconds between looks at failures known elsewhere while waiting for a peer
+
+
+class StaleReconnect(ProtocolError):
+    """A rank asked to re-open a connection this rank no longer holds."""
+
+
+def refusal_reason(e: BaseException, cut_off: bool = False) -> str | None:
+    """The few words a refused connection is counted under (see collcomm.refusals); None for one
+    its peer closed without a word before the handshake ended (a liveness probe,
+    LinkReliability._peer_gone, does so), which is not logged."""
+    if cut_off:
+        return "too many handshakes"
+    if isinstance(e, PeerClosed):
+        return None
+    if isinstance(e, FrameAuthDiffers):
+        return "frame authentication differs"
+    if isinstance(e, AuthenticationError):
+        return "wrong token"
+    if isinstance(e, StaleReconnect):
+        return "reconnect to a closed link"
+    if isinstance(e, ProtocolError):
+        return "bad handshake"
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return "handshake timed out"
+    return "connection error"
 
 
 class Connections:
@@ -112,8 +139,7 @@ class Connections:
                 return
             with lock:
                 while len(pending) >= MAX_HANDSHAKES:
-                    oldest = pending.popleft()
-                    log.warning("rank %d: too many handshakes in progress; dropping the oldest", self.rank)
+                    oldest = pending.popleft()  # its handshake's thread counts the refusal
                     try:
                         oldest.shutdown(socket.SHUT_RDWR)
                     except OSError:
@@ -148,7 +174,7 @@ class Connections:
                         self._cond.wait(0.05)
                 if not ok:
                     refuse(sock)
-                    raise ProtocolError(f"rank {hello.client} asked to reconnect group {hello.group} epoch "
+                    raise StaleReconnect(f"rank {hello.client} asked to reconnect group {hello.group} epoch "
                                         f"{hello.epoch}, which this rank no longer holds ({state})")
             accept(sock)
             if hello.flags & frames.HELLO_RELAY:  # a relaying rank's: taken now, nobody asks for it
@@ -161,12 +187,16 @@ class Connections:
                 self._cond.notify_all()
             if old is not None:
                 old[1].close()
-        except PeerClosed:  # connected and left without a word: a liveness probe (LinkReliability._peer_gone)
-            sock.close()
         except (OSError, ProtocolError, AuthenticationError) as e:
-            origin = addr[0] if isinstance(addr, tuple) and addr else "a local process"
-            log.warning("rank %d: refused connection from %s: %s", self.rank, origin, e)
-            sock.close()
+            with lock:
+                cut_off = sock not in pending
+            reason = refusal_reason(e, cut_off)
+            if reason is not None:  # (None: connected and left without a word, as a liveness probe does)
+                # Counted, and written at most once per source and interval: anyone may knock.
+                source, who = peer_source(sock, addr)
+                self.refusals.refused(source, reason, f"rank {self.rank}: refused a connection from {who}: "
+                                                      f"{'too many handshakes in progress' if cut_off else e}")
+            sock.close()  # after counting: a peer that sees the end knows it was counted
         finally:
             with lock:
                 try:

@@ -237,7 +237,9 @@ class LinkDetours:
             try:
                 self._frame(header, Held(payload))
             except ProtocolError as e:
-                log.warning("rank %d: a frame relayed from rank %d: %s", self.transport.rank, self.peer, e)
+                self.transport.refusals.refused(f"rank {self.peer}", "malformed relayed frame",
+                                                f"rank {self.transport.rank}: a frame relayed from rank "
+                                                f"{self.peer}: {e}")
                 self._fail(e)
             except Exception:  # pragma: no cover - a bug must not silently stop the peer's frames
                 log.exception("rank %d: a frame relayed from rank %d", self.transport.rank, self.peer)

@@ -26,6 +26,10 @@ REFUSED = b"\x00"
 REFUSED_AUTH_FRAMES = b"\x02"  # the two ends differ on frame authentication
 
 
+class FrameAuthDiffers(AuthenticationError):
+    """A peer that proved the token authenticates frames where this end does not, or the reverse."""
+
+
 def client_handshake(sock: socket.socket, token: bytes, rank: int, peer: int, group: int, epoch: int, *,
                      reconnect: bool = False, relay: bool = False, auth_frames: bool = False,
                      deadline: float | None = None) -> FrameAuth | None:
@@ -84,7 +88,7 @@ def server_handshake(sock: socket.socket, token: bytes, rank: int,
         raise AuthenticationError("client could not prove knowledge of the job token")
     if bool(hello.flags & frames.HELLO_AUTH_FRAMES) != auth_frames:
         sock.sendall(REFUSED_AUTH_FRAMES)
-        raise AuthenticationError(f"rank {hello.client}: {_differ(auth_frames)}")
+        raise FrameAuthDiffers(f"rank {hello.client}: {_differ(auth_frames)}")
     keys = session_keys(token, bytes(raw), server_nonce) if auth_frames else None
     return hello, (FrameAuth.for_server(keys) if keys else None)
 

@@ -299,7 +299,10 @@ class Link(LinkReliability, LinkDetours):
                 self._receive(sock, view, raw, heartbeat, me)
                 return
             except ProtocolError as e:
-                log.warning("rank %d: closing connection from rank %d: %s", self.transport.rank, self.peer, e)
+                # Counted with the refused connections (the peer may repeat it on every new one).
+                self.transport.refusals.refused(f"rank {self.peer}", "malformed frame",
+                                                f"rank {self.transport.rank}: closing connection from rank "
+                                                f"{self.peer}: {e}")
                 self._fail(e)
                 return
             except CollectiveError as e:
@@ -369,7 +372,8 @@ class Link(LinkReliability, LinkDetours):
                 raise ForgedFrame(f"an abort frame from rank {self.peer} failed its MAC")
             for key in [k for k in self._resume if k[0] == header.op]:
                 del self._resume[key]
-            self.mailbox.abort(header.op, error_from_abort(text.decode(errors="replace"), self.peer))
+            self.mailbox.abort(header.op, error_from_abort(text.decode(errors="replace"), self.peer),
+                               source=f"rank {self.peer}")
             return
         if header.flags & frames.NO_CHECKSUM and not self.transport.auth_frames:
             raise ProtocolError(f"rank {self.peer} sent a DATA frame without a checksum on a connection without "

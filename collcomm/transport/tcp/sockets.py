@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import sys
 import time
 
@@ -37,6 +38,24 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         if r == 0:
             raise PeerClosed("connection closed by peer")
         got += r
+
+
+def peer_source(sock: socket.socket, addr) -> tuple[str, str]:
+    """Who is at the other end of an accepted connection, for counting its refusals
+    (:class:`~collcomm.refusals.RefusalLog`): ``(source, description)``. The source of a TCP peer
+    is its address without the port (each connection has a port of its own), that of a Unix
+    socket peer its user (SO_PEERCRED); the description adds the port or the process id."""
+    if isinstance(addr, tuple) and addr:  # (host, port) or IPv6's (host, port, flow, scope)
+        host = str(addr[0])
+        return host, f"{host}:{addr[1]}" if len(addr) > 1 else host
+    try:
+        pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except (OSError, AttributeError, struct.error):  # not Linux
+        return "a local process", "a local process"
+    return f"a local process of uid {uid}", f"a local process of uid {uid} (pid {pid})"
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def tune(sock: socket.socket) -> None:

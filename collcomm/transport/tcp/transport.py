@@ -13,11 +13,13 @@ token in its handshake; with ``COLLCOMM_AUTH_FRAMES=1`` every frame carries MACs
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
 from typing import Callable
 
+from collcomm.refusals import RefusalLog
 from collcomm.transport.interface import P2P_BASE, FaultPlan
 from collcomm.transport.mailbox import GroupMailbox
 from collcomm.transport.tcp.connections import Connections
@@ -54,6 +56,9 @@ class TcpTransport(Connections):
         self._opening: dict[tuple[int, int], threading.Lock] = {}
         self._mailboxes: dict[tuple[int, int | None], GroupMailbox] = {}
         self._closed = False
+        # Refused connections (and connections closed on a peer's malformed frames): counted per
+        # source, summarized once per interval, since anyone may knock (collcomm.refusals).
+        self.refusals = RefusalLog(logging.getLogger("collcomm.transport"), "connections", f"rank {rank}: ")
         self._forwarder = RelayForwarder(self)
         self._timer = RetransmitTimer(rank, self._all_links)  # idle while no frame awaits an ACK
         self._acceptors = [threading.Thread(target=self._accept_loop, args=(listener,), daemon=True,
@@ -187,3 +192,4 @@ class TcpTransport(Connections):
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
         self._timer.join(deadline)
+        self.refusals.flush()
