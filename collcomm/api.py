@@ -316,7 +316,7 @@ def put(key: str, buf, copy: bool = True, *, async_op: bool = False, timeout: fl
     raises ObjectExists. The call returns once the copy is made (a 64 MiB copy: tens of ms);
     with ``async_op=True`` it returns at once, and ``buf`` must not change until the Work is done."""
     layer, a = _objects(), _modules()[1]
-    key = _object_checks().object_key(key, "put: key")  # at the call, async_op too
+    key = _object_checks().put_arguments(key, buf, copy)  # at the call, async_op too
     t = a.timeout(timeout, layer.runtime.timeout, "put: timeout")
     return layer.submit(lambda: layer.put(key, buf, copy, t), f"put of '{key}'", a.flag(async_op, "async_op"))
 
@@ -325,7 +325,7 @@ def get(key: str, out=None, *, timeout: float | None = None, async_op: bool = Fa
     """The object ``key``, as soon as it exists anywhere: a read-only array (zero copy), or
     copied into ``out``. Waits up to ``timeout`` for the object to be put."""
     layer, a = _objects(), _modules()[1]
-    key = _object_checks().object_key(key, "get: key")
+    key = _object_checks().get_arguments(key, out)  # before it waits
     t = a.timeout(timeout, layer.runtime.timeout, "get: timeout")
     return layer.submit(lambda: layer.get(key, out, t), f"get of '{key}'", a.flag(async_op, "async_op"))
 

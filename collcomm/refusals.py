@@ -67,7 +67,8 @@ class RefusalLog:
         now = self._clock()
         with self._lock:
             lines = self._due_lines(now) if now >= self._due else []
-            key = source if source in self._sources or len(self._sources) < self._max_sources else OTHERS
+            tracked = len(self._sources) - (OTHERS in self._sources)  # (the shared count takes no source's place)
+            key = source if source in self._sources or tracked < self._max_sources else OTHERS
             entry = self._sources.get(key)
             if entry is None:
                 entry = self._sources[key] = _Source(now)

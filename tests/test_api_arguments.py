@@ -86,8 +86,9 @@ def test_a_timeout_that_cannot_be_honoured_is_a_usage_error_of_every_call(solo, 
              "reduce_scatter": lambda: cc.reduce_scatter(out, x, timeout=value),
              "alltoall": lambda: cc.alltoall(out, x, timeout=value), "barrier": lambda: cc.barrier(timeout=value),
              "new_group": lambda: cc.new_group([0], timeout=value),
-             "Work.wait": lambda: cc.allreduce(x, async_op=True).wait(value),
              "put": lambda: cc.put("k", x, timeout=value), "shrink": lambda: cc.shrink(timeout=value)}
+    if not (type(value) in (int, float) and value == 0):  # Work.wait(0) only looks (concurrent.futures' meaning)
+        calls["Work.wait"] = lambda: cc.allreduce(x, async_op=True).wait(value)
     kind = UsageTypeError if isinstance(value, (bool, str, list, complex)) else UsageError
     for what, call in calls.items():
         e = refused(call, "timeout", kind)
@@ -104,6 +105,11 @@ def test_finite_positive_timeouts_and_none_are_taken(solo, value):
     assert cc.allreduce(x, async_op=True, timeout=value).wait(value)
     cc.barrier(timeout=value)
     assert x.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_wait_0_looks_without_waiting(solo):
+    work = cc.allreduce(np.ones(4), async_op=True)
+    assert work.wait(60) and work.wait(0) is True and work.wait(0.0) is True  # done: 0 only looks
 
 
 @pytest.mark.parametrize("ranks, argument, kind", [
@@ -160,7 +166,7 @@ def test_reductions_roots_flags_groups_and_sizes_are_checked(solo):
                        ("0", UsageTypeError), (None, UsageTypeError)):
         refused(lambda: cc.broadcast(x, root=root), "root", kind)
         refused(lambda: cc.reduce(x, root=root), "root", kind)
-    for flag in ("yes", 1, None):
+    for flag in ("yes", 2, None):  # (0 and 1 are taken, as C and torch callers write them)
         refused(lambda: cc.allreduce(x, async_op=flag), "async_op", UsageTypeError)
     for group in ([0], "world", 0):
         refused(lambda: cc.allreduce(x, group=group), "group", UsageTypeError)
@@ -192,6 +198,8 @@ BAD_OBJECT_CALLS = {
     "get out list": (lambda x: cc.get("there", out=[0.0] * 4), "out", UsageTypeError),
     "get out short": (lambda x: cc.get("there", out=np.empty(3, np.float32)), "out", UsageError),
     "get out strided": (lambda x: cc.get("there", out=np.empty(8, np.float32)[::2]), "out", UsageError),
+    "get out list, never put": (lambda x: cc.get("never", out=[0.0], timeout=30), "out", UsageTypeError),  # before it waits
+    "async put list": (lambda x: cc.put("k", [1.0], async_op=True), "buf", UsageTypeError),  # at the call
     "delete key int": (lambda x: cc.delete(5), "key", UsageTypeError),
     "object_info key empty": (lambda x: cc.object_info(""), "key", UsageError),
     "reduce keys str": (lambda x: cc.reduce_objects("there", "o"), "keys", UsageTypeError),
@@ -354,8 +362,9 @@ def bad_arguments(call: dict, n: int, me: int) -> set[str]:
     kind, bad = call["kind"], set()
     if not timeout_ok(call["timeout"]):
         bad.add("timeout")
-    if not isinstance(call["async_op"], (bool, np.bool_)):
-        bad.add("async_op")
+    flag = call["async_op"]
+    if not (isinstance(flag, (bool, np.bool_)) or isinstance(flag, (int, np.integer)) and flag in (0, 1)):
+        bad.add("async_op")  # (a bool, or 0 / 1)
     if kind == "new_group":
         ranks = call["ranks"]
         if not isinstance(ranks, (list, tuple)) or not ranks or not all(rank_ok(r, n) for r in ranks) \
@@ -439,7 +448,7 @@ def run_call(call: dict, me: int):
         result = fn(x, call["root"], **kw)
     else:
         result = fn(x, call["root"], call["op"], **kw)
-    if call["async_op"] is True or call["async_op"] is np.True_:
+    if call["async_op"] is not None and not isinstance(call["async_op"], str) and bool(call["async_op"]):
         result.wait(60)
     return (x if out is None else out), result
 
@@ -509,7 +518,7 @@ def calls(draw, n: int, torch_ok: bool = False, tiny_ok: bool = True):
                                  "alltoall", "barrier", "new_group"]))
     call = {"kind": kind, "timeout": draw(timeouts(tiny_ok and kind != "new_group")),
             "async_op": draw(mostly(st.sampled_from([False, True, np.bool_(False)]),
-                                    st.sampled_from([1, "yes", None])))}
+                                    st.sampled_from([1, 0, 2, "yes", None])))}
     if kind == "new_group":
         good = st.permutations(range(n)).map(list)
         element = st.one_of(st.integers(-2, n + 1), st.sampled_from([0.0, 1.7, True, np.int64(0)]))

@@ -332,6 +332,8 @@ UNBUILT = [
     ("0e99999999999", "has more than 100 digits written out"),
     ("1e" + "9" * 10**5, "has more than 100 digits written out"),
     ("9" * 10**6, "has more than 100 digits written out"),
+    ("9" * 100 + "e100", "has more than 100 digits written out"),  # 200 digits: the digits and the exponent count
+    ("0." + "1" * 99 + "e-100", "has more than 100 digits written out"),
     (10**5000, "an integer of about 5000 digits"),
     (Fraction(1, 10**200), "has more than 100 digits"),
     (float("inf"), "must be a finite number"),

@@ -82,7 +82,10 @@ def _exact_from_text(text: str, where: str, error, limits: Limits, what: str) ->
         raise error(_too_many_digits(where, text, limits)) from None
     if m.group("sign") == "-":
         mantissa = -mantissa
-    scale = exponent - len(m.group("frac") or "")  # the value is mantissa * 10**scale, |scale| <= 2 * digits
+    scale = exponent - len(m.group("frac") or "")  # the value is mantissa * 10**scale
+    # the digits written out with the exponent's zeros (1e100 and 1e-100: the extremes of a limit of 100)
+    if len(written.lstrip("0")) + abs(scale) > digits + 1:
+        raise error(_too_many_digits(where, text, limits))
     return Fraction(mantissa * 10**scale) if scale >= 0 else Fraction(mantissa, 10**-scale)
 
 

@@ -364,6 +364,31 @@ def _numpy_type(dtype: str) -> np.dtype:
     return np.dtype("uint16") if dtype == "bfloat16" else np.dtype(dtype)
 
 
+def put_arguments(key, buf, copy) -> str:
+    """put's arguments checked (the key, what ``buf`` is, ``copy``), before anything is sent."""
+    key = object_key(key, "put: key")
+    _as_array(buf, key)
+    arguments.flag(copy, "copy")
+    return key
+
+
+def get_arguments(key, out) -> str:
+    """get's arguments checked (the key; ``out`` None, or a writable buffer), before it waits."""
+    key = object_key(key, "get: key")
+    if out is not None:
+        _target(out, key)
+    return key
+
+
+def _target(out, key: str) -> np.ndarray:
+    """``out`` of a get as a flat writable array (a tensor's memory, seen through NumPy)."""
+    if isinstance(out, np.ndarray):  # any dtype: only the bytes must fit
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise UsageError(f"get of object '{key}': out must be a writable C-contiguous array", "out")
+        return out.reshape(-1)
+    return as_buffer(out, f"get of object '{key}': out").array
+
+
 def _deliver(raw: np.ndarray, meta: Meta, out, key: str, readonly: bool = False):
     """The object as an array of its dtype and shape (a read-only view of ``raw``), or copied into ``out``."""
     typed = raw.view(_numpy_type(meta.dtype)).reshape(meta.shape)
@@ -376,12 +401,7 @@ def _deliver(raw: np.ndarray, meta: Meta, out, key: str, readonly: bool = False)
             if torch is not None:
                 return torch.from_numpy(typed.copy()).view(torch.bfloat16)
         return typed
-    if isinstance(out, np.ndarray):  # any dtype: only the bytes must fit
-        if not out.flags.c_contiguous or not out.flags.writeable:
-            raise UsageError(f"get of object '{key}': out must be a writable C-contiguous array", "out")
-        target = out.reshape(-1)
-    else:
-        target = as_buffer(out, f"get of object '{key}': out").array  # a tensor's memory, seen through NumPy
+    target = _target(out, key)
     if target.nbytes != meta.size:
         raise UsageError(f"get of object '{key}': out holds {target.nbytes} bytes, the object {meta.size}", "out")
     np.copyto(target.view(np.uint8), raw)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import numpy as np
 
@@ -46,8 +47,8 @@ def timeout(value, default: float, what: str = "timeout") -> float:
     """``value`` (seconds) checked, or ``default`` when it is None."""
     if value is None:
         return default
-    if type(value) is float or type(value) is int:  # the common cases first (NaN fails the comparison)
-        if 0 < value <= MAX_TIMEOUT:
+    if isinstance(value, (float, int)) and type(value) is not bool:  # the common cases first (np.float64 is a
+        if 0 < value <= MAX_TIMEOUT:                                  # float; NaN fails the comparison)
             return float(value)
     return _timeout(value, what)
 
@@ -58,13 +59,20 @@ def optional_timeout(value, what: str = "timeout") -> float | None:
 
 
 def _timeout(value, what: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    # a real number (Decimal, a 0-d torch tensor: anything float() takes that is not text or a bool)
+    if isinstance(value, (bool, np.bool_, str, bytes)) or not (isinstance(value, numbers.Real)
+                                                              or hasattr(value, "__float__")):
         raise UsageTypeError(f"{what} must be a number of seconds (or None for the default), got "
                              f"{type(value).__name__} {_show(value)}", argument(what))
     try:
         seconds = float(value)
     except OverflowError:  # (an int or a Fraction beyond any float)
         seconds = math.inf
+    except (TypeError, ValueError):  # (a tensor of several elements, a complex number)
+        raise UsageTypeError(f"{what} must be a number of seconds (or None for the default), got "
+                             f"{type(value).__name__} {_show(value)}", argument(what)) from None
+    if isinstance(value, bool) or getattr(value, "dtype", None) is not None and str(value.dtype) == "torch.bool":
+        raise UsageTypeError(f"{what} must be a number of seconds, got a bool", argument(what))
     if math.isnan(seconds) or math.isinf(seconds):
         raise UsageError(f"{what}={seconds} cannot be honoured: give a finite number of seconds in (0, "
                          f"{MAX_TIMEOUT:g}], or None for the default", argument(what))
@@ -77,12 +85,17 @@ def _timeout(value, what: str) -> float:
 
 
 def integer(value, what: str) -> int:
-    """``value`` as an int: a Python int or a NumPy integer, not a bool, not a float."""
+    """``value`` as an int: anything that is an integer by ``operator.index`` (a Python or NumPy
+    integer, a 0-d integer torch tensor), not a bool, not a float even when integral."""
     if type(value) is int:
         return value
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise UsageTypeError(f"{what} must be an integer, got {type(value).__name__} {_show(value)}", argument(what))
-    return int(value)
+    is_bool = isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")) == "torch.bool"
+    if not is_bool:
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise UsageTypeError(f"{what} must be an integer, got {type(value).__name__} {_show(value)}", argument(what))
 
 
 def rank(value, size: int, what: str, within: str = "") -> int:
@@ -97,10 +110,10 @@ def rank(value, size: int, what: str, within: str = "") -> int:
 
 
 def flag(value, what: str) -> bool:
-    """A yes/no argument (``async_op``): a bool (or a NumPy bool)."""
+    """A yes/no argument (``async_op``): a bool, a NumPy bool, or 0 / 1 (as C and torch callers write)."""
     if value is False or value is True:
         return value
-    if isinstance(value, np.bool_):
+    if isinstance(value, np.bool_) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
     raise UsageTypeError(f"{what} must be True or False, got {type(value).__name__} {_show(value)}", what)
 

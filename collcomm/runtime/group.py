@@ -39,12 +39,15 @@ class Work:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the operation completes (or ``timeout`` s pass: CollectiveTimeout); re-raise its error.
-        None waits as long as the operation takes (it ends at its own timeout); else a finite number
-        of seconds above 0 (collcomm.runtime.arguments.timeout; is_completed() asks without waiting)."""
+        None waits as long as the operation takes (it ends at its own timeout); 0 only looks (as
+        concurrent.futures does); else a finite number of seconds above 0 (collcomm.runtime.arguments.timeout)."""
         if timeout is not None:
-            from collcomm.runtime import arguments
+            if type(timeout) in (int, float) and timeout == 0:
+                timeout = 0.0
+            else:
+                from collcomm.runtime import arguments
 
-            timeout = arguments.timeout(timeout, 0.0, "wait: timeout")
+                timeout = arguments.timeout(timeout, 0.0, "wait: timeout")
         try:
             self._future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
