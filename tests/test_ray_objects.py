@@ -86,7 +86,7 @@ def test_reduce_of_task_object_refs_takes_the_first_tasks_to_finish(ray_local):
         time.sleep(delay)
         return ccray.put(data(seed, 1000))
 
-    refs = [made.remote(s, d) for s, d in ((1, 0.0), (2, 20.0), (3, 0.2))]
+    refs = [made.remote(s, d) for s, d in ((1, 0.0), (2, 8.0), (3, 0.2))]
     result = ccray.reduce(refs, num_required=2, timeout=60)
     assert np.array_equal(result.get(), data(1, 1000) + data(3, 1000))
     ray.cancel(refs[1], force=True)

@@ -92,7 +92,7 @@ def test_data_movement_every_collective(n):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("n", [3, 4])
+@pytest.mark.parametrize("n", [3, pytest.param(4, marks=pytest.mark.slow)])  # 4: slow (CI time)
 def test_subgroups_and_device_mesh(n):
     values = tw.values(tw.run(n, "subgroups", timeout=150))
     assert _no_failures(values) >= 10 * n
