@@ -11,7 +11,7 @@ public functions below (:mod:`collcomm.api`) are loaded when first used.
 
 from collcomm._version import __version__
 from collcomm.errors import (AuthenticationError, CollectiveError, CollectiveTimeout, CorruptionError, EvictedError,
-                             LinkFailure, MismatchError, ObjectDeleted, ObjectError, ObjectExists, ObjectLost,
+                             LinkFailure, MismatchError, NcclUnavailable, ObjectDeleted, ObjectError, ObjectExists, ObjectLost,
                              ObjectStoreFull, PeerFailure, ScheduleError, TopologyError, UsageError,
                              UsageTypeError)
 
@@ -21,7 +21,7 @@ _API = ("allgather", "allreduce", "alltoall", "barrier", "broadcast", "delete", 
 
 __all__ = [
     "AuthenticationError", "CollectiveError", "CollectiveTimeout", "CorruptionError", "EvictedError", "LinkFailure",
-    "MismatchError", "ObjectDeleted", "ObjectError", "ObjectExists", "ObjectLost", "ObjectStoreFull", "PeerFailure", "ScheduleError", "TopologyError", "UsageError",
+    "MismatchError", "NcclUnavailable", "ObjectDeleted", "ObjectError", "ObjectExists", "ObjectLost", "ObjectStoreFull", "PeerFailure", "ScheduleError", "TopologyError", "UsageError",
     "UsageTypeError", "__version__", *_API,
 ]
 

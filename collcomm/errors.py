@@ -113,3 +113,8 @@ class ObjectLost(ObjectError):
 class ObjectStoreFull(ObjectError, MemoryError):
     """A bounded store (this process's, ``COLLCOMM_OBJECT_STORE_BYTES``, or the directory's,
     ``COLLCOMM_DIRECTORY_BYTES``) has no room for the object; nothing in it was evicted."""
+
+
+class NcclUnavailable(CollectiveError):
+    """A GPU entry point cannot run here: no NCCL library (the ``gpu`` extra is not installed), a
+    library that is not NCCL, no CUDA driver, or no GPU. The message names what is missing."""

@@ -87,6 +87,7 @@ class Options:
     compare: list[str]
     timeout: float | None
     argv: list[str] = field(default_factory=list)
+    device: str = "cpu"        # --device: where the buffers live (cuda: refused until the GPU executor exists)
 
     def combos(self) -> list[tuple[str, str]]:
         """(type, redop) of every sweep, in nccl-tests' order (types outside, reductions inside); with
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the planner's choice per size; alltoall is always a pairwise exchange)")
     p.add_argument("--topology", metavar="T.json", help="the job's fabric (collcomm.topology/1), for the planner, or "
                                                          "'probe': the ranks measure it at start")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the buffers live (default cpu); cuda needs a GPU, its driver and NCCL (the gpu extra)")
     add_emulation_arguments(p, "--emulate", "run the ranks in network namespaces wired as T.json says (built for "
                                             "the run unless `collcomm emulate up` built it; needs root)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON (see the module documentation)")
@@ -300,11 +303,23 @@ def parse(argv: list[str]) -> Options:
         raise UsageError(f"--compare {mpi} starts the ranks with mpiexec, which cannot run them in --emulate "
                          f"namespaces")
     _check_emulation(args)
+    if args.device == "cuda":
+        _check_cuda()
     return Options(coll, dtypes, ops, lo, hi, args.stepfactor, step, args.iters, args.warmup_iters, args.check,
                    args.root, args.average, args.run_cycles, args.nprocs, algorithm,
                    "probe" if probe else str(Path(args.topology).resolve()) if args.topology else None,
                    str(Path(args.emulate).resolve()) if args.emulate else None, args.scale, args.prefix, args.json,
-                   args.plot, compare, args.timeout, list(argv))
+                   args.plot, compare, args.timeout, list(argv), args.device)
+
+
+def _check_cuda() -> None:
+    """--device cuda: one line naming what is missing (NCCL, the CUDA driver, a GPU)."""
+    from collcomm.transport.nccl import gpu_problem
+
+    problem = gpu_problem()
+    if problem is not None:
+        raise UsageError(f"--device cuda: {problem}")
+    raise UsageError("--device cuda: collcomm-perf has no GPU sweep yet (NCCL and a GPU were found)")
 
 
 def _check_emulation(args) -> None:

@@ -114,6 +114,10 @@ def as_buffer(x, what: str = "buffer", *, read_only: bool = False) -> Buffer:
     torch = loaded_torch()
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
+            if x.device.type == "cuda":  # NcclUnavailable naming what is missing (no NCCL, driver or GPU)
+                from collcomm.transport.nccl import require_gpu
+
+                require_gpu(f"{what} is on {x.device}")
             raise UsageTypeError(f"{what} is on {x.device}; the TCP transport takes CPU tensors", argument(what))
         if x.layout != torch.strided:
             raise UsageTypeError(f"{what} is a {x.layout} tensor; collectives take dense (strided) tensors",
