@@ -534,7 +534,7 @@ def test_every_collective_op_dtype_and_size_numpy(n, tmp_path):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, pytest.param(3, marks=pytest.mark.slow)])  # 3: slow (CI time; NumPy's sweep has 3)
 def test_every_collective_op_dtype_and_size_torch(n):
     """CPU torch tensors of every dtype, bfloat16 included."""
     pytest.importorskip("torch")

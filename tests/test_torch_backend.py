@@ -78,14 +78,14 @@ def test_register_twice_is_harmless():
 
 # ============================================================================ collectives
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, pytest.param(3, marks=pytest.mark.slow)])  # 3: slow (CI time; NumPy's sweep has 3)
 def test_reductions_every_dtype_and_op(n):
     values = tw.values(tw.run(n, "reductions", {"dtypes": ALL_DTYPES}, timeout=200))
     assert _no_failures(values) > 500 * n
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, pytest.param(3, marks=pytest.mark.slow)])  # 3: slow (CI time)
 def test_data_movement_every_collective(n):
     values = tw.values(tw.run(n, "movement", {"dtypes": MOVE_DTYPES}, timeout=200))
     assert _no_failures(values) > 100 * n
