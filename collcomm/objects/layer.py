@@ -337,27 +337,35 @@ def reduce_arguments(keys, out_key, op, num_required) -> tuple[list[str], str, s
     return checked, out_key, op, num_required
 
 
-def _as_array(x, key: str) -> tuple[np.ndarray, Meta]:
-    """The bytes of ``x`` (put's ``buf``: a NumPy array or a CPU torch tensor) and its meta;
-    refuses what cannot travel (UsageTypeError naming ``buf``)."""
+def _check_buf(x, key: str):
+    """put's ``buf`` checked without copying it: a NumPy array of a dtype that can travel, or a CPU
+    torch tensor (UsageTypeError naming ``buf``); returns torch when it is a tensor, else None."""
     if isinstance(x, np.ndarray):
         if x.dtype.hasobject or x.dtype.fields is not None:
             raise UsageTypeError(f"put of object '{key}': buf has dtype {x.dtype}, which cannot travel (objects or "
                                  f"records)", "buf")
-        a = np.ascontiguousarray(x)
-        return a, Meta(a.nbytes, a.dtype.str if a.dtype.byteorder == ">" else a.dtype.name, tuple(a.shape))
+        return None
     torch = loaded_torch()
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise UsageTypeError(f"put of object '{key}': buf is on {x.device}; put takes CPU tensors", "buf")
-        t = x.detach().contiguous()
-        if t.dtype == torch.bfloat16:
-            a = t.view(torch.int16).numpy().view(np.uint16)
-            return a, Meta(a.nbytes, "bfloat16", tuple(t.shape))
-        a = t.numpy()
-        return a, Meta(a.nbytes, a.dtype.name, tuple(a.shape))
+        return torch
     raise UsageTypeError(f"put of object '{key}': buf must be a NumPy array or a CPU torch tensor, got "
                          f"{type(x).__name__}", "buf")
+
+
+def _as_array(x, key: str) -> tuple[np.ndarray, Meta]:
+    """The bytes of ``x`` (put's ``buf``, checked by :func:`_check_buf`) and its meta."""
+    torch = _check_buf(x, key)
+    if torch is None:
+        a = np.ascontiguousarray(x)
+        return a, Meta(a.nbytes, a.dtype.str if a.dtype.byteorder == ">" else a.dtype.name, tuple(a.shape))
+    t = x.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        a = t.view(torch.int16).numpy().view(np.uint16)
+        return a, Meta(a.nbytes, "bfloat16", tuple(t.shape))
+    a = t.numpy()
+    return a, Meta(a.nbytes, a.dtype.name, tuple(a.shape))
 
 
 def _numpy_type(dtype: str) -> np.dtype:
@@ -367,7 +375,7 @@ def _numpy_type(dtype: str) -> np.dtype:
 def put_arguments(key, buf, copy) -> str:
     """put's arguments checked (the key, what ``buf`` is, ``copy``), before anything is sent."""
     key = object_key(key, "put: key")
-    _as_array(buf, key)
+    _check_buf(buf, key)  # (not _as_array: that copies a non-contiguous buffer, and put does it again)
     arguments.flag(copy, "copy")
     return key
 
