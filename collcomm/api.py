@@ -152,12 +152,33 @@ def _modules():
     return _MODULES
 
 
+def _lane(group, async_op):
+    """The group's small-message lane (collcomm.runtime.lane) for a blocking call, or None.
+    The lane runs a call only when it is one of a shape the full path below prepared for it, and
+    otherwise leaves it to that path, which checks every argument."""
+    rt = _RUNTIME
+    if rt is None or async_op is not False:
+        return None
+    if group is None:
+        group = rt.world
+        if group is None:
+            return None
+    elif type(group) is not _modules()[1].Group:  # (anything else: the full path says what is wrong)
+        return None
+    while group.successor is not None:  # a shrunk group: its survivors' group (as _group)
+        group = group.successor
+    return group.lane
+
+
 # Every call checks its arguments (collcomm.runtime.arguments, and the buffers and reductions in
 # collcomm.runtime.buffers) before it is submitted: a mistake is a UsageError (a ValueError) or a
 # UsageTypeError (also a TypeError) raised here, on the calling rank, at the call (async_op too),
 # before anything is sent.
 def allreduce(x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` across the group, in place on every rank."""
+    lane = _lane(group, async_op)
+    if lane is not None and lane.allreduce(x, op, timeout):
+        return None
     c, a = _modules()
     rt, g = _rt(), _group(group)
     buf = a.reduction(x, op, "allreduce: x")
@@ -167,6 +188,9 @@ def allreduce(x, op: str = "sum", *, group=None, async_op: bool = False, timeout
 
 def allgather(out, x, *, group=None, async_op: bool = False, timeout: float | None = None):
     """Gather every rank's ``x`` into ``out`` (group size x x.size elements, in rank order)."""
+    lane = _lane(group, async_op)
+    if lane is not None and lane.allgather(out, x, timeout):
+        return None
     c, a = _modules()
     rt, g = _rt(), _group(group)
     dst, src = a.gathered(out, x, g.size)
@@ -176,6 +200,9 @@ def allgather(out, x, *, group=None, async_op: bool = False, timeout: float | No
 
 def reduce_scatter(out, x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
     """Reduce ``x`` (group size x out.size elements) and leave this rank's part in ``out``."""
+    lane = _lane(group, async_op)
+    if lane is not None and lane.reduce_scatter(out, x, op, timeout):
+        return None
     c, a = _modules()
     rt, g = _rt(), _group(group)
     dst, src = a.scattered(out, x, op, g.size)
@@ -199,6 +226,9 @@ def alltoall(out, x, *, group=None, async_op: bool = False, timeout: float | Non
 
 def broadcast(x, root: int = 0, *, group=None, async_op: bool = False, timeout: float | None = None):
     """Copy the root's ``x`` to every rank of the group (``root`` is a group rank)."""
+    lane = _lane(group, async_op)
+    if lane is not None and lane.broadcast(x, root, timeout):
+        return None
     c, a = _modules()
     rt, g = _rt(), _group(group)
     buf = a.buffer(x, "broadcast: x")
@@ -219,6 +249,9 @@ def reduce(x, root: int = 0, op: str = "sum", *, group=None, async_op: bool = Fa
 
 def barrier(*, group=None, async_op: bool = False, timeout: float | None = None):
     """Return once every member of the group has entered the barrier."""
+    lane = _lane(group, async_op)
+    if lane is not None and lane.barrier(timeout):
+        return None
     c, a = _modules()
     rt, g = _rt(), _group(group)
     t = a.timeout(timeout, rt.timeout)

@@ -499,6 +499,8 @@ def _rank_main() -> int:
                         if bufs:  # what the killer watches: the buffer the collective writes into
                             idx = np.arange(0, bufs[0].size, max(1, bufs[0].size // 2048))
                             state.update(buf=bufs[0], initial=bufs[0][idx].copy(), idx=idx)
+                        if cmd.get("report_at") == i:  # the test waits for this to act mid-loop
+                            emit({"event": "looping", "iter": i, "t": time.monotonic()})
                         t0 = time.monotonic()
                         state["inside"] = i
                         _call_one(cc, kind, bufs, cmd, group, timeout)

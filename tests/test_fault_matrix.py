@@ -21,6 +21,12 @@ sigstop            SIGSTOP a rank between collectives     CollectiveTimeout in [
 stopped-handshake  SIGSTOP a rank before any connection   CollectiveTimeout in [0.5, 2] x timeout
                                                           (the handshake waits no longer than the
                                                           operation)
+sigkill-small      SIGKILL a rank in a loop of 1 KB       PeerFailure naming it on every survivor
+                   allreduces (shared memory's small-     within 2 x timeout, exact before; no
+                   message lane), from outside            segment left
+sigstop-small      SIGSTOP a rank in that loop            CollectiveTimeout in [0.5, 2] x timeout;
+                                                          SIGCONT: the woken rank raises a typed
+                                                          error within 2 x timeout
 corrupt            corrupt:*->*:p=0.05                    exact; retransmits = checksum errors > 0
 corrupt-all        corrupt:*->*                           CorruptionError on every rank < timeout
 reset-*            reset after N bytes (one link, two     exact (reconnect and resend); at least one
@@ -65,6 +71,9 @@ SHM_DIRECT_BYTES = {"shm": "off", "shm-direct": "0"}
 # Shared memory carries no frames, so the scenarios that damage frames do not apply to it (a
 # fault-injection plan keeps a job on sockets); a process that dies or stops does.
 SHM_SCENARIOS = ("sigkill", "sigstop", "stopped-handshake")
+# Scenarios run on some columns only: the small-message lane is shared memory's (direct reads
+# take every size there, so "shm-direct" never uses it); "tcp" is the comparison.
+ONLY = {"sigkill-small": ("shm", "tcp"), "sigstop-small": ("shm", "tcp")}
 
 
 def job(n: int, timeout: float, transport: str, env: dict | None = None, **kw) -> Job:
@@ -226,6 +235,52 @@ def stopped_handshake(transport: str) -> None:
         timed_out_in_bounds(answers, survivors, stopped_at, timeout)
 
 
+def small_loop_signal(signum: int):
+    """Every rank loops over 1 KB allreduces (on shared memory: the small-message lane, from the
+    second call on); once the victim has run 500 of them it gets ``signum`` from outside, in
+    the middle of the loop (inside an operation or between two: either way its peers are
+    waiting for it inside one)."""
+    def scenario(transport: str) -> None:
+        timeout, n, victim = 3.0, 4, 1
+        names_before = shm_names()
+        with job(n, timeout, transport) as j:
+            expect_exact(j, j.call_all(run("allreduce", 256, iters=3)), "before the fault")
+            expect_transport(j, transport)
+            for r in range(n):
+                j.ranks[r].send(run("allreduce", 256, iters=10 ** 7, timeout=timeout,
+                                    **({"report_at": 500} if r == victim else {})))
+            looping = j.ranks[victim].answer(60)
+            assert looping.get("event") == "looping", f"the victim answered {looping}\n{j.story()}"
+            at = j.ranks[victim].signal(signum)
+            survivors = [r for r in range(n) if r != victim]
+            answers = []
+            for r in survivors:
+                try:
+                    answers.append(j.ranks[r].answer(3 * timeout))
+                except RankDied as e:
+                    pytest.fail(f"rank {r} still looping {3 * timeout:g} s after the signal\n{e}")
+            report = describe(answers, survivors)
+            for r, a in zip(survivors, answers):
+                assert a.get("correct_before"), f"rank {r}: a wrong result before the fault\n{report}"
+            if signum == signal.SIGKILL:
+                assert j.ranks[victim].wait_exit(10) == -signal.SIGKILL
+                for r, a in zip(survivors, answers):
+                    assert raised(a, "PeerFailure") and a.get("rank") == victim, f"rank {r}\n{report}"
+                    assert a["t1"] - at < 2 * timeout, f"rank {r} took {a['t1'] - at:.2f} s\n{report}"
+            else:
+                timed_out_in_bounds(answers, survivors, at, timeout)
+                woken_at = j.ranks[victim].signal(signal.SIGCONT)
+                try:
+                    woken = j.ranks[victim].answer(3 * timeout)
+                except RankDied as e:
+                    pytest.fail(f"the woken rank was still looping {3 * timeout:g} s later\n{e}")
+                assert not woken.get("ok") and "CollectiveError" in woken.get("mro", ()), \
+                    f"the woken rank must raise a typed error: {describe([woken], [victim])}"
+                assert woken["t1"] - woken_at <= 2 * timeout, describe([woken], [victim])
+        assert shm_names() == names_before, shm_names() - names_before
+    return scenario
+
+
 def corrupt(transport: str) -> None:
     timeout = 10.0
     with job(3, timeout, transport, chunk_bytes=4096, env={"COLLCOMM_FAULTS": "corrupt:*->*:p=0.05;seed=31"}) as j:
@@ -328,6 +383,8 @@ SCENARIOS = {
     "sigkill": sigkill,
     "sigstop": sigstop,
     "stopped-handshake": stopped_handshake,
+    "sigkill-small": small_loop_signal(signal.SIGKILL),
+    "sigstop-small": small_loop_signal(signal.SIGSTOP),
     "corrupt": corrupt,
     "corrupt-all": corrupt_all,
     "reset-one-link": reset("reset:0->1:after=3M"),
@@ -343,7 +400,7 @@ SCENARIOS = {
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("scenario,transport", [(s, t) for s in SCENARIOS for t in TRANSPORTS
-                                                if t not in SHM_DIRECT_BYTES or s in SHM_SCENARIOS])
+@pytest.mark.parametrize("scenario,transport", [(s, t) for s in SCENARIOS for t in ONLY.get(s, TRANSPORTS)
+                                                if t not in SHM_DIRECT_BYTES or s in SHM_SCENARIOS or s in ONLY])
 def test_fault_matrix(scenario, transport):
     SCENARIOS[scenario](transport)

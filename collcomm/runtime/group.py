@@ -91,6 +91,7 @@ class Group:
         self.failed_operations = 0  # operations that raised here (the monitor reports the count)
         self.chunk_override: int | None = None  # the monitor's chunk size (collcomm.faults.chunks)
         self._local = None  # None: not decided yet; False: sockets; else a collcomm.runtime.local.LocalGroup
+        self.lane = None  # that LocalGroup's small-message lane (collcomm.runtime.lane), which the API calls first
         self._local_generation = 0  # arenas formed so far (a failed operation drops its arena)
         self._hierarchy = None  # the same for a group spanning machines (collcomm.runtime.hierarchy)
         self._scratch: np.ndarray | None = None  # (Group.scratch)
@@ -278,6 +279,7 @@ class Group:
             self._local = False  # while it forms, the group's own agreement runs over sockets
             self._local_generation += 1
             self._local = local.LocalGroup.form(self, self._local_generation, timeout) or False
+            self.lane = self._local.lane if self._local else None
         return self._local or None
 
     def hierarchy_path(self, timeout: float):
@@ -302,12 +304,14 @@ class Group:
         group re-formed by shrink or grow gets an arena of its own.)"""
         if self._local is local:
             self._local = False
+            self.lane = None
         local.close()
 
     def close(self) -> None:
         if self._local:
             self._local.close()
         self._local = False
+        self.lane = None
         if self._hierarchy:
             self._hierarchy.close()
         self._hierarchy = False

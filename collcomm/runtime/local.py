@@ -41,6 +41,7 @@ import numpy as np
 
 from collcomm.errors import CollectiveError, MismatchError
 from collcomm.runtime import failures
+from collcomm.runtime.lane import SmallLane
 from collcomm.runtime.operation import describe_fields
 from collcomm.transport import frames
 from collcomm.transport.shm import arena as shm_arena, cma
@@ -132,10 +133,11 @@ class LocalGroup:
         self._scratch: np.ndarray | None = None
         self.n, self.me = group.size, group.me
         self._descs: dict[tuple, tuple[int, bytes]] = {}
-        self._one_shots: dict[tuple, tuple] = {}  # prepared one-round operations by shape (_prepare)
+        self._one_shots: dict[tuple, tuple] = {}  # prepared one-round operations by shape (_one_round)
         self._traffic_seconds = 0.0
         self._pending_bytes = 0
-        self._seq, self._current = -1, (0, b"")  # the operation running (for _poll)
+        self._seq, self._current = -1, (0, b"")  # the operation running (for poll)
+        self.lane = SmallLane(self)  # the same one-round operations, straight from the API
 
     # ------------------------------------------------------------------ forming
     @classmethod
@@ -202,18 +204,25 @@ class LocalGroup:
     def run(self, fields: tuple, timeout: float, body, nbytes: int = 0) -> None:
         """Run ``body(deadline, poll, desc)`` as operation ``fields`` of the group; a failure is
         raised as the typed error every member raises, and drops the arena."""
-        seq = self._seq = self.group.next_seq()
-        desc_hash, text = self._current = self._desc(fields)
-        parity = self.arena.begin(desc_hash, text)
+        current = self.describe(fields)
+        seq = self.start(current)
+        parity = self.arena.begin(*current)
+        desc_hash, text = current
         start = time.monotonic()
         try:
-            body(start + timeout, self._poll, (parity, desc_hash, text))
+            body(start + timeout, self.poll, (parity, desc_hash, text))
         except CollectiveError as e:
-            self._fail(seq, e)
+            self.fail(seq, e)
         if nbytes:
-            self._count(nbytes, time.monotonic() - start)
+            self.count(nbytes, time.monotonic() - start)
 
-    def _fail(self, seq: int, error: CollectiveError) -> None:
+    def start(self, current: tuple[int, bytes]) -> int:
+        """Number the next operation (described by ``current``: its hash and text, for poll)."""
+        seq = self._seq = self.group.next_seq()
+        self._current = current
+        return seq
+
+    def fail(self, seq: int, error: CollectiveError) -> None:
         """Say why in this member's control page, drop the arena, raise the group's typed error."""
         if isinstance(error, MismatchError) and error.rank is None:  # told by a peer: in this member's terms
             error = self._disagreement(error)
@@ -229,12 +238,12 @@ class LocalGroup:
         peer = self.arena.differing(parity, desc)
         return told if peer is None else self.arena.mismatch(peer, parity, text)
 
-    def _poll(self):
+    def poll(self):
         """What the coordinator knows of the current operation (asked while a wait sleeps)."""
         desc_hash, text = self._current
         return failures.outside_failure(self.group.runtime, self.group, self._seq, desc_hash, text.decode())
 
-    def _desc(self, fields: tuple) -> tuple[int, bytes]:
+    def describe(self, fields: tuple) -> tuple[int, bytes]:
         """The operation's hash (what every member must agree on) and its text (for errors)."""
         d = self._descs.get(fields)
         if d is None:
@@ -244,7 +253,7 @@ class LocalGroup:
             d = self._descs[fields] = (h, describe_fields(fields).encode()[:shm_arena.DESC_TEXT_MAX])
         return d
 
-    def _count(self, nbytes: int, seconds: float) -> None:
+    def count(self, nbytes: int, seconds: float) -> None:
         """What this member read from its peers' segments, for the link monitor (in batches; each
         peer's share is ``nbytes / n``)."""
         self._traffic_seconds += seconds
@@ -294,11 +303,12 @@ class LocalGroup:
         shot = self._one_shots.get(fields)
         if shot is None and choose(n, buf.nbytes, arena.capacity, self.alpha) == "one_shot":
             # this member's input view and every member's (in rank order), by half
-            shot = self._prepare(fields, lambda h: (arena.view(self.me, h, x.dtype)[:x.size],
-                                                    tuple(arena.view(j, h, x.dtype)[:x.size] for j in range(n))),
-                                 buf.reducer(op))
+            shot = self._one_round(fields, buf, self.lane.allreduces, (x.dtype, x.size, op),
+                                   lambda h: (arena.view(self.me, h, x.dtype)[:x.size],
+                                              tuple(arena.view(j, h, x.dtype)[:x.size] for j in range(n))),
+                                   buf.reducer(op))
         if shot is not None:  # the small-message path: every view and function prepared once
-            self._run_small(shot, self._small_allreduce, x, None, timeout, buf.nbytes)
+            self.lane.run(shot, self.lane.allreduce_step, x, None, timeout, buf.nbytes)
             if op == "avg":
                 buf.divide(n)
             return
@@ -354,58 +364,15 @@ class LocalGroup:
         if op == "avg":
             buf.divide(n)
 
-    def _prepare(self, fields: tuple, views, reduce) -> tuple:
-        """A one-round operation of this shape, prepared: ``views(half)`` for both halves, the
-        combining function and the description (what :meth:`run` looks up each time)."""
+    def _one_round(self, fields: tuple, buf, table: dict, key, views, reduce) -> tuple:
+        """Prepare the one-round operation ``fields`` (:meth:`SmallLane.prepare`), kept here by
+        its fields and, for a NumPy dtype (not bfloat16, which travels as uint16), in the lane's
+        ``table`` under ``key``, for the API's later calls of this shape."""
         if len(self._one_shots) > 64:
             self._one_shots.clear()
-        shot = self._one_shots[fields] = ((views(0), views(1)), reduce, self._desc(fields))
+        shot = self._one_shots[fields] = self.lane.prepare(
+            table if buf.dtype == buf.array.dtype.name else None, key, fields, views, reduce)
         return shot
-
-    def _run_small(self, shot, step, x, y, timeout: float, nbytes: int) -> None:
-        """:meth:`run` for a prepared one-round operation, written out (a small operation is
-        mostly Python's calls): ``step(x, y, views, reduce, deadline, desc)`` writes,
-        synchronizes once and reads."""
-        halves, reduce, current = shot
-        arena = self.arena
-        seq = self._seq = self.group.next_seq()
-        self._current = current
-        parity = arena.begin(*current)
-        start = time.monotonic()
-        try:
-            step(x, y, halves[arena.next_half()], reduce, start + timeout, (parity, *current))
-        except CollectiveError as e:
-            self._fail(seq, e)
-        self._count(nbytes, time.monotonic() - start)
-
-    def _small_allreduce(self, x, y, views, reduce, deadline, desc) -> None:
-        """One-shot: write the input, step, reduce every member's input into ``x``."""
-        mine, ins = views
-        np.copyto(mine, x)
-        self.arena.sync(deadline, self._poll, desc)
-        if self.n == 2:
-            # a (op) b == b (op) a bit for bit (IEEE addition and multiplication commute; NaN
-            # payloads aside), so both members compute the same bits without a copy
-            reduce(x, ins[1 - self.me])
-        else:  # in rank order, in place: every member computes the same bits
-            np.copyto(x, ins[0])
-            for other in ins[1:]:
-                reduce(x, other)
-
-    def _small_reduce_scatter(self, x, y, views, reduce, deadline, desc) -> None:
-        mine, others = views
-        np.copyto(mine, x)  # every block, this member's own too: one copy instead of n - 1
-        self.arena.sync(deadline, self._poll, desc)
-        m = y.size
-        _reduce_into(reduce, y, x[self.me * m:(self.me + 1) * m], others)
-
-    def _small_allgather(self, x, y, views, reduce, deadline, desc) -> None:
-        mine, others = views
-        np.copyto(mine, x)
-        self.arena.sync(deadline, self._poll, desc)
-        m = x.size
-        for off, theirs in others:
-            np.copyto(y[off:off + m], theirs)
 
     def reduce(self, buf, root: int, op: str, timeout: float) -> None:
         """Reduce into the root's buffer; the others' stay as they were."""
@@ -459,11 +426,12 @@ class LocalGroup:
                 dst.divide(n)
             return
         if x.nbytes <= arena.capacity:  # one round: the whole input in one copy, views prepared
-            shot = self._one_shots.get(fields) or self._prepare(
-                fields, lambda h: (arena.view(me, h, x.dtype)[:x.size],
-                                   tuple(arena.view(j, h, x.dtype)[me * m:(me + 1) * m] for j in arena.peers)),
+            shot = self._one_shots.get(fields) or self._one_round(
+                fields, src, self.lane.reduce_scatters, (x.dtype, m, op),
+                lambda h: (arena.view(me, h, x.dtype)[:x.size],
+                           tuple(arena.view(j, h, x.dtype)[me * m:(me + 1) * m] for j in arena.peers)),
                 reduce)
-            self._run_small(shot, self._small_reduce_scatter, x, y, timeout, src.nbytes)
+            self.lane.run(shot, self.lane.reduce_scatter_step, x, y, timeout, src.nbytes)
             if op == "avg":
                 dst.divide(n)
             return
@@ -503,10 +471,11 @@ class LocalGroup:
             self.run(fields, timeout, direct, dst.nbytes)
             return
         if x.nbytes <= arena.capacity:  # one round, views prepared
-            shot = self._one_shots.get(fields) or self._prepare(
-                fields, lambda h: (arena.view(me, h, x.dtype)[:m],
-                                   tuple((j * m, arena.view(j, h, x.dtype)[:m]) for j in arena.peers)), None)
-            self._run_small(shot, self._small_allgather, x, y, timeout, dst.nbytes)
+            shot = self._one_shots.get(fields) or self._one_round(
+                fields, src, self.lane.allgathers, (x.dtype, m),
+                lambda h: (arena.view(me, h, x.dtype)[:m],
+                           tuple((j * m, arena.view(j, h, x.dtype)[:m]) for j in arena.peers)), None)
+            self.lane.run(shot, self.lane.allgather_step, x, y, timeout, dst.nbytes)
             return
         step = arena.capacity // x.dtype.itemsize
 
@@ -526,6 +495,12 @@ class LocalGroup:
     def broadcast(self, buf, root: int, timeout: float) -> None:
         x, arena, me = buf.array, self.arena, self.me
         fields = ("broadcast", buf.dtype, buf.count, "", root)
+        if x.nbytes <= arena.capacity:  # one round, views prepared (the root's half)
+            shot = self._one_shots.get(fields) or self._one_round(
+                fields, buf, self.lane.broadcasts, (x.dtype, x.size, root),
+                lambda h: arena.view(root, h, x.dtype)[:x.size], None)
+            self.lane.run(shot, self.lane.broadcast_step, x, root, timeout, buf.nbytes)
+            return
         step = arena.capacity // x.dtype.itemsize
 
         def body(deadline, poll, desc):
@@ -542,8 +517,10 @@ class LocalGroup:
         self.run(fields, timeout, body, buf.nbytes)
 
     def barrier(self, timeout: float) -> None:
-        self.run(("barrier", "", 0, "", -1), timeout,
-                 lambda deadline, poll, desc: self.arena.sync(deadline, poll, desc))
+        lane = self.lane
+        if lane.barrier_shot is None:
+            lane.barrier_shot = lane.prepare(None, None, ("barrier", "", 0, "", -1), lambda h: None, None)
+        lane.run(lane.barrier_shot, lane.barrier_step, None, None, timeout, 0)
 
 
 def _reduce_into(reduce, out: np.ndarray, first: np.ndarray | None, others: list[np.ndarray]) -> None:
