@@ -10,7 +10,7 @@ alone the same way; bench/peers_harness_check.py compares). The ranks' times are
 ``-a`` (an allreduce of the times: average, min or max; or rank 0's own). Then ``-c`` check
 iterations on patterned data (see collectives.py), for every library alike; #wrong is the
 number of wrong elements summed over the check iterations and the ranks. Libraries alternate
-per size. ``-w`` warm-up operations run at the largest and the smallest size first.
+per size, the compared ones first and collcomm last. ``-w`` warm-up operations run at the largest and the smallest size first.
 
 Fault injection (for testing the checker): ``COLLCOMM_PERF_CORRUPT=RANK[:INDEX[:LIBRARY]]`` makes
 rank RANK flip the lowest bit of element INDEX (default 0, modulo the output size) of every
@@ -133,12 +133,17 @@ class Sweep:
         if o.check:
             mine = C.pattern(dtype, op, me, lay.send, 0, n)
             want = C.expected(coll, dtype, op, me, n, o.root, lay)
-        times, wrongs = [], []
-        for lib in self.libs:
-            for _, inplace in VARIANTS:
+        # The compared libraries take their turn before collcomm's at each size: a library timed
+        # right after another in the same processes can read slower (gloo x4 read 0.81-0.87 of
+        # its plain script's busbw after collcomm's turn, 0.89-0.98 before it; bench/RESULTS.md),
+        # so whatever the turn before costs falls on collcomm, not on the peer it is compared with.
+        times, wrongs = [0.0] * (2 * len(self.libs)), [0] * (2 * len(self.libs))
+        for li in [*range(1, len(self.libs)), 0]:
+            lib = self.libs[li]
+            for vi, (_, inplace) in enumerate(VARIANTS):
                 send, recv = self._buffers(lay, dtype, op)
-                times.append(self._time(lib, inplace, dtype, op, send, recv))
-                wrongs.append(self._check(lib, inplace, dtype, op, send, recv, mine, want) if o.check else 0)
+                times[2 * li + vi] = self._time(lib, inplace, dtype, op, send, recv)
+                wrongs[2 * li + vi] = self._check(lib, inplace, dtype, op, send, recv, mine, want) if o.check else 0
         t = np.array(times, np.float64)
         if o.average:
             self.cc.allreduce(t, {1: "avg", 2: "min", 3: "max"}[o.average])
