@@ -210,7 +210,8 @@ def test_every_collective_dtype_and_op_over_shared_memory(n):                   
 def test_every_collective_reading_peers_directly(n, threshold):
     """Cross-memory attach: allreduce, allgather and reduce-scatter read the peers' buffers
     directly from ``threshold`` bytes on (0: all of them; 10000: the larger sizes, the others
-    through the segments in the same job); the large ones reduce through the scratch in pieces."""
+    through the segments in the same job); the large ones reduce through the scratch in pieces.
+    Broadcast writes and reads parts (two steps with 2 members, three with 3)."""
     if not cma_allowed():
         pytest.skip("process_vm_readv is not allowed here (seccomp or ptrace restrictions)")
     job = multiproc.run(n, every_collective, kwargs={"counts": [1, 7, 3001, 70_001], "transport_expected": True},
@@ -252,13 +253,25 @@ def test_direct_bytes_setting_is_checked(monkeypatch):
     assert local.direct_bytes() == local.DEFAULT_DIRECT_BYTES
 
 
-def test_reading_a_process_that_is_gone_is_an_error_naming_it():
+@pytest.mark.parametrize("move", [cma.read, cma.write])
+def test_reading_or_writing_a_process_that_is_gone_is_an_error_naming_it(move):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait(timeout=30)
     out = np.zeros(8, np.uint8)
     with pytest.raises(OSError) as info:
-        cma.read(proc.pid, cma.address(out), out)
+        move(proc.pid, cma.address(out), out)
     assert info.value.errno == errno.ESRCH and str(proc.pid) in str(info.value)
+
+
+def test_a_direct_write_lands_where_it_is_aimed():
+    if not cma_allowed():
+        pytest.skip("process_vm_writev is not allowed here (seccomp or ptrace restrictions)")
+    target = np.zeros(1 << 20, np.uint8)
+    src = np.random.default_rng(1).integers(0, 256, 300_001, dtype=np.uint8)
+    cma.write(os.getpid(), cma.address(target) + 12345, src)
+    expected = np.zeros_like(target)
+    expected[12345:12345 + src.size] = src
+    assert np.array_equal(target, expected)
 
 
 @pytest.mark.timeout(300)

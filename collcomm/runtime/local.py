@@ -59,11 +59,11 @@ BETA_COPY, BETA_REDUCE = 0.2e-9, 0.4e-9
 SPIN = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN", "2000,200").split(","))
 SPIN_CROWDED = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN_CROWDED", "5,50").split(","))
 TELEMETRY_EVERY_BYTES = 1 << 20  # record shared-memory traffic in the link telemetry in batches
-# From this size on (COLLCOMM_SHM_DIRECT_BYTES; "off": never) allreduce, allgather and
-# reduce-scatter read the members' buffers directly (cross-memory attach: one copy per byte instead
-# of two through the segments; bench/RESULTS.md: better from 4 MB on, worse at 1 MB, where a
-# syscall per piece and one more step cost more than the copy saved). Broadcast keeps to the
-# segments: there the root's copy-in and the readers' copy-out overlap on different cores.
+# From this size on (COLLCOMM_SHM_DIRECT_BYTES; "off": never) allreduce, allgather,
+# reduce-scatter and broadcast move the members' buffers directly (cross-memory attach: one copy
+# per byte instead of two through the segments; bench/RESULTS.md: better from 4 MB on, worse at
+# 1 MB, where a syscall per piece and one more step cost more than the copy saved; a broadcast of
+# 1 MB with 2 members reads the same either way, 4 MB 25-40 % faster direct).
 DEFAULT_DIRECT_BYTES = 4 << 20
 DIRECT_CHUNK_BYTES = 256 << 10  # a direct read to be reduced goes through a scratch of this size (stays in cache)
 
@@ -495,6 +495,9 @@ class LocalGroup:
     def broadcast(self, buf, root: int, timeout: float) -> None:
         x, arena, me = buf.array, self.arena, self.me
         fields = ("broadcast", buf.dtype, buf.count, "", root)
+        if self._is_direct(buf.nbytes):
+            self._broadcast_direct(buf, root, fields, timeout)
+            return
         if x.nbytes <= arena.capacity:  # one round, views prepared (the root's half)
             shot = self._one_shots.get(fields) or self._one_round(
                 fields, buf, self.lane.broadcasts, (x.dtype, x.size, root),
@@ -513,6 +516,37 @@ class LocalGroup:
                 desc = None
                 if me != root:
                     np.copyto(chunk, arena.view(root, h, x.dtype)[:chunk.size])
+
+        self.run(fields, timeout, body, buf.nbytes)
+
+    def _broadcast_direct(self, buf, root: int, fields: tuple, timeout: float) -> None:
+        """Broadcast, one copy per byte received, spread over every member: the buffer is cut into
+        n parts; every member publishes its buffer; the root writes its own part into each
+        reader's buffer while each reader reads its part from the root's; step; each reader reads
+        the other readers' parts from their buffers; step (no member returns while its buffer is
+        being read). Two members: each copies half, in parallel, and the second step is not needed."""
+        x, arena, n, me = buf.array, self.arena, self.n, self.me
+        layout = parts(x.size, n)
+        size = x.dtype.itemsize
+
+        def body(deadline, poll, desc):
+            arena.mine[shm_arena.W_BUF] = cma.address(x)
+            arena.sync(deadline, poll, desc)
+            if me == root:
+                off, length = layout[root]
+                for j in arena.peers:
+                    arena.write_direct(j, off * size, x[off:off + length])
+            else:
+                off, length = layout[me]
+                arena.read_direct(root, off * size, x[off:off + length])
+            arena.sync(deadline, poll)
+            if n > 2:
+                if me != root:
+                    for j in arena.peers:
+                        if j != root:
+                            off, length = layout[j]
+                            arena.read_direct(j, off * size, x[off:off + length])
+                arena.sync(deadline, poll)
 
         self.run(fields, timeout, body, buf.nbytes)
 

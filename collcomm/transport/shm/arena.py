@@ -286,14 +286,21 @@ class Arena:
     def read_direct(self, member: int, offset: int, out: np.ndarray) -> None:
         """Copy ``out.nbytes`` bytes from ``offset`` bytes into the buffer ``member`` published
         (W_BUF) for this operation, out of its process; a peer gone is a PeerFailure."""
+        self._direct(cma.read, "reading", member, offset, out)
+
+    def write_direct(self, member: int, offset: int, src: np.ndarray) -> None:
+        """Copy ``src`` to ``offset`` bytes into the buffer ``member`` published, in its process."""
+        self._direct(cma.write, "writing", member, offset, src)
+
+    def _direct(self, move, what: str, member: int, offset: int, here: np.ndarray) -> None:
         try:
-            cma.read(self.pids[member], self.ctl[member][W_BUF] + offset, out)
+            move(self.pids[member], self.ctl[member][W_BUF] + offset, here)
         except OSError as e:
             self._check_aborts()
             if e.errno == errno.ESRCH:
                 raise PeerFailure(f"rank {self.ranks[member]} died (its process is gone) during a shared-memory "
                                   f"operation", rank=self.ranks[member]) from None
-            raise CollectiveError(f"reading rank {self.ranks[member]}'s buffer failed: {e}") from None
+            raise CollectiveError(f"{what} rank {self.ranks[member]}'s buffer failed: {e}") from None
 
     # ------------------------------------------------------------------ failures
     def abort(self, text: str) -> None:

@@ -1,4 +1,5 @@
-"""Reading another process's memory in one copy: Linux cross-memory attach (``process_vm_readv``).
+"""Reading and writing another process's memory in one copy: Linux cross-memory attach
+(``process_vm_readv``, ``process_vm_writev``).
 
 Shared memory costs two copies per byte moved (the writer's into its segment, the reader's out
 of it). For large messages a member can instead read a peer's buffer directly, as Open MPI's
@@ -34,7 +35,14 @@ try:
 except (OSError, AttributeError):  # not Linux, or a libc without it
     _readv = None
 
-AVAILABLE = _readv is not None and os.name == "posix"
+try:
+    _writev = ctypes.CDLL(None, use_errno=True).process_vm_writev
+    _writev.restype = ctypes.c_ssize_t
+    _writev.argtypes = _readv.argtypes
+except (OSError, AttributeError):
+    _writev = None
+
+AVAILABLE = _readv is not None and _writev is not None and os.name == "posix"
 
 
 def address(array: np.ndarray) -> int:
@@ -45,18 +53,27 @@ def address(array: np.ndarray) -> int:
 def read(pid: int, remote: int, out: np.ndarray) -> None:
     """Copy ``out.nbytes`` bytes from address ``remote`` in process ``pid`` into ``out`` (contiguous).
     OSError (with errno) when the kernel refuses or the process is gone (ESRCH)."""
-    if _readv is None:
-        raise OSError(errno.ENOSYS, "process_vm_readv is not available")
-    total, done = out.nbytes, 0
-    base = address(out)
+    _move(_readv, "process_vm_readv from", pid, remote, out)
+
+
+def write(pid: int, remote: int, src: np.ndarray) -> None:
+    """Copy ``src`` (contiguous) to address ``remote`` in process ``pid``; errors as :func:`read`."""
+    _move(_writev, "process_vm_writev to", pid, remote, src)
+
+
+def _move(call, what: str, pid: int, remote: int, here: np.ndarray) -> None:
+    if call is None:
+        raise OSError(errno.ENOSYS, f"{what.split()[0]} is not available")
+    total, done = here.nbytes, 0
+    base = address(here)
     local, far = _Iovec(), _Iovec()
-    while done < total:
+    while done < total:  # (the kernel may move less than asked: a partial transfer goes on)
         local.base, local.len = base + done, total - done
         far.base, far.len = remote + done, total - done
-        got = _readv(pid, ctypes.byref(local), 1, ctypes.byref(far), 1, 0)
+        got = call(pid, ctypes.byref(local), 1, ctypes.byref(far), 1, 0)
         if got <= 0:
             err = ctypes.get_errno() if got < 0 else errno.EFAULT
-            raise OSError(err, f"process_vm_readv from process {pid}: {os.strerror(err)}")
+            raise OSError(err, f"{what} process {pid}: {os.strerror(err)}")
         done += got
 
 
