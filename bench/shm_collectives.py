@@ -5,7 +5,8 @@ over its sockets (COLLCOMM_TRANSPORT=unix, what every collective used before sha
     python bench/shm_collectives.py -n 2 --quick     # one configuration, fewer sizes
 
 Every number comes from ``collcomm-perf`` (nccl-tests' method: time, algbw, busbw, #wrong per
-size; out-of-place; the average of the ranks' times over ``--iters`` operations): one run with
+size; out-of-place; the average of the ranks' medians over ``--iters`` operations, by default 1000
+up to 64 KB, 200 up to 4 MB and 20 beyond, one run per band): one run with
 ``--compare gloo,mpi`` (the peers in the same processes, alternately per size; OpenMPI with its
 default transport, shared memory on one machine), one with ``--compare mpi-tcp`` (OpenMPI with
 ``--mca btl tcp,self``), one with ``COLLCOMM_TRANSPORT=unix``. Allreduce (float32 sum) from 1 KB
@@ -63,8 +64,32 @@ def perf(coll: str, n: int, lo: int, hi: int, iters: int, compare: str | None, e
         return json.loads(out.read_text())["rows"]
 
 
-def collect(n: int, coll: str, sizes: tuple[int, int], iters: int, mpi: bool) -> dict:
-    """{size: {library: {"time": us, "busbw": GB/s, "wrong": n}}} for one collective and rank count."""
+# Iterations by size: a median of 20 operations at 4 KB with 4 ranks on 2 cores moved by 2-3x
+# between runs (2026-12-07: 165 us in one run, 66 us in the next); the plain peer scripts time
+# 1000 small operations for the same reason (bench/plain_mpi.py, bench/plain_gloo.py).
+def iterations(nbytes: int) -> int:
+    return 1000 if nbytes <= 64 * KB else 200 if nbytes <= 4 * MB else 20
+
+
+def bands(lo: int, hi: int, only: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+    """The sizes lo..hi (x4 steps; ``only``: just those) grouped by their number of iterations."""
+    sizes, s = [], lo
+    while s <= hi:
+        if only is None or s in only:
+            sizes.append(s)
+        s *= 4
+    out: list[tuple[int, int]] = []
+    for size in sizes:
+        if out and iterations(out[-1][1]) == iterations(size) and only is None:
+            out[-1] = (out[-1][0], size)
+        else:
+            out.append((size, size))
+    return out
+
+
+def collect(n: int, coll: str, sizes: list[tuple[int, int]], iters: int | None, mpi: bool) -> dict:
+    """{size: {library: {"time": us, "busbw": GB/s, "wrong": n}}} for one collective and rank count,
+    one ``collcomm-perf`` run per band of sizes and comparison."""
     table: dict = {}
 
     def put(rows, rename: dict):
@@ -75,12 +100,13 @@ def collect(n: int, coll: str, sizes: tuple[int, int], iters: int, mpi: bool) ->
                 if lib in rename:
                     cell[rename[lib]] = {"time": side["time"], "busbw": side["bus_bw"], "wrong": side["nwrong"]}
 
-    lo, hi = sizes
-    put(perf(coll, n, lo, hi, iters, "gloo,mpi" if mpi else "gloo"),
-        {"collcomm": "collcomm", "gloo": "gloo", "mpi": "mpi-shm"})
-    if mpi:
-        put(perf(coll, n, lo, hi, iters, "mpi-tcp"), {"mpi-tcp": "mpi-tcp", "collcomm": "collcomm (mpiexec)"})
-    put(perf(coll, n, lo, hi, iters, None, env={"COLLCOMM_TRANSPORT": "unix"}), {"collcomm": "collcomm sockets"})
+    for lo, hi in sizes:
+        k = iters or iterations(lo)
+        put(perf(coll, n, lo, hi, k, "gloo,mpi" if mpi else "gloo"),
+            {"collcomm": "collcomm", "gloo": "gloo", "mpi": "mpi-shm"})
+        if mpi:
+            put(perf(coll, n, lo, hi, k, "mpi-tcp"), {"mpi-tcp": "mpi-tcp", "collcomm": "collcomm (mpiexec)"})
+        put(perf(coll, n, lo, hi, k, None, env={"COLLCOMM_TRANSPORT": "unix"}), {"collcomm": "collcomm sockets"})
     return table
 
 
@@ -175,7 +201,8 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, action="append", help="rank counts (default 2 and 4)")
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=None,
+                    help="timed operations per size (default: 1000 up to 64 KB, 200 up to 4 MB, 20 beyond)")
     ap.add_argument("--quick", action="store_true", help="allreduce 4 KB to 64 MB only, no memory job")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, default=PLOT)
@@ -186,18 +213,17 @@ def main(argv=None) -> int:
               "pip install -e '.[mpi]')", file=sys.stderr)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-               "iters": args.iters, "runs": {}, "memory": {}}
+               "iters": args.iters or "1000 up to 64 KB, 200 up to 4 MB, 20 beyond", "runs": {}, "memory": {}}
     for n in args.n or [2, 4]:
-        plan = [("allreduce", (4 * KB, 64 * MB) if args.quick else (KB, 256 * MB))]
-        if not args.quick:
-            plan += [(c, (4 * KB, 64 * MB)) for c in ("allgather", "reduce_scatter", "broadcast")]
+        plan = [("allreduce", bands(4 * KB, 64 * MB) if args.quick else bands(KB, 256 * MB))]
+        if not args.quick:  # the other collectives at 4 KB, 1 MB and 64 MB
+            plan += [(c, bands(4 * KB, 64 * MB, only=(4 * KB, MB, 64 * MB)))
+                     for c in ("allgather", "reduce_scatter", "broadcast")]
         for coll, sizes in plan:
             key = f"{coll} n={n}"
             print(f"running {key} ...", file=sys.stderr, flush=True)
             table = collect(n, coll, sizes, args.iters, mpi)
-            if coll != "allreduce":  # the table's sizes: 4 KB, 1 MB, 64 MB
-                table = {s: v for s, v in table.items() if int(s) in (4 * KB, MB, 64 * MB)}
-            results["runs"][key] = {str(k): v for k, v in table.items()}
+            results["runs"][key] = {str(k): v for k, v in sorted(table.items())}
         if not args.quick:
             results["memory"][str(n)] = memory(n)
     args.results.parent.mkdir(parents=True, exist_ok=True)
