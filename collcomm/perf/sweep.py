@@ -133,10 +133,10 @@ class Sweep:
         if o.check:
             mine = C.pattern(dtype, op, me, lay.send, 0, n)
             want = C.expected(coll, dtype, op, me, n, o.root, lay)
-        # The compared libraries take their turn before collcomm's at each size: a library timed
-        # right after another in the same processes can read slower (gloo x4 read 0.81-0.87 of
-        # its plain script's busbw after collcomm's turn, 0.89-0.98 before it; bench/RESULTS.md),
-        # so whatever the turn before costs falls on collcomm, not on the peer it is compared with.
+        # The compared libraries take their turn before collcomm's at each size, so whatever a
+        # turn leaves behind (caches, pages, threads) falls on collcomm, not on the peer it is
+        # compared with (bench/RESULTS.md, issue 16: gloo x4 reads 0.75-0.89 of its plain script
+        # in the harness either way; the cause is not found).
         times, wrongs = [0.0] * (2 * len(self.libs)), [0] * (2 * len(self.libs))
         for li in [*range(1, len(self.libs)), 0]:
             lib = self.libs[li]
