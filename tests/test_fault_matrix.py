@@ -72,8 +72,10 @@ SHM_DIRECT_BYTES = {"shm": "off", "shm-direct": "0"}
 # fault-injection plan keeps a job on sockets); a process that dies or stops does.
 SHM_SCENARIOS = ("sigkill", "sigstop", "stopped-handshake")
 # Scenarios run on some columns only: the small-message lane is shared memory's (direct reads
-# take every size there, so "shm-direct" never uses it); "tcp" is the comparison.
+# take every size there, so "shm-direct" never uses it); "tcp" is the comparison (-m slow: CI's
+# 15 minutes; the sigkill and sigstop rows hold tcp's own).
 ONLY = {"sigkill-small": ("shm", "tcp"), "sigstop-small": ("shm", "tcp")}
+SLOW = {("sigkill-small", "tcp"), ("sigstop-small", "tcp")}
 
 
 def job(n: int, timeout: float, transport: str, env: dict | None = None, **kw) -> Job:
@@ -400,7 +402,8 @@ SCENARIOS = {
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("scenario,transport", [(s, t) for s in SCENARIOS for t in ONLY.get(s, TRANSPORTS)
+@pytest.mark.parametrize("scenario,transport", [pytest.param(s, t, marks=pytest.mark.slow) if (s, t) in SLOW else (s, t)
+                                                for s in SCENARIOS for t in ONLY.get(s, TRANSPORTS)
                                                 if t not in SHM_DIRECT_BYTES or s in SHM_SCENARIOS or s in ONLY])
 def test_fault_matrix(scenario, transport):
     SCENARIOS[scenario](transport)

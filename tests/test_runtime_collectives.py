@@ -571,8 +571,9 @@ FABRICS = {  # fabric -> (topology, or None for the flat model of one host; worl
 
 
 # slow (CI's 15 minutes): hypercube3 (torus2x3 has its 1/3 shares too), flat5 and flat7 (flat2 and
-# fully-connected4 stay), two-clusters3 (leaf-spine-2x2 has two levels too)
-SLOW_FABRICS = {"hypercube3", "flat5", "flat7", "two-clusters3"}
+# fully-connected4 stay), two-clusters3 (leaf-spine-2x2 has two levels too), dgx-a100 (8 ranks, the
+# longest at 12 s; leaf-spine-2x2 has switch nodes too)
+SLOW_FABRICS = {"hypercube3", "flat5", "flat7", "two-clusters3", "dgx-a100"}
 
 
 @pytest.mark.timeout(120)
