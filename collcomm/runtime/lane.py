@@ -136,6 +136,15 @@ class SmallLane:
             return None  # (the lane of a dropped arena or of a shrunk group is not the group's)
         return float(timeout)
 
+    def _run_ready(self, shot, step, x, y, timeout, nbytes: int) -> bool:
+        """Run a prepared operation under the group's lock when :meth:`_ready` says the lane may."""
+        with self.group._lock:
+            t = self._ready(timeout)
+            if t is None:
+                return False
+            self.run(shot, step, x, y, t, nbytes)
+        return True
+
     def allreduce(self, x, op, timeout) -> bool:
         """``cc.allreduce(x, op, timeout=timeout)`` done here (True), or nothing done (False)."""
         if type(x) is not _ndarray or type(op) is not str:
@@ -146,11 +155,9 @@ class SmallLane:
         flags = x.flags
         if not (flags.c_contiguous and flags.writeable):
             return False
-        with self.group._lock:
-            t = self._ready(timeout)
-            if t is None:
-                return False
-            self.run(shot, self.allreduce_step, x if x.ndim == 1 else x.reshape(-1), None, t, x.nbytes)
+        if not self._run_ready(shot, self.allreduce_step, x if x.ndim == 1 else x.reshape(-1), None, timeout,
+                               x.nbytes):
+            return False
         if op == "avg":
             np.divide(x, self.n, out=x, casting="unsafe")
         return True
@@ -164,12 +171,9 @@ class SmallLane:
         fx, fo = x.flags, out.flags
         if not (fx.c_contiguous and fx.writeable and fo.c_contiguous and fo.writeable):
             return False
-        with self.group._lock:
-            t = self._ready(timeout)
-            if t is None:
-                return False
-            self.run(shot, self.reduce_scatter_step, x if x.ndim == 1 else x.reshape(-1),
-                     out if out.ndim == 1 else out.reshape(-1), t, x.nbytes)
+        if not self._run_ready(shot, self.reduce_scatter_step, x if x.ndim == 1 else x.reshape(-1),
+                               out if out.ndim == 1 else out.reshape(-1), timeout, x.nbytes):
+            return False
         if op == "avg":
             np.divide(out, self.n, out=out, casting="unsafe")
         return True
@@ -202,20 +206,9 @@ class SmallLane:
         flags = x.flags
         if not (flags.c_contiguous and flags.writeable):
             return False
-        with self.group._lock:
-            t = self._ready(timeout)
-            if t is None:
-                return False
-            self.run(shot, self.broadcast_step, x if x.ndim == 1 else x.reshape(-1), root, t, x.nbytes)
-        return True
+        return self._run_ready(shot, self.broadcast_step, x if x.ndim == 1 else x.reshape(-1), root, timeout,
+                               x.nbytes)
 
     def barrier(self, timeout) -> bool:
         shot = self.barrier_shot
-        if shot is None:
-            return False
-        with self.group._lock:
-            t = self._ready(timeout)
-            if t is None:
-                return False
-            self.run(shot, self.barrier_step, None, None, t, 0)
-        return True
+        return shot is not None and self._run_ready(shot, self.barrier_step, None, None, timeout, 0)
