@@ -87,14 +87,16 @@ def rank_main() -> int:
             fault_t = time.monotonic()
         np.add(x0, me, out=x)
         t0 = time.monotonic()
-        err = None
+        err = err_peer = None
         try:
             cc.allreduce(x)
         except cc.CollectiveError as e:
             err = f"{type(e).__name__}: {e}"
+            err_peer = getattr(e, "rank", None)  # the peer a PeerFailure or LinkFailure names
         t1 = time.monotonic()
         mon = rt.world.monitor
         rec = {"i": i, "t0": t0, "t1": t1, "ok": err is None and bool(np.array_equal(x, want)), "error": err,
+               "error_peer": err_peer,
                "plan_epoch": mon.plan_epoch if mon is not None else 0, "monitor_seconds": mon_seconds[0],
                "chunk_bytes": g.chunk_bytes}
         if fault_t is not None:
@@ -179,11 +181,13 @@ def analyse(ranks: list[dict], nbytes: int, wall: float) -> dict:
     wrong = {r["rank"]: [x["i"] for x in r["records"] if not x["ok"] and x["error"] is None] for r in ranks}
     seconds = {r["rank"]: [x["t1"] - x["t0"] for x in r["records"]] for r in ranks}
     errors = {r["rank"]: [[x["i"], x["error"]] for x in r["records"] if x["error"]] for r in ranks}
+    error_peers = {r["rank"]: [[x["i"], x.get("error_peer")] for x in r["records"] if x["error"]] for r in ranks}
     changes = ranks[0]["changes"]
     same_changes = all([c["at"] for c in r["changes"]] == [c["at"] for c in changes] for r in ranks)
     faults = [(x["i"], x["fault_t"], x["fault"]) for x in r0 if "fault_t" in x]
     return {"ops": n_ops, "bytes": nbytes, "wall_seconds": wall, "algbw": algbw, "collective_algbw": coll_algbw, "done": [d - start for d in done],
             "wrong": {k: v for k, v in wrong.items() if v}, "errors": {k: v for k, v in errors.items() if v},
+            "error_peers": {k: v for k, v in error_peers.items() if v},
             "changes": changes, "same_changes_on_every_rank": same_changes,
             "faults": [{"op": i, "t": t - start, **f} for i, t, f in faults],
             "flagged": [x.get("flagged", []) for x in r0], "evidence": [x.get("evidence", {}) for x in r0],
