@@ -26,6 +26,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import multiproc
+from shm_support import cma_allowed
 
 import collcomm as cc
 from collcomm.runtime import local
@@ -52,15 +53,6 @@ def _reference(x: np.ndarray, op: str) -> np.ndarray:
     f = {"sum": np.sum, "prod": np.prod, "min": np.min, "max": np.max, "avg": np.sum}[op]
     out = f(x, axis=0).astype(x.dtype)
     return out / x.shape[0] if op == "avg" else out
-
-
-def cma_allowed() -> bool:
-    """Whether ranks may read each other's memory directly: the syscall works (on this process
-    itself: seccomp would refuse it) and Yama, if present, lets a process read its siblings."""
-    probe = np.arange(8, dtype=np.uint8)
-    yama = Path("/proc/sys/kernel/yama/ptrace_scope")
-    return cma.probe(os.getpid(), cma.address(probe), probe.tobytes()) and \
-        (not yama.exists() or yama.read_text().strip() == "0")
 
 
 def every_collective(counts: list[int], transport_expected: bool) -> dict:

@@ -20,6 +20,14 @@ around a link that stopped carrying data (see :mod:`collcomm.transport.tcp.detou
 header is checked (magic, version, kind, crc) before anything else, and its length must be
 exactly what the receiving rank expects for that piece: nothing is allocated on a peer's word.
 
+Between two ranks of one machine that met on a Unix socket, a large DATA frame of a collective
+may leave its payload where it is: flagged BY_REFERENCE, it carries the payload's address in
+the sender's process (8 bytes, :data:`REFERENCE`) instead, and the receiver copies the payload
+straight into its destination with ``process_vm_readv`` (one copy instead of two through the
+socket; the checksum is still verified). The sender's region stays valid until the ACK, as it
+does for a retransmission. A receiver that may not read the sender's memory answers with a NACK
+flagged SEND_INLINE, and the link sends its payloads inline from then on.
+
 An ABORT frame's payload says why an operation failed on the sending rank
 (:func:`abort_text`: "kind|culprit rank|message"); the receiving rank raises the same typed
 error (:func:`error_from_abort`). The coordinator's abort records use the same text.
@@ -123,6 +131,16 @@ def checksum(payload) -> int:
 
 
 NO_CHECKSUM = 1  # header flag of a DATA frame: ``checksum`` is not set, the connection's frame MACs cover the payload
+BY_REFERENCE = 2  # header flag of a DATA frame: REFERENCE (the payload's address in the sender) follows, not the payload
+SEND_INLINE = 4  # header flag of a NACK: the payload could not be read by reference here; send it inline
+REFERENCE = struct.Struct("<Q")
+
+
+def with_flags(header: bytes, flags: int) -> bytes:
+    """A packed header with ``flags`` added (its crc computed again)."""
+    body = bytearray(header[:56])
+    struct.pack_into("<H", body, 6, struct.unpack_from("<H", body, 6)[0] | flags)
+    return bytes(body) + _CRC.pack(zlib.crc32(body))
 
 
 def data_header(group: int, epoch: int, op: int, tree: int, chunk: int, desc: int, payload, *,

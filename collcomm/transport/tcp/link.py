@@ -34,6 +34,7 @@ from collcomm.transport.frames import (ABORT, ACK, DATA, ECHO, HEADER_SIZE, NACK
 from collcomm.transport.interface import P2P_BASE
 from collcomm.transport.tcp.detours import RELAY_BIT, Held, LinkDetours, relays_data
 from collcomm.transport.tcp.frameauth import TAG_SIZE, FrameAuth, ForgedFrame
+from collcomm.transport.tcp.references import LinkReferences, wire_length
 from collcomm.transport.tcp.reliability import LinkReliability, Pending
 from collcomm.transport.tcp.sockets import error_kind, recv_exact, send_parts, tune
 
@@ -44,9 +45,9 @@ SMALL_PAYLOAD = 64 << 10
 _ANSWERS = (0, b"", None, None, None)  # a send-queue item that only makes the sender write the priority lane
 
 
-class Link(LinkReliability, LinkDetours):
+class Link(LinkReliability, LinkDetours, LinkReferences):
     """One authenticated connection to ``peer`` for ``group``, with its sender and receiver threads
-    (see the module; reliability and detours are the mixins' own)."""
+    (see the module; reliability, detours and payloads by reference are the mixins' own)."""
 
     def __init__(self, transport, peer: int, group: int, epoch: int, sock: socket.socket,
                  auth: FrameAuth | None = None):
@@ -76,6 +77,7 @@ class Link(LinkReliability, LinkDetours):
         self._discard: bytearray | None = None
         self._init_reliability()
         self._init_detours()
+        self._init_references()
         name = f"r{transport.rank}-g{group}-p{peer}"
         self._sender = threading.Thread(target=self._send_loop, name=f"collcomm-send-{name}", daemon=True)
         self._receiver = threading.Thread(target=self._recv_loop, name=f"collcomm-recv-{name}", daemon=True)
@@ -162,13 +164,13 @@ class Link(LinkReliability, LinkDetours):
                 entry.queued = True
         self._sendq.put((kind, raw, payload, None, entry))
 
-    def _control(self, kind: int, header: Header) -> None:
+    def _control(self, kind: int, header: Header, flags: int = 0) -> None:
         """An ACK, NACK or ECHO for ``header``, from the receiver thread: never blocks on a full
         socket (two receivers blocked sending to each other would deadlock). When it cannot go out
         at once it takes the priority lane: the sender thread writes it before its next queued
         frame, not behind every DATA frame queued before it (the peer's operation completes on
         these ACKs). Answers keep their order among themselves, which is all PROBE/ECHO needs."""
-        raw = Header(kind, self.group, self.epoch, header.op, header.tree, header.chunk).pack()
+        raw = Header(kind, self.group, self.epoch, header.op, header.tree, header.chunk, flags=flags).pack()
         if self.detour is not None:
             self._relay_raw(raw, None)
             return
@@ -209,6 +211,8 @@ class Link(LinkReliability, LinkDetours):
             self._relay_raw(raw, payload)
             return
         n = 0 if payload is None else len(payload)
+        if kind == DATA and n > SMALL_PAYLOAD and self._write_reference(sock, raw, payload, n):
+            return
         f = self._faults
         action = None
         if f is not None and (kind == DATA or (kind == RELAY and relays_data(raw, payload))):
@@ -386,12 +390,12 @@ class Link(LinkReliability, LinkDetours):
         else:
             got = self._got.get(op)
             if got is not None and (header.tree, header.chunk) in got:  # a duplicate (reconnect, detour)
-                self._skip(sock, header.length)
+                self._skip(sock, wire_length(header))
                 self._control(ACK, header)
                 return
             receiver = self.mailbox.receiver_for(op)
             if receiver is None:  # stale frame of a finished or failed operation
-                self._skip(sock, header.length)
+                self._skip(sock, wire_length(header))
                 self._control(ACK, header)
                 return
             try:
@@ -399,12 +403,16 @@ class Link(LinkReliability, LinkDetours):
             except CollectiveError as e:  # ranks disagree: fail the operation, keep the stream whole
                 receiver.failed(e)
                 self.abort(op, e)
-                self._skip(sock, header.length)
+                self._skip(sock, wire_length(header))
                 self._control(ACK, header)
                 return
         n = header.length
         try:
-            if n > SMALL_PAYLOAD and not isinstance(sock, Held):  # (a relayed one was read already)
+            if header.flags & frames.BY_REFERENCE:
+                if not self._read_reference(sock, header, dest):  # the peer was asked to send it inline
+                    self._resume[key] = (receiver, dest)
+                    return
+            elif n > SMALL_PAYLOAD and not isinstance(sock, Held):  # (a relayed one was read already)
                 t0 = time.perf_counter()
                 recv_exact(sock, dest)
                 rx.record_transfer(n, time.perf_counter() - t0)

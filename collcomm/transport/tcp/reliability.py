@@ -39,7 +39,7 @@ import time
 from typing import Callable
 
 from collcomm.errors import CollectiveError, CollectiveTimeout, CorruptionError, LinkFailure, PeerFailure
-from collcomm.transport.frames import DATA, PROBE, Header
+from collcomm.transport.frames import DATA, PROBE, SEND_INLINE, Header
 from collcomm.transport.tcp.detours import DETOUR, DETOUR_AFTER
 from collcomm.transport.tcp.sockets import open_socket, tune
 
@@ -127,6 +127,13 @@ class LinkReliability:
         before it reduces, and reduces before it sends anything on); allgather pieces are
         written once and then only read (forwarded)."""
         key = (header.op, header.tree, header.chunk)
+        if header.flags & SEND_INLINE:  # not a checksum failure: the peer may not read this process's memory
+            self._inline_asked()
+            with self._count_lock:
+                entry = self._pending.get(key)
+            if entry is not None:
+                self._enqueue(DATA, entry.raw, entry.payload, entry)
+            return
         with self._count_lock:
             entry = self._pending.get(key)
             if entry is not None:

@@ -2,7 +2,8 @@
 
 :class:`TcpTransport` implements :class:`collcomm.transport.interface.Transport`. It listens on a
 TCP port and, for ranks on the same machine and network namespace, on an abstract Unix socket
-(the same frames and handshake, without the TCP/IP stack on loopback), and hands out one
+(the same frames and handshake, without the TCP/IP stack on loopback, and large collective
+payloads read straight out of the sender's memory: :mod:`.references`), and hands out one
 :class:`~collcomm.transport.tcp.link.Link` per (peer, group). Connections are per group so that
 two groups with overlapping members never wait on each other's frames; frames of an operation a
 rank has not started yet stay in the socket (TCP flow control holds the sender) until it starts,
@@ -23,7 +24,8 @@ from collcomm.refusals import RefusalLog
 from collcomm.transport.interface import P2P_BASE, FaultPlan
 from collcomm.transport.mailbox import GroupMailbox
 from collcomm.transport.tcp.connections import Connections
-from collcomm.transport.tcp import frameauth
+from collcomm.transport.shm import cma
+from collcomm.transport.tcp import frameauth, references
 from collcomm.transport.tcp.detours import RELAY_BIT, RelayForwarder
 from collcomm.transport.tcp.frameauth import FrameAuth
 from collcomm.transport.tcp.link import Link
@@ -39,13 +41,15 @@ class TcpTransport(Connections):
 
     def __init__(self, rank: int, token: bytes | str, host: str = "127.0.0.1", port: int = 0,
                  advertise_host: str | None = None, telemetry: LinkTelemetry | None = None,
-                 faults: FaultPlan | None = None, auth_frames: bool | None = None):
+                 faults: FaultPlan | None = None, auth_frames: bool | None = None, by_reference: bool | None = None):
         self.rank = rank
         self.telemetry = telemetry if telemetry is not None else LinkTelemetry(rank)
         self.faults = faults  # injected faults (the runtime passes collcomm.faults.inject's active plan)
         self.token = token.encode() if isinstance(token, str) else bytes(token)
         # A MAC on every frame (COLLCOMM_AUTH_FRAMES=1, see frameauth); every rank must agree.
         self.auth_frames = frameauth.enabled() if auth_frames is None else bool(auth_frames)
+        # Large collective payloads to a rank met on the Unix socket go by reference (see references).
+        self.by_reference = references.enabled() if by_reference is None else bool(by_reference) and cma.AVAILABLE
         # Ranks on the same machine (and network namespace) also meet on an abstract Unix socket:
         # the same frames and handshake, without the TCP/IP stack on loopback.
         self._listener, self._local_listener, self.address = listen(host, port, advertise_host, "collcomm-")

@@ -1,0 +1,124 @@
+"""Large payloads by reference between ranks of one machine: one copy instead of two.
+
+A frame's payload through a socket is copied twice (into the kernel, out of it). Two ranks that
+met on a Unix socket are on one machine, so the receiver can instead copy the payload straight
+out of the sender's memory into its destination with ``process_vm_readv``
+(:mod:`collcomm.transport.shm.cma`), as Open MPI's single-copy transports do. A DATA frame of a
+collective over :data:`REFERENCE_MIN_BYTES` then carries the payload's address (flag
+BY_REFERENCE, see :mod:`collcomm.transport.frames`) instead of the payload. Everything else is
+the link's as before: the same header, checksum, ACK (after which the sender may reuse the
+region, so the region is still there when the receiver reads it), NACK and retransmission,
+aborts, reconnection and detours (a frame that goes a detour goes inline).
+
+Only collectives: a point-to-point DATA frame's ``done`` runs when it left (eager semantics), so
+its region may be reused before the receiver reads it. Not with frame MACs (they cover the bytes
+on the wire) or injected faults (they alter the bytes on the wire). The receiver learns the
+sender's process from the socket (``SO_PEERCRED``, as the kernel sees it from this process's pid
+namespace). When the kernel refuses the read (another user, Yama ``ptrace_scope``, a container
+without ptrace), the receiver answers with a NACK flagged SEND_INLINE and the sender's link goes
+inline for good; a process that is gone (ESRCH) is a broken connection, as when its socket
+closes. ``COLLCOMM_BY_REFERENCE=0`` keeps every payload inline.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+
+import numpy as np
+
+from collcomm.transport import frames
+from collcomm.transport.frames import BY_REFERENCE, NACK, REFERENCE, SEND_INLINE, Header, ProtocolError
+from collcomm.transport.interface import P2P_BASE
+from collcomm.transport.shm import cma
+from collcomm.transport.tcp.sockets import recv_exact
+
+log = logging.getLogger("collcomm.transport")
+
+# Payloads of at most this many bytes go inline (a syscall and a page walk cost more than the copy
+# saved); the link calls the by-reference path for those over SMALL_PAYLOAD, the same 64 KiB.
+REFERENCE_MIN_BYTES = 64 << 10
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def enabled() -> bool:
+    """Whether this process sends large collective payloads by reference (COLLCOMM_BY_REFERENCE)."""
+    raw = os.environ.get("COLLCOMM_BY_REFERENCE", "").strip().lower()
+    if raw in ("", "1", "true", "yes", "on"):
+        return cma.AVAILABLE
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"COLLCOMM_BY_REFERENCE={raw!r}: use 1 (large collective payloads by reference, the "
+                     f"default) or 0 (inline)")
+
+
+class LinkReferences:
+    """The by-reference path of a :class:`~collcomm.transport.tcp.link.Link` (see the module)."""
+
+    def _init_references(self) -> None:
+        # Senders decide per frame: a collective's link, no MACs, no injected faults, a Unix socket.
+        self.by_reference = (self.group < P2P_BASE and self._auth is None and self._faults is None
+                             and self.transport.by_reference)
+        self.reference_reads = 0  # payloads this side read out of the peer's memory
+        self.reference_refusals = 0  # payloads it could not read so (answered SEND_INLINE)
+        self._creds: tuple[socket.socket | None, int] = (None, 0)  # the socket the peer's pid was read from
+
+    def _write_reference(self, sock: socket.socket, raw: bytes, payload, n: int) -> bool:
+        """Write a DATA frame (the send lock held) as its header and the payload's address, when
+        this link may (False: write it inline)."""
+        if not self.by_reference or n <= REFERENCE_MIN_BYTES or sock.family != socket.AF_UNIX:
+            return False
+        where = cma.address(np.frombuffer(payload, np.uint8))
+        sock.sendall(frames.with_flags(raw, BY_REFERENCE) + REFERENCE.pack(where))
+        self._tx.record_bytes(n, sock)
+        return True
+
+    def _read_reference(self, sock, header: Header, dest: memoryview) -> bool:
+        """Read the payload of ``header`` (flagged BY_REFERENCE; its address still in ``sock``)
+        into ``dest``. False when the kernel refused: the peer was asked to send it inline."""
+        if not (isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX and self._auth is None):
+            raise ProtocolError(f"rank {self.peer} sent a payload by reference on a connection that cannot carry one")
+        where = bytearray(REFERENCE.size)
+        recv_exact(sock, memoryview(where))
+        t0 = time.perf_counter()
+        pid = self._peer_pid(sock)
+        try:
+            if pid <= 0:  # the peer's process is not visible from this pid namespace
+                raise OSError(errno.EPERM, "its process is not visible from this pid namespace")
+            cma.read(pid, REFERENCE.unpack(where)[0], np.frombuffer(dest, np.uint8))
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise ConnectionResetError(f"rank {self.peer}'s process {pid} is gone") from e
+            self.reference_refusals += 1
+            if self.reference_refusals == 1:
+                log.info("rank %d: cannot read rank %d's memory (%s); asking it to send payloads inline",
+                         self.transport.rank, self.peer, e)
+            self._control(NACK, header, SEND_INLINE)
+            return False
+        self._rx.record_transfer(len(dest), time.perf_counter() - t0)
+        self.reference_reads += 1
+        return True
+
+    def _peer_pid(self, sock: socket.socket) -> int:
+        known, pid = self._creds
+        if known is not sock:
+            pid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[0]
+            self._creds = (sock, pid)
+        return pid
+
+    def _inline_asked(self) -> None:
+        """The peer could not read a payload by reference (a NACK flagged SEND_INLINE): from now
+        on this link sends payloads inline."""
+        if self.by_reference:
+            self.by_reference = False
+            log.info("rank %d: rank %d cannot read this process's memory; sending payloads inline",
+                     self.transport.rank, self.peer)
+
+
+def wire_length(header: Header) -> int:
+    """How many payload bytes follow ``header`` on the connection."""
+    return REFERENCE.size if header.flags & BY_REFERENCE else header.length

@@ -1,0 +1,203 @@
+"""Large collective payloads by reference between ranks of one machine
+(collcomm.transport.tcp.references): the receiver reads them out of the sender's memory with
+process_vm_readv instead of through the socket.
+
+Real transports and processes: two transports in this process, a job of real ranks running every
+collective on the Unix socket (shared memory off), and a receiver that runs as another user and
+so may not read the sender's memory, whose link falls back to inline payloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import linkpair
+import multiproc
+from shm_support import cma_allowed
+
+import collcomm as cc
+from collcomm.transport import frames
+from collcomm.transport.tcp import TcpTransport, references
+
+HERE = Path(__file__).resolve().parent
+needs_cma = pytest.mark.skipif(not cma_allowed(), reason="process_vm_readv is not allowed here (seccomp or ptrace)")
+
+
+def _send(link, op: int, data: np.ndarray) -> threading.Event:
+    acked = threading.Event()
+    view = memoryview(data).cast("B")
+    link.send(frames.data_header(linkpair.GROUP, 0, op, 0, 0, 0, view), view, acked.set)
+    return acked
+
+
+# ---------------------------------------------------------------------------- two transports
+@needs_cma
+@pytest.mark.timeout(60)
+def test_large_payloads_are_read_out_of_the_senders_memory_small_ones_travel_inline():
+    a, b = linkpair.transports()
+    try:
+        la, lb = linkpair.links(a, b)
+        assert la.sock.family.name == "AF_UNIX" and la.by_reference
+        rng = np.random.default_rng(5)
+        sizes = [1, 1000, 64 << 10, (64 << 10) + 1, 3 << 20]
+        for op, n in enumerate(sizes):
+            data = rng.integers(0, 256, n, dtype=np.uint8)
+            box = linkpair.Box(n)
+            b.mailbox(linkpair.GROUP).register(op, box)
+            acked = _send(la, op, data)
+            assert box.arrived.wait(10) and box.error is None, box.error
+            assert acked.wait(10)
+            b.mailbox(linkpair.GROUP).finish(op)
+            assert bytes(box.buf) == data.tobytes(), n
+        # Only the two payloads over the threshold (64 KiB) went by reference.
+        assert references.REFERENCE_MIN_BYTES == 64 << 10 and lb.reference_reads == 2
+        assert lb.reference_refusals == 0 and a.telemetry.link(0, 1).retransmits == 0
+        assert b.telemetry.link(0, 1).bytes >= sum(sizes)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(60)
+def test_by_reference_off_sends_every_payload_inline(monkeypatch):
+    monkeypatch.setenv("COLLCOMM_BY_REFERENCE", "0")
+    assert not references.enabled()
+    a, b = linkpair.transports()
+    try:
+        la, lb = linkpair.links(a, b)
+        data = np.arange(1 << 20, dtype=np.uint8)
+        box = linkpair.Box(data.size)
+        b.mailbox(linkpair.GROUP).register(0, box)
+        acked = _send(la, 0, data)
+        assert box.arrived.wait(10) and acked.wait(10) and bytes(box.buf) == data.tobytes()
+        assert not la.by_reference and lb.reference_reads == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("COLLCOMM_BY_REFERENCE", "sometimes")
+    with pytest.raises(ValueError, match="COLLCOMM_BY_REFERENCE='sometimes'"):
+        references.enabled()
+
+
+# ---------------------------------------------------------------------------- another user
+RECEIVER = r"""
+import json, os, sys, threading
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import linkpair
+from collcomm.transport import frames
+from collcomm.transport.tcp import TcpTransport
+
+t = TcpTransport(1, "tok")
+print(t.address, flush=True)
+t.set_peers({0: sys.stdin.readline().strip()})
+os.setgid(65534)  # nobody: it may no longer read the memory of the sender, which runs as root
+os.setuid(65534)
+link = t.link(0, linkpair.GROUP, 0, 10)
+out = []
+for op, n in enumerate((3 << 20, 1 << 20)):
+    box = linkpair.Box(n)
+    t.mailbox(linkpair.GROUP).register(op, box)
+    ok = box.arrived.wait(20) and box.error is None
+    t.mailbox(linkpair.GROUP).finish(op)
+    out.append([ok, frames.checksum(bytes(box.buf))])
+print(json.dumps({"got": out, "reads": link.reference_reads, "refusals": link.reference_refusals,
+                  "retransmit_errors": dict(t.telemetry.link(0, 1).errors)}), flush=True)
+t.close()
+"""
+
+
+@needs_cma
+@pytest.mark.timeout(60)
+def test_a_receiver_that_may_not_read_the_senders_memory_gets_the_payloads_inline(tmp_path):
+    """The receiver runs as another user (nobody) and the kernel refuses its process_vm_readv of
+    the sender's memory: it asks for the payload inline (a NACK flagged SEND_INLINE), the payload
+    arrives exact, the sender's link sends inline from then on, and nothing counts as a
+    retransmission or a checksum error (the monitor would read those as a faulty link)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run the receiver as another user")
+    script = tmp_path / "receiver.py"
+    script.write_text(RECEIVER)
+    os.chmod(tmp_path, 0o755)
+    child = subprocess.Popen([sys.executable, str(script), str(HERE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    a = None
+    try:
+        peer = child.stdout.readline().strip()
+        assert peer, child.stderr.read()
+        a = TcpTransport(0, "tok")
+        a.set_peers({1: peer})
+        child.stdin.write(a.address + "\n")
+        child.stdin.flush()
+        la = a.link(1, linkpair.GROUP, 0, 10)
+        assert la.by_reference
+        rng = np.random.default_rng(9)
+        sent = []
+        for op, n in enumerate((3 << 20, 1 << 20)):
+            data = rng.integers(0, 256, n, dtype=np.uint8)
+            assert _send(la, op, data).wait(20)
+            sent.append(frames.checksum(data.tobytes()))
+        answer = json.loads(child.stdout.readline() or json.dumps({"stderr": child.stderr.read()}))
+        assert answer.get("got") == [[True, c] for c in sent], answer
+        assert answer["reads"] == 0 and answer["refusals"] == 1, answer  # once: the link went inline
+        assert not la.by_reference
+        assert a.telemetry.link(0, 1).retransmits == 0 and answer["retransmit_errors"] == {}, answer
+        assert child.wait(20) == 0, child.stderr.read()
+    finally:
+        if a is not None:
+            a.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+
+
+# ---------------------------------------------------------------------------- a real job
+def every_collective_by_reference(count: int) -> dict:
+    """Every collective of ``count`` float32 per rank over the Unix socket against NumPy, and how
+    many payloads this rank read by reference."""
+    n, me = cc.world_size(), cc.rank()
+    rng = np.random.default_rng(11)
+    x = rng.integers(-8, 9, (n, count)).astype(np.float32)
+    wrong = []
+    a = x[me].copy()
+    cc.allreduce(a)
+    wrong += [] if np.array_equal(a, x.sum(axis=0)) else ["allreduce"]
+    g = np.empty(n * count, np.float32)
+    cc.allgather(g, x[me].copy())
+    wrong += [] if np.array_equal(g, x.reshape(-1)) else ["allgather"]
+    full = rng.integers(-8, 9, (n, n * count)).astype(np.float32)
+    out = np.empty(count, np.float32)
+    cc.reduce_scatter(out, full[me].copy())
+    wrong += [] if np.array_equal(out, full.sum(axis=0)[me * count:(me + 1) * count]) else ["reduce_scatter"]
+    b = x[me].copy()
+    cc.broadcast(b, root=n - 1)
+    wrong += [] if np.array_equal(b, x[n - 1]) else ["broadcast"]
+    blocks = rng.integers(-8, 9, (n, n, count)).astype(np.float32)  # [sender][receiver]
+    got = np.empty(n * count, np.float32)
+    cc.alltoall(got, blocks[me].reshape(-1).copy())
+    wrong += [] if np.array_equal(got, blocks[:, me].reshape(-1)) else ["alltoall"]
+    reads = sum(l.reference_reads for l in cc.api.runtime().transport._all_links())
+    cc.barrier()  # counted before any peer shuts down (its closing fails and drops the link here)
+    return {"wrong": wrong, "reads": reads, "local": bool(cc.api._group(None)._local)}
+
+
+@needs_cma
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("by_reference", ["1", "0"])
+def test_every_collective_of_a_job_exact_with_payloads_by_reference_or_inline(by_reference):
+    job = multiproc.run(3, every_collective_by_reference, kwargs={"count": 300_001}, timeout=150,
+                        env={"COLLCOMM_TRANSPORT": "unix", "COLLCOMM_BY_REFERENCE": by_reference}).check()
+    for rank, v in enumerate(job.values()):
+        assert v["wrong"] == [] and not v["local"], (rank, v)
+        assert (v["reads"] > 0) == (by_reference == "1"), (rank, v)
