@@ -201,3 +201,42 @@ def test_every_collective_of_a_job_exact_with_payloads_by_reference_or_inline(by
     for rank, v in enumerate(job.values()):
         assert v["wrong"] == [] and not v["local"], (rank, v)
         assert (v["reads"] > 0) == (by_reference == "1"), (rank, v)
+
+
+# ---------------------------------------------------------------------------- no checksum on one machine
+@pytest.mark.timeout(60)
+def test_a_collectives_unix_link_sends_without_checksums_and_a_detour_puts_them_back():
+    """On a collective's Unix socket (no injected faults) payloads travel unchecked: nothing
+    between the processes can alter them. A frame that leaves by a detour gets its checksum
+    back, since a relay's hops may be wires."""
+    a, b = linkpair.transports()
+    try:
+        la, lb = linkpair.links(a, b)
+        assert la.payloads_verified and la.same_machine
+        data = np.arange(1000, dtype=np.uint8)
+        box = linkpair.Box(data.size)
+        b.mailbox(linkpair.GROUP).register(0, box)
+        view = memoryview(data)
+        header = frames.data_header(linkpair.GROUP, 0, 0, 0, 0, 0, view, verified=la.payloads_verified)
+        assert header.flags & frames.NO_CHECKSUM
+        acked = threading.Event()
+        la.send(header, view, acked.set)
+        assert box.arrived.wait(10) and acked.wait(10) and box.error is None and bytes(box.buf) == data.tobytes()
+
+        class Relay:  # what a detour hands the relay's link: the RELAY frame around this one
+            group, epoch, relayed = linkpair.GROUP | (1 << 30), 0, []
+
+            def _enqueue_own(self, kind, raw, payload):
+                self.relayed.append((raw, payload))
+
+        relay = Relay()
+        la.detour = relay
+        assert not la.payloads_verified  # new frames carry their checksum on a detour
+        la._relay_raw(header.pack(), view)
+        la.detour = None
+        (raw, payload), = relay.relayed
+        inner = frames.unpack_header(raw[frames.HEADER_SIZE:])
+        assert not inner.flags & frames.NO_CHECKSUM and inner.checksum == frames.checksum(view)
+    finally:
+        a.close()
+        b.close()

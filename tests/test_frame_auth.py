@@ -138,22 +138,39 @@ def _quiet(fn):
 
 
 @pytest.mark.timeout(60)
-def test_a_frame_without_checksum_is_refused_on_a_connection_without_macs():
-    """Only a connection whose frame MACs cover the payload may carry DATA frames flagged
-    NO_CHECKSUM; elsewhere such a frame closes the connection and is never delivered."""
+@pytest.mark.parametrize("where", ["tcp", "unix-point-to-point", "unix-collective"])
+def test_a_frame_without_checksum_is_refused_unless_the_link_verifies_payloads(where, monkeypatch):
+    """Only a connection whose frame MACs cover the payload, or a collective's Unix socket (no
+    wire between the processes), may carry DATA frames flagged NO_CHECKSUM; elsewhere (TCP, a
+    point-to-point message, whose eager send may be repeated from a reused buffer) such a frame
+    closes the connection and is never delivered."""
+    from collcomm.transport.interface import P2P_BASE
+
+    if where == "tcp":
+        monkeypatch.setenv("COLLCOMM_TRANSPORT", "tcp")
+    group = P2P_BASE + 3 if where == "unix-point-to-point" else 5
     a, b = transports()
     try:
-        la, lb = links(a, b)
-        box = b.mailbox(5)
+        other = {}
+        t = threading.Thread(target=lambda: other.setdefault("link", b.link(0, group, 0, 5)))
+        t.start()
+        la = a.link(1, group, 0, 5)
+        t.join(10)
+        assert la.sock.family.name == ("AF_INET" if where == "tcp" else "AF_UNIX")
+        assert la.payloads_verified == (where == "unix-collective")
+        box = b.mailbox(group, 0)
         r = Box(1000)
         box.register(0, r)
         payload = os.urandom(1000)
-        header = frames.data_header(5, 0, 0, 0, 0, 0, payload, macs=True)
+        header = frames.data_header(group, 0, 0, 0, 0, 0, payload, verified=True)
         assert header.flags & frames.NO_CHECKSUM and header.checksum == 0
         la.send(header, memoryview(payload))
         assert r.arrived.wait(10)
-        assert r.error is not None and "without a checksum" in str(r.error), r.error
-        assert bytes(r.buf) != payload
+        if where == "unix-collective":
+            assert r.error is None and bytes(r.buf) == payload
+        else:
+            assert r.error is not None and "without a checksum" in str(r.error), r.error
+            assert bytes(r.buf) != payload
     finally:
         a.close()
         b.close()

@@ -87,7 +87,7 @@ def simulate(lowering, before, rng, serialized=False) -> Simulator:
 
 # ---------------------------------------------------------------------------- the TCP executor, in memory
 class _Link:
-    macs = True  # no checksums: nothing is corrupted in memory
+    payloads_verified = True  # no checksums: nothing is corrupted in memory
 
     def __init__(self, net, src, dst):
         self.net, self.src, self.dst = net, src, dst

@@ -130,7 +130,7 @@ def checksum(payload) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
 
-NO_CHECKSUM = 1  # header flag of a DATA frame: ``checksum`` is not set, the connection's frame MACs cover the payload
+NO_CHECKSUM = 1  # header flag of a DATA frame: ``checksum`` is not set (frame MACs, or a Unix socket: see data_header)
 BY_REFERENCE = 2  # header flag of a DATA frame: REFERENCE (the payload's address in the sender) follows, not the payload
 SEND_INLINE = 4  # header flag of a NACK: the payload could not be read by reference here; send it inline
 REFERENCE = struct.Struct("<Q")
@@ -144,11 +144,11 @@ def with_flags(header: bytes, flags: int) -> bytes:
 
 
 def data_header(group: int, epoch: int, op: int, tree: int, chunk: int, desc: int, payload, *,
-                macs: bool = False) -> Header:
-    """The header of a DATA frame carrying ``payload``: with its checksum, or, on a link whose frame
-    MACs cover every payload (``macs``), flagged NO_CHECKSUM instead (the MAC already reads every
-    byte; a checksum would be a second pass for nothing)."""
-    if macs:
+                verified: bool = False) -> Header:
+    """The header of a DATA frame carrying ``payload``: with its checksum, or, on a link that makes
+    sure payloads arrive as sent (``verified``: frame MACs, which already read every byte, or a
+    Unix socket of one machine), flagged NO_CHECKSUM instead (a second pass for nothing)."""
+    if verified:
         return Header(DATA, group, epoch, op, tree, chunk, desc, len(payload), 0, NO_CHECKSUM)
     return Header(DATA, group, epoch, op, tree, chunk, desc, len(payload), checksum(payload))
 

@@ -55,9 +55,11 @@ class Link(Protocol):
     def alive(self) -> bool: ...
 
     @property
-    def macs(self) -> bool:
-        """Whether the link authenticates every payload itself (frame MACs): then a DATA frame's
-        header may leave out the payload checksum (:func:`collcomm.transport.frames.data_header`)."""
+    def payloads_verified(self) -> bool:
+        """Whether the link itself makes sure a payload arrives as sent (frame MACs, or a Unix
+        socket between processes of one machine, where a payload never crosses a wire): then a
+        collective's DATA frame may leave out the payload checksum
+        (:func:`collcomm.transport.frames.data_header`)."""
 
     def send(self, header: Header, payload: memoryview | None = None,
              done: Callable[[], None] | None = None) -> None:

@@ -61,8 +61,10 @@ class LinkReferences:
 
     def _init_references(self) -> None:
         # Senders decide per frame: a collective's link, no MACs, no injected faults, a Unix socket.
-        self.by_reference = (self.group < P2P_BASE and self._auth is None and self._faults is None
-                             and self.transport.by_reference)
+        # A collective's link on a Unix socket without injected faults: its payloads cannot be
+        # altered between the processes (no wire), so they travel without a checksum (Link.payloads_verified).
+        self.same_machine = self.group < P2P_BASE and self._faults is None and self.sock.family == socket.AF_UNIX
+        self.by_reference = self.same_machine and self._auth is None and self.transport.by_reference
         self.reference_reads = 0  # payloads this side read out of the peer's memory
         self.reference_refusals = 0  # payloads it could not read so (answered SEND_INLINE)
         self._creds: tuple[socket.socket | None, int] = (None, 0)  # the socket the peer's pid was read from
