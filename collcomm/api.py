@@ -259,7 +259,9 @@ def barrier(*, group=None, async_op: bool = False, timeout: float | None = None)
 
 
 def send(x, dst: int, *, tag: int = 0, timeout: float | None = None) -> None:
-    """Send ``x`` to world rank ``dst`` (matched in order with that rank's ``recv`` of the same tag)."""
+    """Send ``x`` to world rank ``dst`` (matched in order with that rank's ``recv`` of the same tag).
+    Returns once the message left; a message of 16 MiB and more to a rank of this machine, once
+    that rank received it (it is read out of ``x`` in place)."""
     from collcomm.runtime import p2p
 
     rt = _rt()

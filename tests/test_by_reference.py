@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from shm_support import cma_allowed
 
 import collcomm as cc
 from collcomm.transport import frames
+from collcomm.transport.interface import P2P_BASE
 from collcomm.transport.tcp import TcpTransport, references
 
 HERE = Path(__file__).resolve().parent
@@ -97,6 +99,7 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 import linkpair
 from collcomm.transport import frames
+from collcomm.transport.interface import P2P_BASE
 from collcomm.transport.tcp import TcpTransport
 
 t = TcpTransport(1, "tok")
@@ -112,7 +115,13 @@ for op, n in enumerate((3 << 20, 1 << 20)):
     ok = box.arrived.wait(20) and box.error is None
     t.mailbox(linkpair.GROUP).finish(op)
     out.append([ok, frames.checksum(bytes(box.buf))])
-print(json.dumps({"got": out, "reads": link.reference_reads, "refusals": link.reference_refusals,
+p2p = t.link(0, P2P_BASE, 0, 10)  # a point-to-point message of 16 MB: by reference, unchecked
+box = linkpair.Box(16 << 20)
+t.mailbox(P2P_BASE, 0).register(0, box)
+ok = box.arrived.wait(20) and box.error is None
+out.append([ok, frames.checksum(bytes(box.buf))])
+print(json.dumps({"got": out, "reads": link.reference_reads + p2p.reference_reads,
+                  "refusals": [link.reference_refusals, p2p.reference_refusals],
                   "retransmit_errors": dict(t.telemetry.link(0, 1).errors)}), flush=True)
 t.close()
 """
@@ -124,7 +133,9 @@ def test_a_receiver_that_may_not_read_the_senders_memory_gets_the_payloads_inlin
     """The receiver runs as another user (nobody) and the kernel refuses its process_vm_readv of
     the sender's memory: it asks for the payload inline (a NACK flagged SEND_INLINE), the payload
     arrives exact, the sender's link sends inline from then on, and nothing counts as a
-    retransmission or a checksum error (the monitor would read those as a faulty link)."""
+    retransmission or a checksum error (the monitor would read those as a faulty link). The same
+    for a 16 MB point-to-point message, sent without a checksum for the read by reference: it
+    goes inline with its checksum."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to run the receiver as another user")
     script = tmp_path / "receiver.py"
@@ -148,10 +159,19 @@ def test_a_receiver_that_may_not_read_the_senders_memory_gets_the_payloads_inlin
             data = rng.integers(0, 256, n, dtype=np.uint8)
             assert _send(la, op, data).wait(20)
             sent.append(frames.checksum(data.tobytes()))
+        lp = a.link(1, P2P_BASE, 0, 10)
+        data = rng.integers(0, 256, 16 << 20, dtype=np.uint8)
+        assert lp.sends_by_reference(data.size)
+        view = memoryview(data)
+        sent_p2p = threading.Event()
+        lp.send(frames.data_header(P2P_BASE, 0, 0, 0, 0, 0, view, verified=True), view, sent_p2p.set)
+        assert sent_p2p.wait(20)
+        sent.append(frames.checksum(data.tobytes()))
         answer = json.loads(child.stdout.readline() or json.dumps({"stderr": child.stderr.read()}))
         assert answer.get("got") == [[True, c] for c in sent], answer
-        assert answer["reads"] == 0 and answer["refusals"] == 1, answer  # once: the link went inline
-        assert not la.by_reference
+        # Once per link: each went inline (the message with the checksum it had left out).
+        assert answer["reads"] == 0 and answer["refusals"] == [1, 1], answer
+        assert not la.by_reference and not lp.by_reference
         assert a.telemetry.link(0, 1).retransmits == 0 and answer["retransmit_errors"] == {}, answer
         assert child.wait(20) == 0, child.stderr.read()
     finally:
@@ -240,3 +260,44 @@ def test_a_collectives_unix_link_sends_without_checksums_and_a_detour_puts_them_
     finally:
         a.close()
         b.close()
+
+
+# ---------------------------------------------------------------------------- point-to-point
+def large_messages(nbytes: int) -> dict:
+    """Rank 0 sends ``nbytes`` to rank 1, which posts its receive late; rank 0 then overwrites its
+    buffer. Then both send to each other before receiving (``mutual``: works below the socket's
+    capacity, inline or by reference alike)."""
+    me = cc.rank()
+    x = np.arange(nbytes // 4, dtype=np.float32) + me
+    out = {}
+    if me == 0:
+        cc.send(x, 1)
+        out["send_returned"] = time.monotonic()
+        x[:] = -1  # the receiver must have read the message by now
+    else:
+        time.sleep(0.3)  # posts its receive late: a send by reference must wait for it
+        out["recv_posted"] = time.monotonic()
+        y = np.empty_like(x)
+        cc.recv(y, 0)
+        out["exact"] = bool(np.array_equal(y, np.arange(nbytes // 4, dtype=np.float32)))
+    small = np.full(6 << 18, me, np.float32)  # 6 MB: fits the socket, so a blocking send returns
+    got = np.empty_like(small)
+    cc.send(small, 1 - me, timeout=20)
+    cc.recv(got, 1 - me, timeout=20)
+    out["mutual"] = bool((got == 1 - me).all())
+    out["reads"] = sum(l.reference_reads for l in cc.api.runtime().transport._all_links())
+    cc.barrier()
+    return out
+
+
+@needs_cma
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("by_reference", ["1", "0"])
+def test_a_large_message_by_reference_is_read_before_its_send_returns(by_reference):
+    nbytes = references.P2P_REFERENCE_MIN_BYTES
+    r0, r1 = multiproc.run(2, large_messages, kwargs={"nbytes": nbytes}, timeout=100,
+                           env={"COLLCOMM_BY_REFERENCE": by_reference}).check().values()
+    assert r1["exact"] and r0["mutual"] and r1["mutual"], (r0, r1)
+    assert r0["send_returned"] > r1["recv_posted"], (r0, r1)  # (inline too: the socket cannot hold it)
+    # Only the large message went by reference (the 6 MB ones are under the threshold).
+    assert (r1["reads"], r0["reads"]) == ((1, 0) if by_reference == "1" else (0, 0)), (r0, r1)

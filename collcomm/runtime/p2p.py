@@ -2,7 +2,9 @@
 
 A message travels on its own connection per (pair, tag) (group id ``P2P_BASE + tag``) and is
 matched by number: the sender's k-th send with a tag meets the receiver's k-th receive
-(:class:`MessageNumbers`). A send returns once the message left (eager); a receive once it
+(:class:`MessageNumbers`). A send returns once the message left (eager), or, for a message of
+16 MiB and more read by reference on one machine (collcomm.transport.tcp.references), once the
+receiver read it (a send that large waits for the receiver anyway); a receive once it
 arrived whole in the caller's buffer.
 
 Receive from any source (:func:`recv_any`, for torch's ``recv_anysource``):
@@ -108,10 +110,13 @@ def send(rt, x, dst: int, tag: int, timeout: float) -> None:
     desc = frames.describe("p2p", buf.dtype)
     msg = _PointToPoint(view, dst, seq, desc, f"send of {buf.count} {buf.dtype} to rank {dst}")
     link = rt.transport.link(dst, group, 0, timeout)
-    # Always checksummed, frame MACs or not: a send is eager (it returns once the message left), so
+    # Checksummed, frame MACs or not: a send is eager (it returns once the message left), so
     # should the message have to be sent again after the caller reused the buffer, the MAC (taken
     # as the frame is written) would cover the new contents; the checksum, taken now, refuses them.
-    link.send(frames.data_header(group, 0, seq, 0, 0, desc, view), view, msg.sent)
+    # Except a large message read by reference on one machine: its send returns only once the
+    # receiver read it (collcomm.transport.tcp.references).
+    link.send(frames.data_header(group, 0, seq, 0, 0, desc, view, verified=link.sends_by_reference(len(view))),
+              view, msg.sent)
     msg.wait(timeout)
 
 

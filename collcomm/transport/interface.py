@@ -61,6 +61,10 @@ class Link(Protocol):
         collective's DATA frame may leave out the payload checksum
         (:func:`collcomm.transport.frames.data_header`)."""
 
+    def sends_by_reference(self, n: int) -> bool:
+        """Whether a point-to-point message of ``n`` bytes goes by reference: its ``done`` then
+        runs once the peer read it, and it needs no checksum."""
+
     def send(self, header: Header, payload: memoryview | None = None,
              done: Callable[[], None] | None = None) -> None:
         """Queue a frame; never blocks on the network. For a DATA frame of a collective ``done``

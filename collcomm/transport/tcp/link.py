@@ -206,15 +206,17 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
         while answers:
             self._write(sock, ACK, answers.popleft(), None)
 
-    def _write(self, sock: socket.socket, kind: int, raw: bytes, payload) -> None:
+    def _write(self, sock: socket.socket, kind: int, raw: bytes, payload, entry: Pending | None = None) -> None:
         """The frame onto the socket (the send lock held), with injected faults and telemetry. On a
         connection with frame MACs the frame is sealed as it leaves, before a fault alters it."""
         if self.detour is not None and kind != RELAY:  # queued before the detour: it goes that way now
             self._relay_raw(raw, payload)
             return
         n = 0 if payload is None else len(payload)
-        if kind == DATA and n > SMALL_PAYLOAD and self._write_reference(sock, raw, payload, n):
-            return
+        if kind == DATA and n > SMALL_PAYLOAD:
+            if self._write_reference(sock, raw, payload, n, entry):
+                return
+            raw = self._checked(raw, payload, entry)
         f = self._faults
         action = None
         if f is not None and (kind == DATA or (kind == RELAY and relays_data(raw, payload))):
@@ -268,7 +270,7 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
                     if self._answers:
                         self._write_answers(sock)
                     if write:
-                        self._write(sock, kind, raw, payload)
+                        self._write(sock, kind, raw, payload, entry)
                     ok = True
                 except OSError as e:
                     ok = False
@@ -382,7 +384,8 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
                                source=f"rank {self.peer}")
             return
         if header.flags & frames.NO_CHECKSUM and not self.transport.auth_frames and not (
-                self.group < P2P_BASE and isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX):
+                (self.group < P2P_BASE or header.flags & frames.BY_REFERENCE)
+                and isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX):
             raise ProtocolError(f"rank {self.peer} sent a DATA frame without a checksum on a connection without "
                                 f"frame MACs that is not a collective's Unix socket")
         op = header.op

@@ -10,8 +10,10 @@ the link's as before: the same header, checksum, ACK (after which the sender may
 region, so the region is still there when the receiver reads it), NACK and retransmission,
 aborts, reconnection and detours (a frame that goes a detour goes inline).
 
-Only collectives: a point-to-point DATA frame's ``done`` runs when it left (eager semantics), so
-its region may be reused before the receiver reads it. Not with frame MACs (they cover the bytes
+A point-to-point message's ``done`` runs when it left (eager semantics), so its region may be
+reused as soon as it did: only messages of :data:`P2P_REFERENCE_MIN_BYTES` and more go by
+reference, and their ``done`` waits for the ACK (a send that large already waits for the
+receiver: the socket cannot hold it). Not with frame MACs (they cover the bytes
 on the wire) or injected faults (they alter the bytes on the wire). The receiver learns the
 sender's process from the socket (``SO_PEERCRED``, as the kernel sees it from this process's pid
 namespace). When the kernel refuses the read (another user, Yama ``ptrace_scope``, a container
@@ -32,16 +34,22 @@ import time
 import numpy as np
 
 from collcomm.transport import frames
-from collcomm.transport.frames import BY_REFERENCE, NACK, REFERENCE, SEND_INLINE, Header, ProtocolError
+from collcomm.transport.frames import BY_REFERENCE, NACK, NO_CHECKSUM, REFERENCE, SEND_INLINE, Header, ProtocolError
 from collcomm.transport.interface import P2P_BASE
 from collcomm.transport.shm import cma
-from collcomm.transport.tcp.sockets import recv_exact
+from collcomm.transport.tcp.sockets import SOCKET_BUFFER, recv_exact
 
 log = logging.getLogger("collcomm.transport")
 
 # Payloads of at most this many bytes go inline (a syscall and a page walk cost more than the copy
 # saved); the link calls the by-reference path for those over SMALL_PAYLOAD, the same 64 KiB.
 REFERENCE_MIN_BYTES = 64 << 10
+# A point-to-point send returns once its message left (eager), and a payload read by reference
+# has not left before the receiver read it: such a send returns on the ACK, once the receiver
+# posted its receive and read the message. From this size on a send waits for that anyway (the
+# socket's buffers, SOCKET_BUFFER doubled by the kernel, cannot hold the message), so no program
+# that works inline waits for ever by reference.
+P2P_REFERENCE_MIN_BYTES = 4 * SOCKET_BUFFER
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -61,23 +69,50 @@ class LinkReferences:
 
     def _init_references(self) -> None:
         # Senders decide per frame: a collective's link, no MACs, no injected faults, a Unix socket.
-        # A collective's link on a Unix socket without injected faults: its payloads cannot be
-        # altered between the processes (no wire), so they travel without a checksum (Link.payloads_verified).
-        self.same_machine = self.group < P2P_BASE and self._faults is None and self.sock.family == socket.AF_UNIX
-        self.by_reference = self.same_machine and self._auth is None and self.transport.by_reference
+        # A link on a Unix socket without injected faults: payloads cannot be altered between the
+        # processes (no wire), so a collective's travel without a checksum (Link.payloads_verified;
+        # point-to-point messages keep theirs, see collcomm.runtime.p2p.send).
+        unix = self._faults is None and self.sock.family == socket.AF_UNIX
+        self.same_machine = unix and self.group < P2P_BASE
+        self.by_reference = unix and self._auth is None and self.transport.by_reference
         self.reference_reads = 0  # payloads this side read out of the peer's memory
         self.reference_refusals = 0  # payloads it could not read so (answered SEND_INLINE)
         self._creds: tuple[socket.socket | None, int] = (None, 0)  # the socket the peer's pid was read from
 
-    def _write_reference(self, sock: socket.socket, raw: bytes, payload, n: int) -> bool:
+    def _write_reference(self, sock: socket.socket, raw: bytes, payload, n: int, entry) -> bool:
         """Write a DATA frame (the send lock held) as its header and the payload's address, when
-        this link may (False: write it inline)."""
+        this link may (False: write it inline). A point-to-point message goes so only from
+        P2P_REFERENCE_MIN_BYTES on, and its ``done`` then waits for the ACK (``entry``, its
+        reliability.Pending, is no longer eager)."""
         if not self.by_reference or n <= REFERENCE_MIN_BYTES or sock.family != socket.AF_UNIX:
             return False
+        if self.group >= P2P_BASE:
+            if n < P2P_REFERENCE_MIN_BYTES or entry is None:
+                return False
+            entry.eager = False  # before it can be acknowledged: its done runs on the ACK
         where = cma.address(np.frombuffer(payload, np.uint8))
         sock.sendall(frames.with_flags(raw, BY_REFERENCE) + REFERENCE.pack(where))
         self._tx.record_bytes(n, sock)
         return True
+
+    def sends_by_reference(self, n: int) -> bool:
+        """Whether a point-to-point message of ``n`` bytes goes by reference: then its send returns
+        on the ACK, so the caller cannot reuse the buffer before the receiver read it, and the
+        message needs no checksum (see :meth:`_checked`)."""
+        return self.by_reference and self.group >= P2P_BASE and n >= P2P_REFERENCE_MIN_BYTES
+
+    def _checked(self, raw: bytes, payload, entry) -> bytes:
+        """A point-to-point DATA frame sent without a checksum (it was to go by reference) that goes
+        inline after all (the peer asked for it): with its checksum, kept in ``entry`` for any
+        retransmission. (An eager message, whose buffer may be reused once it left, must carry
+        the checksum of its first copy, so that a copy of new contents is refused.)"""
+        if self.group < P2P_BASE or not raw[6] & NO_CHECKSUM or self.transport.auth_frames:
+            return raw
+        h = frames.unpack_header(raw)
+        raw = h._replace(flags=h.flags & ~NO_CHECKSUM, checksum=frames.checksum(payload)).pack()
+        if entry is not None:
+            entry.raw = raw
+        return raw
 
     def _read_reference(self, sock, header: Header, dest: memoryview) -> bool:
         """Read the payload of ``header`` (flagged BY_REFERENCE; its address still in ``sock``)
