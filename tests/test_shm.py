@@ -89,7 +89,15 @@ def every_collective(counts: list[int], transport_expected: bool) -> dict:
             cc.broadcast(b, root=root)
             if not np.array_equal(b, x[root]):
                 wrong.append(f"broadcast root {root} {count} {dtype}")
-            done += 2
+            blocks = _inputs(n, count * n, dtype, "sum", seed=ci * 1000 + di * 10 + 9)  # [sender][receiver block]
+            a2a = np.empty(count * n, dtype)
+            inplace = blocks[me].copy()
+            cc.alltoall(a2a, blocks[me].copy())
+            cc.alltoall(inplace, inplace)
+            expect = blocks[:, me * count:(me + 1) * count].reshape(-1)
+            if not (np.array_equal(a2a, expect) and np.array_equal(inplace, expect)):
+                wrong.append(f"alltoall {count} {dtype}")
+            done += 4
     cc.barrier()
     inplace = _inputs(n, 5 * n, "float64", "sum", seed=99)
     mine = inplace[me].copy()

@@ -1,4 +1,5 @@
-"""Alltoall: a pairwise exchange of blocks on the group's connections, without a schedule."""
+"""Alltoall: a pairwise exchange of blocks on the group's connections, without a schedule (or,
+when every member is on this machine, through shared memory: collcomm.runtime.local)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def alltoall(rt, group: Group, out, x, timeout: float) -> None:
     dst, src = arguments.exchanged(out, x, group.size)  # (Buffers the API checked pass as they are)
     n, me = group.size, group.me
     block = src.count // n
+    local = group.local_path(timeout) if block and n > 1 else None
+    if local is not None:  # every member on this machine: through shared memory (in place too)
+        local.alltoall(dst, src, timeout)
+        return
     data = src.array
     if np.may_share_memory(data, dst.array):
         data = data.copy()  # in place: blocks arrive over blocks not sent yet

@@ -492,6 +492,46 @@ class LocalGroup:
 
         self.run(fields, timeout, body, dst.nbytes)
 
+    def alltoall(self, dst, src, timeout: float) -> None:
+        """Block j of ``src`` goes to member j: block i of ``dst`` = member i's block ``me``.
+        ``dst`` may be ``src``: through the segments every block of a round is staged before any
+        is overwritten; read directly, the peers read the input while blocks land, so it is copied."""
+        x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
+        m = x.size // n
+        fields = ("alltoall", src.dtype, dst.count, "", -1)
+        in_place = np.may_share_memory(x, y)
+        if in_place and (self._is_direct(x.nbytes) or cma.address(x) != cma.address(y)):
+            x, in_place = x.copy(), False  # (read directly, or overlapping without being the same)
+        if not in_place:
+            np.copyto(y[me * m:(me + 1) * m], x[me * m:(me + 1) * m])
+        if self._is_direct(x.nbytes):  # read this member's block of each peer's input directly
+
+            def direct(deadline, poll, desc):
+                arena.mine[shm_arena.W_BUF] = cma.address(x)
+                arena.sync(deadline, poll, desc)
+                for j in arena.peers:
+                    arena.read_direct(j, me * m * x.dtype.itemsize, y[j * m:(j + 1) * m])
+                arena.sync(deadline, poll)  # nobody returns while its input is being read
+
+            self.run(fields, timeout, direct, src.nbytes)
+            return
+        step = max(1, arena.capacity // x.dtype.itemsize // n)  # of every block, per round
+
+        def body(deadline, poll, desc):
+            for start in range(0, m, step):
+                length = min(step, m - start)
+                h = arena.next_half()
+                mine = arena.view(me, h, x.dtype)
+                for j in arena.peers:
+                    np.copyto(mine[j * step:j * step + length], x[j * m + start:j * m + start + length])
+                arena.sync(deadline, poll, desc)
+                desc = None
+                for j in arena.peers:
+                    np.copyto(y[j * m + start:j * m + start + length],
+                              arena.view(j, h, x.dtype)[me * step:me * step + length])
+
+        self.run(fields, timeout, body, src.nbytes)
+
     def broadcast(self, buf, root: int, timeout: float) -> None:
         x, arena, me = buf.array, self.arena, self.me
         fields = ("broadcast", buf.dtype, buf.count, "", root)
