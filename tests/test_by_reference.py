@@ -134,8 +134,7 @@ def test_a_receiver_that_may_not_read_the_senders_memory_gets_the_payloads_inlin
     the sender's memory: it asks for the payload inline (a NACK flagged SEND_INLINE), the payload
     arrives exact, the sender's link sends inline from then on, and nothing counts as a
     retransmission or a checksum error (the monitor would read those as a faulty link). The same
-    for a 16 MB point-to-point message, sent without a checksum for the read by reference: it
-    goes inline with its checksum."""
+    for a 16 MB point-to-point message on its own link."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to run the receiver as another user")
     script = tmp_path / "receiver.py"
@@ -161,15 +160,15 @@ def test_a_receiver_that_may_not_read_the_senders_memory_gets_the_payloads_inlin
             sent.append(frames.checksum(data.tobytes()))
         lp = a.link(1, P2P_BASE, 0, 10)
         data = rng.integers(0, 256, 16 << 20, dtype=np.uint8)
-        assert lp.sends_by_reference(data.size)
+        assert lp.by_reference and data.size >= references.P2P_REFERENCE_MIN_BYTES
         view = memoryview(data)
         sent_p2p = threading.Event()
-        lp.send(frames.data_header(P2P_BASE, 0, 0, 0, 0, 0, view, verified=True), view, sent_p2p.set)
+        lp.send(frames.data_header(P2P_BASE, 0, 0, 0, 0, 0, view), view, sent_p2p.set)
         assert sent_p2p.wait(20)
         sent.append(frames.checksum(data.tobytes()))
         answer = json.loads(child.stdout.readline() or json.dumps({"stderr": child.stderr.read()}))
         assert answer.get("got") == [[True, c] for c in sent], answer
-        # Once per link: each went inline (the message with the checksum it had left out).
+        # Once per link: each went inline from then on.
         assert answer["reads"] == 0 and answer["refusals"] == [1, 1], answer
         assert not la.by_reference and not lp.by_reference
         assert a.telemetry.link(0, 1).retransmits == 0 and answer["retransmit_errors"] == {}, answer
@@ -227,17 +226,18 @@ def test_every_collective_of_a_job_exact_with_payloads_by_reference_or_inline(by
 @pytest.mark.timeout(60)
 def test_a_collectives_unix_link_sends_without_checksums_and_a_detour_puts_them_back():
     """On a collective's Unix socket (no injected faults) payloads travel unchecked: nothing
-    between the processes can alter them. A frame that leaves by a detour gets its checksum
-    back, since a relay's hops may be wires."""
+    between the processes can alter them (and one read by reference after its operation was
+    given up is dropped: see the revocation tests). A frame that leaves by a detour gets its
+    checksum back, since a relay's hops may be wires."""
     a, b = linkpair.transports()
     try:
         la, lb = linkpair.links(a, b)
-        assert la.payloads_verified and la.same_machine
+        assert la.same_machine and la.payload_verified(1000) and la.payload_verified(1 << 20)
         data = np.arange(1000, dtype=np.uint8)
         box = linkpair.Box(data.size)
         b.mailbox(linkpair.GROUP).register(0, box)
         view = memoryview(data)
-        header = frames.data_header(linkpair.GROUP, 0, 0, 0, 0, 0, view, verified=la.payloads_verified)
+        header = frames.data_header(linkpair.GROUP, 0, 0, 0, 0, 0, view, verified=la.payload_verified(view.nbytes))
         assert header.flags & frames.NO_CHECKSUM
         acked = threading.Event()
         la.send(header, view, acked.set)
@@ -251,7 +251,7 @@ def test_a_collectives_unix_link_sends_without_checksums_and_a_detour_puts_them_
 
         relay = Relay()
         la.detour = relay
-        assert not la.payloads_verified  # new frames carry their checksum on a detour
+        assert not la.payload_verified(1000)  # new frames carry their checksum on a detour
         la._relay_raw(header.pack(), view)
         la.detour = None
         (raw, payload), = relay.relayed
@@ -301,3 +301,80 @@ def test_a_large_message_by_reference_is_read_before_its_send_returns(by_referen
     assert r0["send_returned"] > r1["recv_posted"], (r0, r1)  # (inline too: the socket cannot hold it)
     # Only the large message went by reference (the 6 MB ones are under the threshold).
     assert (r1["reads"], r0["reads"]) == ((1, 0) if by_reference == "1" else (0, 0)), (r0, r1)
+
+
+class Delivered(linkpair.Box):
+    delivered_once = False
+
+    def delivered(self, header, view, peer):
+        self.delivered_once = True
+        super().delivered(header, view, peer)
+
+
+@needs_cma
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["collective", "point-to-point"])
+def test_a_payload_read_after_its_operation_was_given_up_is_dropped(kind):
+    """The sender gives an operation up (revoke, as a failed operation does before its caller
+    hears of it) and rewrites the buffer; the receiver reads the payload by reference only then
+    (its operation registers late): it drops what it read and never delivers it. A collective's
+    ABORT frame then fails the operation with the sender's cause; a point-to-point receive fails
+    at once, naming the sender."""
+    group = linkpair.GROUP if kind == "collective" else P2P_BASE + 7
+    a, b = linkpair.transports()
+    try:
+        other = {}
+        t = threading.Thread(target=lambda: other.setdefault("link", b.link(0, group, 0, 5)))
+        t.start()
+        la = a.link(1, group, 0, 5)
+        t.join(10)
+        lb = other["link"]
+        data = np.arange(32 << 20, dtype=np.uint8)  # 32 MB: by reference for a message too
+        acked = _send(la, 0, data) if kind == "collective" else None
+        if acked is None:
+            view = memoryview(data)
+            la.send(frames.data_header(group, 0, 0, 0, 0, 0, view), view)
+        la.revoke(0)
+        data[:] = 7  # what the caller may do once its operation failed
+        box = Delivered(data.size)
+        b.mailbox(group, 0).register(0, box)  # only now does the receiver read the frame
+        if kind == "collective":
+            la.abort(0, cc.CollectiveTimeout("the sender's operation timed out"))
+        assert box.arrived.wait(10)
+        assert isinstance(box.error, cc.CollectiveTimeout if kind == "collective" else cc.PeerFailure), box.error
+        assert lb.reference_revoked == 1 and lb.reference_reads == 0 and not box.delivered_once
+    finally:
+        a.close()
+        b.close()
+
+
+def late_reader() -> dict:
+    """Rank 0's send of 16 MiB times out before rank 1 posts its receive; rank 0 rewrites the
+    buffer; rank 1's receive must not return those bytes."""
+    me = cc.rank()
+    x = np.full(references.P2P_REFERENCE_MIN_BYTES // 4, 1.0, np.float32)
+    if me == 0:
+        try:
+            cc.send(x, 1, timeout=0.5)
+            out = {"send": "returned"}
+        except cc.CollectiveError as e:
+            x[:] = -1.0
+            out = {"send": type(e).__name__}
+    else:
+        time.sleep(1.5)  # posts its receive after the sender gave up
+        y = np.zeros_like(x)
+        try:
+            cc.recv(y, 0, timeout=10)
+            out = {"recv": "returned", "ones": bool((y == 1.0).all())}
+        except cc.CollectiveError as e:
+            out = {"recv": type(e).__name__, "msg": str(e)}
+    cc.barrier()  # rank 0 stays (its memory readable) until rank 1 is done
+    return out
+
+
+@needs_cma
+@pytest.mark.timeout(60)
+def test_a_send_that_timed_out_is_not_received_from_its_rewritten_buffer():
+    r0, r1 = multiproc.run(2, late_reader, timeout=50).check().values()
+    assert r0 == {"send": "CollectiveTimeout"}, r0
+    assert r1["recv"] == "PeerFailure" and "gave up" in r1["msg"], r1

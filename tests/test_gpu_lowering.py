@@ -87,7 +87,8 @@ def simulate(lowering, before, rng, serialized=False) -> Simulator:
 
 # ---------------------------------------------------------------------------- the TCP executor, in memory
 class _Link:
-    payloads_verified = True  # no checksums: nothing is corrupted in memory
+    def payload_verified(self, n):  # no checksums: nothing is corrupted in memory
+        return True
 
     def __init__(self, net, src, dst):
         self.net, self.src, self.dst = net, src, dst

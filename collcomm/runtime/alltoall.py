@@ -80,7 +80,7 @@ class Alltoall(OperationEvents):
                 try:
                     link = self._links(peer)
                     link.send(frames.data_header(self.group, self.epoch, self.op_seq, 0, c, self.desc, view,
-                                                 verified=link.payloads_verified), view, self._event_done)
+                                                 verified=link.payload_verified(view.nbytes)), view, self._event_done)
                 except CollectiveError as e:
                     self.failed(e)
                     return

@@ -246,7 +246,7 @@ class Operation(OperationEvents):
         try:
             link = self._links(peer)
             header = frames.data_header(self.group, self.epoch, self.op_seq, pc.frame_tree, pc.chunk, self.desc,
-                                        view, verified=link.payloads_verified)
+                                        view, verified=link.payload_verified(view.nbytes))
             link.send(header, view, lambda: self._sent(peer))
         except CollectiveError as e:
             self.failed(e)

@@ -110,14 +110,15 @@ def send(rt, x, dst: int, tag: int, timeout: float) -> None:
     desc = frames.describe("p2p", buf.dtype)
     msg = _PointToPoint(view, dst, seq, desc, f"send of {buf.count} {buf.dtype} to rank {dst}")
     link = rt.transport.link(dst, group, 0, timeout)
-    # Checksummed, frame MACs or not: a send is eager (it returns once the message left), so
+    # Always checksummed, frame MACs or not: a send is eager (it returns once the message left), so
     # should the message have to be sent again after the caller reused the buffer, the MAC (taken
     # as the frame is written) would cover the new contents; the checksum, taken now, refuses them.
-    # Except a large message read by reference on one machine: its send returns only once the
-    # receiver read it (collcomm.transport.tcp.references).
-    link.send(frames.data_header(group, 0, seq, 0, 0, desc, view, verified=link.sends_by_reference(len(view))),
-              view, msg.sent)
-    msg.wait(timeout)
+    link.send(frames.data_header(group, 0, seq, 0, 0, desc, view), view, msg.sent)
+    try:
+        msg.wait(timeout)
+    except CollectiveError:
+        link.revoke(seq)  # before the caller may rewrite the buffer: a late reader by reference drops it
+        raise
 
 
 def recv(rt, x, src: int, tag: int, timeout: float) -> None:

@@ -22,10 +22,11 @@ exactly what the receiving rank expects for that piece: nothing is allocated on 
 
 Between two ranks of one machine that met on a Unix socket, a large DATA frame of a collective
 may leave its payload where it is: flagged BY_REFERENCE, it carries the payload's address in
-the sender's process (8 bytes, :data:`REFERENCE`) instead, and the receiver copies the payload
-straight into its destination with ``process_vm_readv`` (one copy instead of two through the
-socket; the checksum is still verified). The sender's region stays valid until the ACK, as it
-does for a retransmission. A receiver that may not read the sender's memory answers with a NACK
+the sender's process and that of the sending link's revocation word (16 bytes,
+:data:`REFERENCE`) instead, and the receiver copies the payload straight into its destination
+with ``process_vm_readv`` (one copy instead of two through the socket), then reads the word: the
+highest operation the sender gave up, which it writes before its caller can touch the buffer
+again. The sender's region stays valid until the ACK, as it does for a retransmission. A receiver that may not read the sender's memory answers with a NACK
 flagged SEND_INLINE, and the link sends its payloads inline from then on.
 
 An ABORT frame's payload says why an operation failed on the sending rank
@@ -131,9 +132,9 @@ def checksum(payload) -> int:
 
 
 NO_CHECKSUM = 1  # header flag of a DATA frame: ``checksum`` is not set (frame MACs, or a Unix socket: see data_header)
-BY_REFERENCE = 2  # header flag of a DATA frame: REFERENCE (the payload's address in the sender) follows, not the payload
+BY_REFERENCE = 2  # header flag of a DATA frame: REFERENCE follows, not the payload
 SEND_INLINE = 4  # header flag of a NACK: the payload could not be read by reference here; send it inline
-REFERENCE = struct.Struct("<Q")
+REFERENCE = struct.Struct("<QQ")  # the payload's address in the sender, and the address of its link's revocation word
 
 
 def with_flags(header: bytes, flags: int) -> bytes:

@@ -54,16 +54,15 @@ class Link(Protocol):
     @property
     def alive(self) -> bool: ...
 
-    @property
-    def payloads_verified(self) -> bool:
-        """Whether the link itself makes sure a payload arrives as sent (frame MACs, or a Unix
-        socket between processes of one machine, where a payload never crosses a wire): then a
-        collective's DATA frame may leave out the payload checksum
-        (:func:`collcomm.transport.frames.data_header`)."""
+    def revoke(self, op: int) -> None:
+        """Operation (or message) ``op`` failed here, before its caller is told: payloads of it
+        the peer has yet to read by reference must not be used there."""
 
-    def sends_by_reference(self, n: int) -> bool:
-        """Whether a point-to-point message of ``n`` bytes goes by reference: its ``done`` then
-        runs once the peer read it, and it needs no checksum."""
+    def payload_verified(self, n: int) -> bool:
+        """Whether the link itself makes sure a payload of ``n`` bytes arrives as sent (frame MACs,
+        or a Unix socket between processes of one machine, where an inline payload never crosses
+        a wire): then a collective's DATA frame may leave out the payload checksum
+        (:func:`collcomm.transport.frames.data_header`)."""
 
     def send(self, header: Header, payload: memoryview | None = None,
              done: Callable[[], None] | None = None) -> None:

@@ -34,7 +34,7 @@ from collcomm.transport.frames import (ABORT, ACK, DATA, ECHO, HEADER_SIZE, NACK
 from collcomm.transport.interface import P2P_BASE
 from collcomm.transport.tcp.detours import RELAY_BIT, Held, LinkDetours, relays_data
 from collcomm.transport.tcp.frameauth import TAG_SIZE, FrameAuth, ForgedFrame
-from collcomm.transport.tcp.references import LinkReferences, wire_length
+from collcomm.transport.tcp.references import REVOKE_ALL, LinkReferences, wire_length
 from collcomm.transport.tcp.reliability import LinkReliability, Pending
 from collcomm.transport.tcp.sockets import error_kind, recv_exact, send_parts, tune
 
@@ -88,9 +88,8 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
     def alive(self) -> bool:
         return self.error is None
 
-    @property
-    def payloads_verified(self) -> bool:
-        """Frame MACs, or a collective's link on a Unix socket of one machine without injected
+    def payload_verified(self, n: int) -> bool:
+        """Frame MACs; or a collective's link on a Unix socket of one machine without injected
         faults, not on a detour (a relayed frame carries its checksum: see _relay_raw)."""
         return self.transport.auth_frames or (self.same_machine and self.detour is None)
 
@@ -213,10 +212,8 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
             self._relay_raw(raw, payload)
             return
         n = 0 if payload is None else len(payload)
-        if kind == DATA and n > SMALL_PAYLOAD:
-            if self._write_reference(sock, raw, payload, n, entry):
-                return
-            raw = self._checked(raw, payload, entry)
+        if kind == DATA and n > SMALL_PAYLOAD and self._write_reference(sock, raw, payload, n, entry):
+            return
         f = self._faults
         action = None
         if f is not None and (kind == DATA or (kind == RELAY and relays_data(raw, payload))):
@@ -384,10 +381,9 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
                                source=f"rank {self.peer}")
             return
         if header.flags & frames.NO_CHECKSUM and not self.transport.auth_frames and not (
-                (self.group < P2P_BASE or header.flags & frames.BY_REFERENCE)
-                and isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX):
+                self.group < P2P_BASE and isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX):
             raise ProtocolError(f"rank {self.peer} sent a DATA frame without a checksum on a connection without "
-                                f"frame MACs that is not a collective's Unix socket")
+                                f"frame MACs (only a collective's Unix socket may leave it out)")
         op = header.op
         key = (op, header.tree, header.chunk)
         again = self._resume.pop(key, None)
@@ -415,8 +411,12 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
         n = header.length
         try:
             if header.flags & frames.BY_REFERENCE:
-                if not self._read_reference(sock, header, dest):  # the peer was asked to send it inline
+                read = self._read_reference(sock, header, dest)
+                if read is False:  # the peer was asked to send it inline
                     self._resume[key] = (receiver, dest)
+                    return
+                if read is None:  # the peer gave the operation up: never delivered (see references)
+                    self._dropped(receiver, header)
                     return
             elif n > SMALL_PAYLOAD and not isinstance(sock, Held):  # (a relayed one was read already)
                 t0 = time.perf_counter()
@@ -491,7 +491,9 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
 
     def abort(self, op: int, error: BaseException) -> None:
         """Tell the peer that operation ``op`` failed here: an abort frame, queued behind whatever
-        is being sent (so the stream stays whole), never blocking the caller."""
+        is being sent (so the stream stays whole), never blocking the caller. Payloads of ``op``
+        the peer has yet to read by reference are revoked first."""
+        self.revoke(op)
         if self.error is not None:
             return
         text = abort_text(error).encode()[:frames.MAX_ABORT_BYTES]
@@ -501,6 +503,7 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
         self._enqueue(ABORT, Header(ABORT, self.group, self.epoch, op, length=len(text)).pack(), memoryview(text))
 
     def _fail(self, error: BaseException) -> None:
+        self.revoke(REVOKE_ALL)  # whatever the peer still reads by reference belongs to failed operations
         with self._lock:
             if self.error is not None:
                 return
@@ -523,6 +526,7 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
         self.close()
 
     def close(self) -> None:
+        self.revoke(REVOKE_ALL)  # (an operation that completed had every payload read)
         self._closing = True
         sock = self.sock
         try:

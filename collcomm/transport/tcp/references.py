@@ -34,7 +34,8 @@ import time
 import numpy as np
 
 from collcomm.transport import frames
-from collcomm.transport.frames import BY_REFERENCE, NACK, NO_CHECKSUM, REFERENCE, SEND_INLINE, Header, ProtocolError
+from collcomm.errors import PeerFailure
+from collcomm.transport.frames import ACK, BY_REFERENCE, NACK, REFERENCE, SEND_INLINE, Header, ProtocolError
 from collcomm.transport.interface import P2P_BASE
 from collcomm.transport.shm import cma
 from collcomm.transport.tcp.sockets import SOCKET_BUFFER, recv_exact
@@ -51,6 +52,7 @@ REFERENCE_MIN_BYTES = 64 << 10
 # that works inline waits for ever by reference.
 P2P_REFERENCE_MIN_BYTES = 4 * SOCKET_BUFFER
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+REVOKE_ALL = 1 << 62  # revoke(): every operation (the link failed or closed)
 
 
 def enabled() -> bool:
@@ -68,16 +70,30 @@ class LinkReferences:
     """The by-reference path of a :class:`~collcomm.transport.tcp.link.Link` (see the module)."""
 
     def _init_references(self) -> None:
-        # Senders decide per frame: a collective's link, no MACs, no injected faults, a Unix socket.
         # A link on a Unix socket without injected faults: payloads cannot be altered between the
-        # processes (no wire), so a collective's travel without a checksum (Link.payloads_verified;
-        # point-to-point messages keep theirs, see collcomm.runtime.p2p.send).
+        # processes (no wire), so a collective's travel without a checksum (Link.payload_verified).
+        # Point-to-point messages keep theirs (see collcomm.runtime.p2p.send).
         unix = self._faults is None and self.sock.family == socket.AF_UNIX
         self.same_machine = unix and self.group < P2P_BASE
         self.by_reference = unix and self._auth is None and self.transport.by_reference
         self.reference_reads = 0  # payloads this side read out of the peer's memory
         self.reference_refusals = 0  # payloads it could not read so (answered SEND_INLINE)
+        self.reference_revoked = 0  # payloads read after the peer gave their operation up (dropped)
         self._creds: tuple[socket.socket | None, int] = (None, 0)  # the socket the peer's pid was read from
+        # The revocation word: the highest operation this side gave up (revoke). A receiver reads
+        # it after it read a payload by reference, and drops the payload of an operation given up:
+        # once an operation failed here, its caller may rewrite the buffer before a slow receiver
+        # read it, and what it read then is not what was sent. (An operation that completed here
+        # had every payload acknowledged, so read, before it returned.)
+        self._revoked = np.full(1, -1, np.int64)
+        self._revoked_at = cma.address(self._revoked)
+        self._word = np.empty(1, np.int64)  # the peer's word, as read here
+
+    def revoke(self, op: int) -> None:
+        """Operation ``op`` failed here (before its caller is told): payloads of it that the peer
+        still reads by reference are dropped there."""
+        if op > self._revoked[0]:
+            self._revoked[0] = op
 
     def _write_reference(self, sock: socket.socket, raw: bytes, payload, n: int, entry) -> bool:
         """Write a DATA frame (the send lock held) as its header and the payload's address, when
@@ -91,32 +107,15 @@ class LinkReferences:
                 return False
             entry.eager = False  # before it can be acknowledged: its done runs on the ACK
         where = cma.address(np.frombuffer(payload, np.uint8))
-        sock.sendall(frames.with_flags(raw, BY_REFERENCE) + REFERENCE.pack(where))
+        sock.sendall(frames.with_flags(raw, BY_REFERENCE) + REFERENCE.pack(where, self._revoked_at))
         self._tx.record_bytes(n, sock)
         return True
 
-    def sends_by_reference(self, n: int) -> bool:
-        """Whether a point-to-point message of ``n`` bytes goes by reference: then its send returns
-        on the ACK, so the caller cannot reuse the buffer before the receiver read it, and the
-        message needs no checksum (see :meth:`_checked`)."""
-        return self.by_reference and self.group >= P2P_BASE and n >= P2P_REFERENCE_MIN_BYTES
-
-    def _checked(self, raw: bytes, payload, entry) -> bytes:
-        """A point-to-point DATA frame sent without a checksum (it was to go by reference) that goes
-        inline after all (the peer asked for it): with its checksum, kept in ``entry`` for any
-        retransmission. (An eager message, whose buffer may be reused once it left, must carry
-        the checksum of its first copy, so that a copy of new contents is refused.)"""
-        if self.group < P2P_BASE or not raw[6] & NO_CHECKSUM or self.transport.auth_frames:
-            return raw
-        h = frames.unpack_header(raw)
-        raw = h._replace(flags=h.flags & ~NO_CHECKSUM, checksum=frames.checksum(payload)).pack()
-        if entry is not None:
-            entry.raw = raw
-        return raw
-
-    def _read_reference(self, sock, header: Header, dest: memoryview) -> bool:
+    def _read_reference(self, sock, header: Header, dest: memoryview) -> bool | None:
         """Read the payload of ``header`` (flagged BY_REFERENCE; its address still in ``sock``)
-        into ``dest``. False when the kernel refused: the peer was asked to send it inline."""
+        into ``dest``. False when the kernel refused: the peer was asked to send it inline. None
+        when the peer had given the operation up by the time it was read: what was read is not
+        the payload (the caller drops it)."""
         if not (isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX and self._auth is None):
             raise ProtocolError(f"rank {self.peer} sent a payload by reference on a connection that cannot carry one")
         where = bytearray(REFERENCE.size)
@@ -126,7 +125,9 @@ class LinkReferences:
         try:
             if pid <= 0:  # the peer's process is not visible from this pid namespace
                 raise OSError(errno.EPERM, "its process is not visible from this pid namespace")
-            cma.read(pid, REFERENCE.unpack(where)[0], np.frombuffer(dest, np.uint8))
+            payload_at, revoked_at = REFERENCE.unpack(where)
+            cma.read(pid, payload_at, np.frombuffer(dest, np.uint8))
+            cma.read(pid, revoked_at, self._word)  # after the payload (x86-64: loads stay in order)
         except OSError as e:
             if e.errno == errno.ESRCH:
                 raise ConnectionResetError(f"rank {self.peer}'s process {pid} is gone") from e
@@ -136,9 +137,21 @@ class LinkReferences:
                          self.transport.rank, self.peer, e)
             self._control(NACK, header, SEND_INLINE)
             return False
-        self._rx.record_transfer(len(dest), time.perf_counter() - t0)
+        if self._word[0] >= header.op:
+            self.reference_revoked += 1
+            return None
+        self._rx.record_transfer(dest.nbytes, time.perf_counter() - t0)
         self.reference_reads += 1
         return True
+
+    def _dropped(self, receiver, header: Header) -> None:
+        """A payload read after the peer gave its operation up: acknowledged (the stream goes on),
+        never delivered. A collective's ABORT frame follows it on this connection with the cause;
+        a point-to-point receive has none to wait for, so it fails now."""
+        self._control(ACK, header)
+        if self.group >= P2P_BASE:
+            receiver.failed(PeerFailure(f"rank {self.peer} gave up sending message #{header.op} (its send failed) "
+                                        f"before it was read here", rank=self.peer))
 
     def _peer_pid(self, sock: socket.socket) -> int:
         known, pid = self._creds
