@@ -134,7 +134,8 @@ def test_a_receiver_that_may_not_read_the_senders_memory_gets_the_payloads_inlin
     the sender's memory: it asks for the payload inline (a NACK flagged SEND_INLINE), the payload
     arrives exact, the sender's link sends inline from then on, and nothing counts as a
     retransmission or a checksum error (the monitor would read those as a faulty link). The same
-    for a 16 MB point-to-point message on its own link."""
+    for a 16 MB point-to-point message on its own link, sent without a checksum for the read by
+    reference: inline, it carries the checksum of its first copy."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to run the receiver as another user")
     script = tmp_path / "receiver.py"
@@ -160,15 +161,16 @@ def test_a_receiver_that_may_not_read_the_senders_memory_gets_the_payloads_inlin
             sent.append(frames.checksum(data.tobytes()))
         lp = a.link(1, P2P_BASE, 0, 10)
         data = rng.integers(0, 256, 16 << 20, dtype=np.uint8)
-        assert lp.by_reference and data.size >= references.P2P_REFERENCE_MIN_BYTES
+        assert lp.sends_by_reference(data.size)  # so, as collcomm.runtime.p2p.send does, without a checksum
         view = memoryview(data)
         sent_p2p = threading.Event()
-        lp.send(frames.data_header(P2P_BASE, 0, 0, 0, 0, 0, view), view, sent_p2p.set)
+        lp.send(frames.data_header(P2P_BASE, 0, 0, 0, 0, 0, view, verified=True), view, sent_p2p.set)
         assert sent_p2p.wait(20)
         sent.append(frames.checksum(data.tobytes()))
         answer = json.loads(child.stdout.readline() or json.dumps({"stderr": child.stderr.read()}))
         assert answer.get("got") == [[True, c] for c in sent], answer
-        # Once per link: each went inline from then on.
+        # Once per link: each went inline from then on (the message with its checksum: the
+        # receiver checks every inline one, so "got" matching proves it arrived whole).
         assert answer["reads"] == 0 and answer["refusals"] == [1, 1], answer
         assert not la.by_reference and not lp.by_reference
         assert a.telemetry.link(0, 1).retransmits == 0 and answer["retransmit_errors"] == {}, answer

@@ -110,10 +110,13 @@ def send(rt, x, dst: int, tag: int, timeout: float) -> None:
     desc = frames.describe("p2p", buf.dtype)
     msg = _PointToPoint(view, dst, seq, desc, f"send of {buf.count} {buf.dtype} to rank {dst}")
     link = rt.transport.link(dst, group, 0, timeout)
-    # Always checksummed, frame MACs or not: a send is eager (it returns once the message left), so
+    # Checksummed, frame MACs or not: a send is eager (it returns once the message left), so
     # should the message have to be sent again after the caller reused the buffer, the MAC (taken
     # as the frame is written) would cover the new contents; the checksum, taken now, refuses them.
-    link.send(frames.data_header(group, 0, seq, 0, 0, desc, view), view, msg.sent)
+    # A message read by reference needs none: its send returns once the receiver read it, or it
+    # is revoked below before the caller may touch the buffer (collcomm.transport.tcp.references).
+    link.send(frames.data_header(group, 0, seq, 0, 0, desc, view, verified=link.sends_by_reference(view.nbytes)),
+              view, msg.sent)
     try:
         msg.wait(timeout)
     except CollectiveError:

@@ -54,6 +54,10 @@ class Link(Protocol):
     @property
     def alive(self) -> bool: ...
 
+    def sends_by_reference(self, n: int) -> bool:
+        """Whether a point-to-point message of ``n`` bytes goes by reference: its ``done`` then runs
+        once the peer read it, and it needs no checksum."""
+
     def revoke(self, op: int) -> None:
         """Operation (or message) ``op`` failed here, before its caller is told: payloads of it
         the peer has yet to read by reference must not be used there."""

@@ -212,8 +212,10 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
             self._relay_raw(raw, payload)
             return
         n = 0 if payload is None else len(payload)
-        if kind == DATA and n > SMALL_PAYLOAD and self._write_reference(sock, raw, payload, n, entry):
-            return
+        if kind == DATA and n > SMALL_PAYLOAD:
+            if self._write_reference(sock, raw, payload, n, entry):
+                return
+            raw = self._checked(raw, payload, entry)
         f = self._faults
         action = None
         if f is not None and (kind == DATA or (kind == RELAY and relays_data(raw, payload))):
@@ -381,9 +383,11 @@ class Link(LinkReliability, LinkDetours, LinkReferences):
                                source=f"rank {self.peer}")
             return
         if header.flags & frames.NO_CHECKSUM and not self.transport.auth_frames and not (
-                self.group < P2P_BASE and isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX):
+                (self.group < P2P_BASE or header.flags & frames.BY_REFERENCE)
+                and isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX):
             raise ProtocolError(f"rank {self.peer} sent a DATA frame without a checksum on a connection without "
-                                f"frame MACs (only a collective's Unix socket may leave it out)")
+                                f"frame MACs (only a collective's Unix socket, or a message by reference, may "
+                                f"leave it out)")
         op = header.op
         key = (op, header.tree, header.chunk)
         again = self._resume.pop(key, None)

@@ -6,9 +6,16 @@ out of the sender's memory into its destination with ``process_vm_readv``
 (:mod:`collcomm.transport.shm.cma`), as Open MPI's single-copy transports do. A DATA frame of a
 collective over :data:`REFERENCE_MIN_BYTES` then carries the payload's address (flag
 BY_REFERENCE, see :mod:`collcomm.transport.frames`) instead of the payload. Everything else is
-the link's as before: the same header, checksum, ACK (after which the sender may reuse the
-region, so the region is still there when the receiver reads it), NACK and retransmission,
-aborts, reconnection and detours (a frame that goes a detour goes inline).
+the link's as before: the same header, ACK (after which the sender may reuse the region, so the
+region is still there when the receiver reads it), NACK and retransmission, aborts,
+reconnection and detours (a frame that goes a detour goes inline).
+
+But an operation that fails here returns to its caller, who may rewrite the buffer, while a
+slow receiver has yet to read it. So each link keeps a revocation word, the highest operation
+it gave up (:meth:`LinkReferences.revoke`, called by ``abort``, a failed send, a failed or
+closed link, before the caller hears of the failure), whose address travels with the payload's;
+the receiver reads it after the payload and drops the payload of an operation given up. That is
+why such payloads need no checksum (``Link.payload_verified``).
 
 A point-to-point message's ``done`` runs when it left (eager semantics), so its region may be
 reused as soon as it did: only messages of :data:`P2P_REFERENCE_MIN_BYTES` and more go by
@@ -35,7 +42,7 @@ import numpy as np
 
 from collcomm.transport import frames
 from collcomm.errors import PeerFailure
-from collcomm.transport.frames import ACK, BY_REFERENCE, NACK, REFERENCE, SEND_INLINE, Header, ProtocolError
+from collcomm.transport.frames import ACK, BY_REFERENCE, NACK, NO_CHECKSUM, REFERENCE, SEND_INLINE, Header, ProtocolError
 from collcomm.transport.interface import P2P_BASE
 from collcomm.transport.shm import cma
 from collcomm.transport.tcp.sockets import SOCKET_BUFFER, recv_exact
@@ -72,7 +79,7 @@ class LinkReferences:
     def _init_references(self) -> None:
         # A link on a Unix socket without injected faults: payloads cannot be altered between the
         # processes (no wire), so a collective's travel without a checksum (Link.payload_verified).
-        # Point-to-point messages keep theirs (see collcomm.runtime.p2p.send).
+        # Point-to-point messages keep theirs, but for those read by reference (see collcomm.runtime.p2p.send).
         unix = self._faults is None and self.sock.family == socket.AF_UNIX
         self.same_machine = unix and self.group < P2P_BASE
         self.by_reference = unix and self._auth is None and self.transport.by_reference
@@ -88,6 +95,28 @@ class LinkReferences:
         self._revoked = np.full(1, -1, np.int64)
         self._revoked_at = cma.address(self._revoked)
         self._word = np.empty(1, np.int64)  # the peer's word, as read here
+
+    def sends_by_reference(self, n: int) -> bool:
+        """Whether a point-to-point message of ``n`` bytes is to go by reference: its send then
+        returns once the receiver read it (or gave up: revoke), so it needs no checksum. Should it
+        go inline after all, it gets one as it is written (:meth:`_checked`)."""
+        return self.by_reference and self.group >= P2P_BASE and n >= P2P_REFERENCE_MIN_BYTES
+
+    def _checked(self, raw: bytes, payload, entry) -> bytes:
+        """A point-to-point DATA frame without a checksum (it was to go by reference) that goes
+        inline: with the checksum of this first copy, kept in ``entry`` for any retransmission (an
+        eager message's buffer may be rewritten once it left; a copy of new contents is refused)."""
+        if self.group < P2P_BASE or not raw[6] & NO_CHECKSUM or self.transport.auth_frames:
+            return raw
+        h = frames.unpack_header(raw)
+        raw = h._replace(flags=h.flags & ~NO_CHECKSUM, checksum=frames.checksum(payload)).pack()
+        if entry is not None:
+            entry.raw = raw
+        return raw
+
+    def revoked(self, op: int) -> bool:
+        """Whether operation (message) ``op`` was given up here."""
+        return op <= self._revoked[0]
 
     def revoke(self, op: int) -> None:
         """Operation ``op`` failed here (before its caller is told): payloads of it that the peer

@@ -131,7 +131,7 @@ class LinkReliability:
             self._inline_asked()
             with self._count_lock:
                 entry = self._pending.get(key)
-            if entry is not None:
+            if entry is not None and not self.revoked(header.op):  # (given up: its buffer may be rewritten)
                 self._enqueue(DATA, entry.raw, entry.payload, entry)
             return
         with self._count_lock:
