@@ -64,9 +64,9 @@ class Link(Protocol):
 
     def payload_verified(self, n: int) -> bool:
         """Whether the link itself makes sure a payload of ``n`` bytes arrives as sent (frame MACs,
-        or a Unix socket between processes of one machine, where an inline payload never crosses
-        a wire): then a collective's DATA frame may leave out the payload checksum
-        (:func:`collcomm.transport.frames.data_header`)."""
+        or a collective's Unix socket between processes of one machine: no wire, and a payload
+        read by reference is revoked when its operation fails): then a collective's DATA frame
+        may leave out the payload checksum (:func:`collcomm.transport.frames.data_header`)."""
 
     def send(self, header: Header, payload: memoryview | None = None,
              done: Callable[[], None] | None = None) -> None:
