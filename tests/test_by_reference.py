@@ -354,6 +354,7 @@ def late_reader() -> dict:
     """Rank 0's send of 16 MiB times out before rank 1 posts its receive; rank 0 rewrites the
     buffer; rank 1's receive must not return those bytes."""
     me = cc.rank()
+    client = cc.api.runtime().client
     x = np.full(references.P2P_REFERENCE_MIN_BYTES // 4, 1.0, np.float32)
     if me == 0:
         try:
@@ -362,8 +363,9 @@ def late_reader() -> dict:
         except cc.CollectiveError as e:
             x[:] = -1.0
             out = {"send": type(e).__name__}
+        client.kv_set("late-reader/sender-done", b"1")
     else:
-        time.sleep(1.5)  # posts its receive after the sender gave up
+        client.kv_get("late-reader/sender-done", timeout=30)  # posts its receive after the sender gave up
         y = np.zeros_like(x)
         try:
             cc.recv(y, 0, timeout=10)
