@@ -501,7 +501,11 @@ class LocalGroup:
         fields = ("alltoall", src.dtype, dst.count, "", -1)
         in_place = np.may_share_memory(x, y)
         if in_place and (self._is_direct(x.nbytes) or cma.address(x) != cma.address(y)):
-            x, in_place = x.copy(), False  # (read directly, or overlapping without being the same)
+            # (read directly, or overlapping without being the same) a copy of the input, in the
+            # group's work array: kept for the next call of this shape, no allocation per call
+            copy = self.group.scratch(x.size, x.dtype)
+            np.copyto(copy, x)
+            x, in_place = copy, False
         if not in_place:
             np.copyto(y[me * m:(me + 1) * m], x[me * m:(me + 1) * m])
         if self._is_direct(x.nbytes):  # read this member's block of each peer's input directly
