@@ -38,11 +38,11 @@ def transports(faults=None, auth_a: bool = False, auth_b: bool | None = None) ->
     return a, b
 
 
-def links(a: TcpTransport, b: TcpTransport, timeout: float = 5.0):
-    """Rank 0's link to rank 1 and rank 1's to rank 0, for GROUP (rank 1 accepts while 0 connects)."""
+def links(a: TcpTransport, b: TcpTransport, timeout: float = 5.0, group: int = GROUP):
+    """Rank 0's link to rank 1 and rank 1's to rank 0, for ``group`` (rank 1 accepts while 0 connects)."""
     other = {}
-    t = threading.Thread(target=lambda: other.setdefault("link", b.link(0, GROUP, 0, timeout)))
+    t = threading.Thread(target=lambda: other.setdefault("link", b.link(0, group, 0, timeout)))
     t.start()
-    link = a.link(1, GROUP, 0, timeout)
+    link = a.link(1, group, 0, timeout)
     t.join(2 * timeout)
     return link, other["link"]

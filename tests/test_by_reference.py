@@ -325,12 +325,7 @@ def test_a_payload_read_after_its_operation_was_given_up_is_dropped(kind):
     group = linkpair.GROUP if kind == "collective" else P2P_BASE + 7
     a, b = linkpair.transports()
     try:
-        other = {}
-        t = threading.Thread(target=lambda: other.setdefault("link", b.link(0, group, 0, 5)))
-        t.start()
-        la = a.link(1, group, 0, 5)
-        t.join(10)
-        lb = other["link"]
+        la, lb = linkpair.links(a, b, group=group)
         data = np.arange(32 << 20, dtype=np.uint8)  # 32 MB: by reference for a message too
         acked = _send(la, 0, data) if kind == "collective" else None
         if acked is None:

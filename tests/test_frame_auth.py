@@ -151,11 +151,7 @@ def test_a_frame_without_checksum_is_refused_unless_the_link_verifies_payloads(w
     group = P2P_BASE + 3 if where == "unix-point-to-point" else 5
     a, b = transports()
     try:
-        other = {}
-        t = threading.Thread(target=lambda: other.setdefault("link", b.link(0, group, 0, 5)))
-        t.start()
-        la = a.link(1, group, 0, 5)
-        t.join(10)
+        la, _ = links(a, b, group=group)
         assert la.sock.family.name == ("AF_INET" if where == "tcp" else "AF_UNIX")
         assert la.payload_verified(1000) == (where == "unix-collective")
         box = b.mailbox(group, 0)
