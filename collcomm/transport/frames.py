@@ -137,6 +137,12 @@ SEND_INLINE = 4  # header flag of a NACK: the payload could not be read by refer
 REFERENCE = struct.Struct("<QQ")  # the payload's address in the sender, and the address of its link's revocation word
 
 
+def with_checksum(header: bytes, payload) -> bytes:
+    """A packed DATA header flagged NO_CHECKSUM, with the checksum of ``payload`` put in instead."""
+    h = unpack_header(header)
+    return h._replace(flags=h.flags & ~NO_CHECKSUM, checksum=checksum(payload)).pack()
+
+
 def with_flags(header: bytes, flags: int) -> bytes:
     """A packed header with ``flags`` added (its crc computed again)."""
     body = bytearray(header[:56])

@@ -32,8 +32,8 @@ import time
 
 from collcomm.errors import CollectiveError, PeerFailure
 from collcomm.transport import frames
-from collcomm.transport.frames import (DATA, HEADER_SIZE, NO_CHECKSUM, RELAY, Header, ProtocolError, checksum,
-                                       peek_kind, unpack_header)
+from collcomm.transport.frames import (DATA, HEADER_SIZE, NO_CHECKSUM, RELAY, Header, ProtocolError, peek_kind,
+                                       unpack_header, with_checksum)
 from collcomm.transport.tcp.sockets import recv_exact
 from collcomm.transport.telemetry import tcp_stalled_seconds
 
@@ -162,9 +162,8 @@ class LinkDetours:
         via = self.detour
         n = 0 if payload is None else len(payload)
         if len(raw) == HEADER_SIZE and peek_kind(raw) == DATA and not self.transport.auth_frames:
-            inner = unpack_header(raw)
-            if inner.flags & NO_CHECKSUM:  # sent unchecked on the Unix socket; a relay's hops may be wires
-                raw = inner._replace(flags=inner.flags & ~NO_CHECKSUM, checksum=checksum(payload)).pack()
+            if unpack_header(raw).flags & NO_CHECKSUM:  # sent unchecked on the Unix socket; a relay's hops may be wires
+                raw = with_checksum(raw, payload)
         outer = Header(RELAY, via.group, via.epoch, self.peer, self.transport.rank, length=len(raw) + n).pack()
         via._enqueue_own(RELAY, outer + raw, payload)
 

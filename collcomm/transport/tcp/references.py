@@ -108,8 +108,7 @@ class LinkReferences:
         eager message's buffer may be rewritten once it left; a copy of new contents is refused)."""
         if self.group < P2P_BASE or not raw[6] & NO_CHECKSUM or self.transport.auth_frames:
             return raw
-        h = frames.unpack_header(raw)
-        raw = h._replace(flags=h.flags & ~NO_CHECKSUM, checksum=frames.checksum(payload)).pack()
+        raw = frames.with_checksum(raw, payload)
         if entry is not None:
             entry.raw = raw
         return raw
