@@ -174,16 +174,19 @@ def _lane(group, async_op):
 # collcomm.runtime.buffers) before it is submitted: a mistake is a UsageError (a ValueError) or a
 # UsageTypeError (also a TypeError) raised here, on the calling rank, at the call (async_op too),
 # before anything is sent.
-def allreduce(x, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
-    """Reduce ``x`` across the group, in place on every rank."""
+def allreduce(x, op: str = "sum", *, out=None, group=None, async_op: bool = False,
+              timeout: float | None = None):
+    """Reduce ``x`` across the group: in place on every rank, or into ``out`` (the same dtype and
+    number of elements, no memory shared with ``x``; ``x`` is then only read), as MPI_Allreduce
+    with a send and a receive buffer. ``out=x`` is in place."""
     lane = _lane(group, async_op)
-    if lane is not None and lane.allreduce(x, op, timeout):
+    if lane is not None and lane.allreduce(x, op, timeout, out):
         return None
     c, a = _modules()
     rt, g = _rt(), _group(group)
-    buf = a.reduction(x, op, "allreduce: x")
+    buf, dst = a.reduced(out, x, op, "allreduce")
     t = a.timeout(timeout, rt.timeout)
-    return g.submit(lambda: c.allreduce(rt, g, buf, op, t), "allreduce", a.flag(async_op, "async_op"))
+    return g.submit(lambda: c.allreduce(rt, g, buf, op, t, out=dst), "allreduce", a.flag(async_op, "async_op"))
 
 
 def allgather(out, x, *, group=None, async_op: bool = False, timeout: float | None = None):
@@ -237,14 +240,17 @@ def broadcast(x, root: int = 0, *, group=None, async_op: bool = False, timeout: 
     return g.submit(lambda: c.broadcast(rt, g, buf, root, t), "broadcast", a.flag(async_op, "async_op"))
 
 
-def reduce(x, root: int = 0, op: str = "sum", *, group=None, async_op: bool = False, timeout: float | None = None):
-    """Reduce ``x`` across the group into the root's ``x`` (other ranks' buffers are unchanged)."""
+def reduce(x, root: int = 0, op: str = "sum", *, out=None, group=None, async_op: bool = False,
+           timeout: float | None = None):
+    """Reduce ``x`` across the group into the root's ``x``, or into the root's ``out`` (checked as
+    allreduce's; the root's ``x`` is then only read; other ranks' ``out`` is left alone). Other
+    ranks' buffers are unchanged."""
     c, a = _modules()
     rt, g = _rt(), _group(group)
-    buf = a.reduction(x, op, "reduce: x")
+    buf, dst = a.reduced(out, x, op, "reduce")
     root = a.root(root, g, "reduce")
     t = a.timeout(timeout, rt.timeout)
-    return g.submit(lambda: c.reduce(rt, g, buf, root, op, t), "reduce", a.flag(async_op, "async_op"))
+    return g.submit(lambda: c.reduce(rt, g, buf, root, op, t, out=dst), "reduce", a.flag(async_op, "async_op"))
 
 
 def barrier(*, group=None, async_op: bool = False, timeout: float | None = None):

@@ -182,6 +182,33 @@ def test_reductions_roots_flags_groups_and_sizes_are_checked(solo):
     assert (x == 1).all()
 
 
+def test_a_result_buffer_is_checked_and_out_equal_to_x_is_in_place(solo):
+    """allreduce's and reduce's ``out=``: the same dtype and size as ``x``, writeable, sharing no
+    memory with ``x`` unless it is ``x``; ``x`` may then be read-only and is left as it was."""
+    x = np.arange(8, dtype=np.float32)
+    for call in (lambda x, out: cc.allreduce(x, out=out), lambda x, out: cc.reduce(x, 0, out=out)):
+        e = refused(lambda: call(x, np.zeros(8, np.float64)), "out", UsageTypeError)
+        assert "out has dtype float64, x float32" in str(e)
+        refused(lambda: call(x, np.zeros(7, np.float32)), "out")
+        refused(lambda: call(x, np.zeros(16, np.float32)[::2]), "out")
+        refused(lambda: call(x, np.frombuffer(b"\0" * 32, np.float32)), "out")
+        refused(lambda: call(x, [0.0] * 8), "out", UsageTypeError)
+        backing = np.zeros(12, np.float32)
+        e = refused(lambda: call(backing[:8], backing[2:10]), "out")
+        assert "out overlaps x" in str(e)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    y = np.full(8, -1, np.float32)
+    cc.allreduce(frozen, "max", out=y)
+    assert np.array_equal(y, x) and np.array_equal(frozen, x)
+    z = np.full(8, -1, np.float32)
+    cc.reduce(frozen, 0, "min", out=z)
+    assert np.array_equal(z, x)
+    same = x.copy()
+    cc.allreduce(same, out=same.reshape(2, 4))  # the very memory of x: in place
+    assert np.array_equal(same, x)
+
+
 # The object calls (collcomm/objects/layer.py): (call, the argument it must name, the error type).
 BAD_OBJECT_CALLS = {
     "put key None": (lambda x: cc.put(None, x), "key", UsageTypeError),

@@ -69,17 +69,33 @@ def every_collective(counts: list[int], transport_expected: bool) -> dict:
                 cc.allreduce(a, op)
                 if not np.array_equal(a, ref.astype(a.dtype)):
                     wrong.append(f"allreduce {op} {count} {dtype}")
+                # out of place (x read-only: only read): blocking (the lane, once the shape is
+                # filed), and every other member in place, through the full path (async)
+                src = x[me].copy()
+                src.flags.writeable = False
+                o = np.full(count, 7, dtype)
+                cc.allreduce(src, op, out=o)
+                if not np.array_equal(o, ref.astype(dtype)):
+                    wrong.append(f"allreduce out= {op} {count} {dtype}")
+                o = x[me].copy() if me % 2 == 0 else np.full(count, 7, dtype)
+                cc.allreduce(o if me % 2 == 0 else src, op, out=None if me % 2 == 0 else o, async_op=True).wait(60)
+                if not (np.array_equal(o, ref.astype(dtype)) and np.array_equal(src, x[me])):
+                    wrong.append(f"allreduce mixed in place and out= {op} {count} {dtype}")
                 root = (ci + oi) % n
                 r = x[me].copy()
                 cc.reduce(r, root=root, op=op)
                 if not np.array_equal(r, ref.astype(r.dtype) if me == root else x[me]):
                     wrong.append(f"reduce {op} root {root} {count} {dtype}")
+                o = np.full(count, 7, dtype)
+                cc.reduce(src, root=root, op=op, out=o)
+                if not np.array_equal(o, ref.astype(dtype) if me == root else np.full(count, 7, dtype)):
+                    wrong.append(f"reduce out= {op} root {root} {count} {dtype}")
                 full = _inputs(n, count * n, dtype, op, seed=ci * 1000 + di * 10 + oi + 7)
                 out = np.empty(count, dtype)
                 cc.reduce_scatter(out, full[me], op)
                 if not np.array_equal(out, _reference(full, op).astype(dtype)[me * count:(me + 1) * count]):
                     wrong.append(f"reduce_scatter {op} {count} {dtype}")
-                done += 3
+                done += 6
             g = np.empty(count * n, dtype)
             cc.allgather(g, x[me].copy())
             if not np.array_equal(g, x.reshape(-1)):

@@ -8,8 +8,9 @@ from collcomm.perf.library import Library, as_bfloat16
 
 
 class Collcomm(Library):
-    """collcomm's public API; allreduce, broadcast and reduce are in place, so their out-of-place
-    variant copies the send buffer into the receive buffer first (timed)."""
+    """collcomm's public API. allreduce and reduce take a result buffer (``out=``, as MPI's do);
+    broadcast is in place, so its out-of-place variant copies the root's send buffer into its
+    receive buffer first (timed, as for OpenMPI and gloo)."""
 
     name = "collcomm"
 
@@ -25,9 +26,7 @@ class Collcomm(Library):
     def run(self, coll: str, inplace: bool, inp, out, op: str, root: int) -> None:
         cc = self.cc
         if coll == "allreduce":
-            if not inplace:
-                out[:] = inp
-            cc.allreduce(out, op)
+            cc.allreduce(out if inplace else inp, op, out=None if inplace else out)
         elif coll == "allgather":
             cc.allgather(out, inp)
         elif coll == "reduce_scatter":
@@ -39,9 +38,7 @@ class Collcomm(Library):
                 out[:] = inp
             cc.broadcast(out, root)
         elif coll == "reduce":
-            if not inplace:
-                out[:] = inp
-            cc.reduce(out, root, op)
+            cc.reduce(out if inplace else inp, root, op, out=None if inplace else out)
         else:  # pragma: no cover - options.py admits only the six
             raise ValueError(coll)
 

@@ -179,6 +179,27 @@ def reduction(x, op, what: str) -> Buffer:
     return buf
 
 
+def reduced(out, x, op, what: str) -> tuple[Buffer, Buffer | None]:
+    """A reduction's input and the buffer its result lands in: (``x``, None) in place (``out``
+    None, or the very memory of ``x``); else (``x``, ``out``) of the same dtype and number of
+    elements, ``x`` only read (a read-only array will do) and sharing no memory with ``out``."""
+    if out is None:
+        return reduction(x, op, f"{what}: x"), None
+    src, dst = as_buffer(x, f"{what}: x", read_only=True), as_buffer(out, f"{what}: out")
+    if dst.dtype != src.dtype:
+        raise UsageTypeError(f"{what}: out has dtype {dst.dtype}, x {src.dtype}; they must be the same", "out")
+    if dst.count != src.count:
+        raise UsageError(f"{what}: out holds {dst.count} elements, x {src.count}; they must be equal", "out")
+    check_reduction(op, dst)
+    a, b = src.array, dst.array
+    if np.may_share_memory(a, b):  # (both flat and contiguous: overlapping bounds are shared memory)
+        if a.__array_interface__["data"][0] == b.__array_interface__["data"][0]:
+            return dst, None  # out is x: in place
+        raise UsageError(f"{what}: out overlaps x without being x; pass out=x (in place) or a separate buffer",
+                         "out")
+    return src, dst
+
+
 def gathered(out, x, n: int) -> tuple[Buffer, Buffer]:
     """allgather's (output, input): the same dtype, the output n times the input."""
     src, dst = as_buffer(x, "allgather: x", read_only=True), as_buffer(out, "allgather: out")

@@ -53,6 +53,20 @@ class Buffer:
             return numpy_reducer(op)
         return _bfloat16_reducer(op)
 
+    def combiner(self, op: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+        """``combine(out, a, b)``: out = a (op) b, for a result that lands in a third array (an
+        out-of-place reduction's first step: one pass instead of a copy and a reduction)."""
+        check_reduction(op, self)
+        if self.dtype != "bfloat16":
+            return numpy_combiner(op)
+        reduce = _bfloat16_reducer(op)
+
+        def combine(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+            np.copyto(out, a)
+            reduce(out, b)
+
+        return combine
+
     def divide(self, divisor: int, part: slice = slice(None)) -> None:
         """In-place ``/= divisor`` (for avg)."""
         if self.dtype == "bfloat16":
@@ -77,6 +91,22 @@ def numpy_reducer(op: str) -> Callable[[np.ndarray, np.ndarray], None]:
 
 
 _NUMPY_REDUCERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {}
+
+
+def numpy_combiner(op: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """out = a (op) b (``out`` shares no memory with ``a`` or ``b``)."""
+    combiner = _NUMPY_COMBINERS.get(op)
+    if combiner is None:
+        ufunc = _UFUNC[op]
+
+        def combiner(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+            ufunc(a, b, out=out)
+
+        _NUMPY_COMBINERS[op] = combiner
+    return combiner
+
+
+_NUMPY_COMBINERS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], None]] = {}
 
 
 def check_reduction(op: str, buf: Buffer) -> None:

@@ -23,15 +23,23 @@ from collcomm.transport import frames
 from collcomm.transport.frames import error_from_abort
 
 
-def allreduce(rt, group: Group, x, op: str, timeout: float, watch_previous: bool = False) -> None:
+def allreduce(rt, group: Group, x, op: str, timeout: float, watch_previous: bool = False,
+              out: Buffer | None = None) -> None:
+    """Reduce ``x`` in place, or into ``out`` (a Buffer of ``x``'s dtype and count sharing no
+    memory with it; ``x`` is then only read)."""
     buf = x if type(x) is Buffer else as_buffer(x)  # (the API's is checked)
     reducer = buf.reducer(op)
     if buf.count == 0 or group.size == 1:
+        if out is not None:
+            np.copyto(out.array, buf.array)
         return
     local = group.local_path(timeout)
     if local is not None:
-        local.allreduce(buf, op, timeout)
+        local.allreduce(buf, op, timeout, out)
         return
+    if out is not None:  # over sockets every path reduces in place: the result's buffer starts as the input
+        np.copyto(out.array, buf.array)
+        buf = out
     hierarchy = group.hierarchy_path(timeout) if not watch_previous else None
     if hierarchy is not None:  # shared memory inside each machine, sockets between them
         hierarchy.allreduce(buf, op, timeout)
@@ -121,16 +129,24 @@ def broadcast(rt, group: Group, x, root: int, timeout: float) -> None:
         timeout=timeout, nbytes=buf.nbytes, root=root))
 
 
-def reduce(rt, group: Group, x, root: int, op: str, timeout: float) -> None:
+def reduce(rt, group: Group, x, root: int, op: str, timeout: float, out: Buffer | None = None) -> None:
+    """Reduce ``x`` into the root's ``x``, or into the root's ``out`` (as :func:`allreduce`'s)."""
     buf = x if type(x) is Buffer else as_buffer(x)  # (the API's is checked)
     check_root(group, root, "reduce")
     reducer = buf.reducer(op)
+    if out is not None and group.me != root:
+        out = None  # (only the root's result lands anywhere)
     if buf.count == 0 or group.size == 1:
+        if out is not None:
+            np.copyto(out.array, buf.array)
         return
     local = group.local_path(timeout)
     if local is not None:
-        local.reduce(buf, root, op, timeout)
+        local.reduce(buf, root, op, timeout, out)
         return
+    if out is not None:
+        np.copyto(out.array, buf.array)
+        buf = out
     work = buf.array if group.me == root else buf.array.copy()  # only the root's buffer changes
     fields = ("reduce", buf.dtype, buf.count, op, root)
     _rooted(rt, group, fields, timeout, lambda: group.run_schedule(

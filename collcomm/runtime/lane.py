@@ -79,18 +79,23 @@ class SmallLane:
 
     # ------------------------------------------------------------------ the steps
     def allreduce_step(self, x, y, views, reduce, deadline, desc) -> None:
-        """One-shot: write the input, step, reduce every member's input into ``x``."""
+        """One-shot: write the input, step, reduce every member's input into ``y`` (None: ``x``,
+        in place)."""
         mine, ins = views
         np.copyto(mine, x)
         self.arena.sync(deadline, self.local.poll, desc)
+        if y is None:
+            y = x
         if self.n == 2:
             # a (op) b == b (op) a bit for bit (IEEE addition and multiplication commute; NaN
             # payloads aside), so both members compute the same bits without a copy
-            reduce(x, ins[1 - self.me])
+            if y is not x:
+                np.copyto(y, x)
+            reduce(y, ins[1 - self.me])
         else:  # in rank order, in place: every member computes the same bits
-            np.copyto(x, ins[0])
+            np.copyto(y, ins[0])
             for other in ins[1:]:
-                reduce(x, other)
+                reduce(y, other)
 
     def reduce_scatter_step(self, x, y, views, reduce, deadline, desc) -> None:
         mine, others = views
@@ -145,21 +150,31 @@ class SmallLane:
             self.run(shot, step, x, y, t, nbytes)
         return True
 
-    def allreduce(self, x, op, timeout) -> bool:
-        """``cc.allreduce(x, op, timeout=timeout)`` done here (True), or nothing done (False)."""
+    def allreduce(self, x, op, timeout, out=None) -> bool:
+        """``cc.allreduce(x, op, out=out, timeout=timeout)`` done here (True), or nothing done (False)."""
         if type(x) is not _ndarray or type(op) is not str:
             return False
         shot = self.allreduces.get((x.dtype, x.size, op))
         if shot is None:
             return False
         flags = x.flags
-        if not (flags.c_contiguous and flags.writeable):
-            return False
-        if not self._run_ready(shot, self.allreduce_step, x if x.ndim == 1 else x.reshape(-1), None, timeout,
+        if out is None or out is x:
+            if not (flags.c_contiguous and flags.writeable):
+                return False
+            y = res = None
+        else:  # out of place: another array of the same dtype and size, sharing no memory with x
+            if type(out) is not _ndarray or out.dtype != x.dtype or out.size != x.size:
+                return False
+            fo = out.flags
+            if not (flags.c_contiguous and fo.c_contiguous and fo.writeable) or np.may_share_memory(x, out):
+                return False
+            y = res = out if out.ndim == 1 else out.reshape(-1)
+        if not self._run_ready(shot, self.allreduce_step, x if x.ndim == 1 else x.reshape(-1), y, timeout,
                                x.nbytes):
             return False
         if op == "avg":
-            np.divide(x, self.n, out=x, casting="unsafe")
+            res = x if res is None else res
+            np.divide(res, self.n, out=res, casting="unsafe")
         return True
 
     def reduce_scatter(self, out, x, op, timeout) -> bool:

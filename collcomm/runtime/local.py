@@ -281,24 +281,34 @@ class LocalGroup:
             self._scratch = np.empty(DIRECT_CHUNK_BYTES, np.uint8)
         return self._scratch[:DIRECT_CHUNK_BYTES // dtype.itemsize * dtype.itemsize].view(dtype)
 
-    def _reduce_direct(self, reduce, out: np.ndarray, offset: int) -> None:
+    def _reduce_direct(self, reduce, out: np.ndarray, offset: int, first: np.ndarray | None = None,
+                       combine=None) -> None:
         """out (op)= every peer's published buffer from element ``offset`` on, peer by peer in
-        rank order, through the scratch (a chunk at a time)."""
+        rank order, through the scratch (a chunk at a time). ``first`` (with ``combine``): this
+        member's own input, when ``out`` is not it (out = first (op) peers...)."""
         arena, size = self.arena, out.dtype.itemsize
         tmp = self._scratch_for(out.dtype)
         for c0 in range(0, out.size, tmp.size):
             piece = out[c0:c0 + tmp.size]
             t = tmp[:piece.size]
-            for j in arena.peers:
+            for k, j in enumerate(arena.peers):
                 arena.read_direct(j, (offset + c0) * size, t)
-                reduce(piece, t)
+                if k == 0 and first is not None:
+                    combine(piece, first[c0:c0 + piece.size], t)
+                else:
+                    reduce(piece, t)
 
     # ------------------------------------------------------------------ collectives
-    def allreduce(self, buf, op: str, timeout: float) -> None:
+    def allreduce(self, buf, op: str, timeout: float, out=None) -> None:
+        """Reduce ``buf`` in place, or into ``out`` (a Buffer of its dtype and count sharing no
+        memory with it; ``buf`` is then only read): every path writes the result straight into
+        ``out``, so out of place costs no copy."""
         x, arena, n = buf.array, self.arena, self.n
+        res = buf if out is None else out
+        y = res.array
         fields = ("allreduce", buf.dtype, buf.count, op, -1)
         if self._is_direct(buf.nbytes):
-            self._allreduce_direct(buf, op, fields, timeout)
+            self._allreduce_direct(buf, res, op, fields, timeout)
             return
         shot = self._one_shots.get(fields)
         if shot is None and choose(n, buf.nbytes, arena.capacity, self.alpha) == "one_shot":
@@ -308,16 +318,17 @@ class LocalGroup:
                                               tuple(arena.view(j, h, x.dtype)[:x.size] for j in range(n))),
                                    buf.reducer(op))
         if shot is not None:  # the small-message path: every view and function prepared once
-            self.lane.run(shot, self.lane.allreduce_step, x, None, timeout, buf.nbytes)
+            self.lane.run(shot, self.lane.allreduce_step, x, None if out is None else y, timeout, buf.nbytes)
             if op == "avg":
-                buf.divide(n)
+                res.divide(n)
             return
         reduce = buf.reducer(op)
+        combine = None if out is None else buf.combiner(op)
         capacity = arena.capacity // x.dtype.itemsize
 
         def body(deadline, poll, desc):
             for start in range(0, x.size, capacity):
-                chunk = x[start:start + capacity]
+                chunk, result = x[start:start + capacity], y[start:start + capacity]
                 layout = parts(chunk.size, n)
                 h = arena.next_half()
                 mine = arena.view(self.me, h, x.dtype)
@@ -327,42 +338,47 @@ class LocalGroup:
                 arena.sync(deadline, poll, desc)
                 desc = None
                 off, length = layout[self.me]
-                part = chunk[off:off + length]  # reduced in place (in-place ufuncs are the fast ones)
-                _reduce_into(reduce, part, None, [arena.view(j, h, x.dtype)[off:off + length] for j in arena.peers])
+                part = result[off:off + length]  # reduced in place (in-place ufuncs are the fast ones)
+                _reduce_into(reduce, part, None if out is None else chunk[off:off + length],
+                             [arena.view(j, h, x.dtype)[off:off + length] for j in arena.peers], combine)
                 np.copyto(mine[off:off + length], part)  # for the peers
                 arena.sync(deadline, poll)
                 for j, (off, length) in enumerate(layout):
                     if j != self.me:
-                        np.copyto(chunk[off:off + length], arena.view(j, h, x.dtype)[off:off + length])
+                        np.copyto(result[off:off + length], arena.view(j, h, x.dtype)[off:off + length])
 
         self.run(fields, timeout, body, buf.nbytes)
         if op == "avg":
-            buf.divide(n)
+            res.divide(n)
 
-    def _allreduce_direct(self, buf, op: str, fields: tuple, timeout: float) -> None:
-        """Large allreduce, one copy per byte: every member publishes its buffer; each reduces its
-        part reading its peers' buffers directly; step; each reads the others' reduced parts
-        straight from their buffers; step (no member returns while its buffer is being read).
-        Each part is reduced by one member in rank order of the peers: every member gets the same bits."""
-        x, arena, n, me = buf.array, self.arena, self.n, self.me
+    def _allreduce_direct(self, buf, res, op: str, fields: tuple, timeout: float) -> None:
+        """Large allreduce, one copy per byte: every member publishes its input and its result's
+        buffer (``res``; the input's own, in place); each reduces its part into its result
+        reading its peers' inputs directly; step; each reads the others' reduced parts straight
+        from their results; step (no member returns while its buffers are being read). Each part
+        is reduced by one member in rank order of the peers: every member gets the same bits."""
+        x, y, arena, n, me = buf.array, res.array, self.arena, self.n, self.me
         reduce = buf.reducer(op)
+        combine = None if res is buf else buf.combiner(op)
         layout = parts(x.size, n)
         size = x.dtype.itemsize
 
         def body(deadline, poll, desc):
             arena.mine[shm_arena.W_BUF] = cma.address(x)
+            arena.mine[shm_arena.W_OUT] = cma.address(y)
             arena.sync(deadline, poll, desc)
             off, length = layout[me]
-            self._reduce_direct(reduce, x[off:off + length], off)
+            self._reduce_direct(reduce, y[off:off + length], off, None if res is buf else x[off:off + length],
+                                combine)
             arena.sync(deadline, poll)
             for j in arena.peers:
                 off, length = layout[j]
-                arena.read_direct(j, off * size, x[off:off + length])
+                arena.read_direct(j, off * size, y[off:off + length], shm_arena.W_OUT)
             arena.sync(deadline, poll)
 
         self.run(fields, timeout, body, buf.nbytes)
         if op == "avg":
-            buf.divide(n)
+            res.divide(n)
 
     def _one_round(self, fields: tuple, buf, table: dict, key, views, reduce) -> tuple:
         """Prepare the one-round operation ``fields`` (:meth:`SmallLane.prepare`), kept here by
@@ -374,10 +390,14 @@ class LocalGroup:
             table if buf.dtype == buf.array.dtype.name else None, key, fields, views, reduce)
         return shot
 
-    def reduce(self, buf, root: int, op: str, timeout: float) -> None:
-        """Reduce into the root's buffer; the others' stay as they were."""
+    def reduce(self, buf, root: int, op: str, timeout: float, out=None) -> None:
+        """Reduce into the root's buffer, or the root's ``out`` (as :meth:`allreduce`'s); the
+        others' buffers stay as they were."""
         x, arena, n, me = buf.array, self.arena, self.n, self.me
+        res = buf if out is None else out
+        y = res.array
         reduce = buf.reducer(op)
+        combine = None if out is None else buf.combiner(op)
         fields = ("reduce", buf.dtype, buf.count, op, root)
         capacity = arena.capacity // x.dtype.itemsize
 
@@ -391,34 +411,37 @@ class LocalGroup:
                 arena.sync(deadline, poll, desc)
                 desc = None
                 off, length = layout[me]
-                # the root's result lands in its buffer; the others' in their segment, for the root
-                # (each holds this member's own input already)
-                out = chunk[off:off + length] if me == root else arena.view(me, h, x.dtype)[off:off + length]
-                _reduce_into(reduce, out, None, [arena.view(j, h, x.dtype)[off:off + length] for j in arena.peers])
+                # the root's result lands in its result buffer (first its own input: ``first``
+                # out of place); the others' in their segment, for the root (it holds their input)
+                if me == root:
+                    result = y[start:start + capacity]
+                    target, first = result[off:off + length], None if out is None else chunk[off:off + length]
+                else:
+                    target, first = arena.view(me, h, x.dtype)[off:off + length], None
+                _reduce_into(reduce, target, first, [arena.view(j, h, x.dtype)[off:off + length] for j in arena.peers],
+                             combine)
                 arena.sync(deadline, poll)
                 if me == root:
                     for j, (off, length) in enumerate(layout):
                         if j != me:
-                            np.copyto(chunk[off:off + length], arena.view(j, h, x.dtype)[off:off + length])
+                            np.copyto(result[off:off + length], arena.view(j, h, x.dtype)[off:off + length])
 
         self.run(fields, timeout, body, buf.nbytes)
         if op == "avg" and me == root:
-            buf.divide(n)
+            res.divide(n)
 
     def reduce_scatter(self, dst, src, op: str, timeout: float) -> None:
         """``dst`` = this member's block of the reduction of every member's ``src``."""
         x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
         m = y.size
         fields = ("reduce_scatter", src.dtype, m, op, -1)
-        reduce = src.reducer(op)
+        reduce, combine = src.reducer(op), src.combiner(op)
         if self._is_direct(x.nbytes):  # read the peers' inputs directly
             def direct(deadline, poll, desc):
                 arena.mine[shm_arena.W_BUF] = cma.address(x)
                 arena.sync(deadline, poll, desc)
                 mine = x[me * m:(me + 1) * m]
-                if not np.may_share_memory(y, mine):
-                    np.copyto(y, mine)
-                self._reduce_direct(reduce, y, me * m)
+                self._reduce_direct(reduce, y, me * m, None if np.may_share_memory(y, mine) else mine, combine)
                 arena.sync(deadline, poll)  # nobody returns while its input is being read
 
             self.run(fields, timeout, direct, src.nbytes)
@@ -449,7 +472,8 @@ class LocalGroup:
                 desc = None
                 # this member's own input first: ``out`` may be that very block (in place)
                 _reduce_into(reduce, y[start:start + length], x[me * m + start:me * m + start + length],
-                             [arena.view(j, h, x.dtype)[me * step:me * step + length] for j in arena.peers])
+                             [arena.view(j, h, x.dtype)[me * step:me * step + length] for j in arena.peers],
+                             combine)
 
         self.run(fields, timeout, body, src.nbytes)
         if op == "avg":
@@ -601,12 +625,16 @@ class LocalGroup:
         lane.run(lane.barrier_shot, lane.barrier_step, None, None, timeout, 0)
 
 
-def _reduce_into(reduce, out: np.ndarray, first: np.ndarray | None, others: list[np.ndarray]) -> None:
-    """out = first (op) others[0] (op) others[1] ... with in-place reductions (NumPy's in-place
-    ufuncs run several times faster than out= a third array); ``first`` None: ``out`` holds it
-    already, as it does when ``first`` is ``out`` itself."""
+def _reduce_into(reduce, out: np.ndarray, first: np.ndarray | None, others: list[np.ndarray], combine=None) -> None:
+    """out = first (op) others[0] (op) others[1] ... with in-place reductions; ``first`` None:
+    ``out`` holds it already, as it does when ``first`` is ``out`` itself. ``combine(out, a, b)``
+    (out = a (op) b) saves copying ``first`` into ``out``."""
     if first is not None and not np.may_share_memory(out, first):
-        np.copyto(out, first)
+        if combine is not None and others:
+            combine(out, first, others[0])
+            others = others[1:]
+        else:
+            np.copyto(out, first)
     for o in others:
         reduce(out, o)
 

@@ -53,6 +53,7 @@ W_ALPHA = 16                                            # nanoseconds per step, 
 W_BUF = 17                                              # address of the buffer peers read directly (cma)
 W_SELF = 18                                             # address of the owner's own mapping (the cma probe)
 W_CMA = 19                                              # from what size this member reads peers directly; -1: never
+W_OUT = 20                                              # address of the buffer a result lands in (cma; W_BUF in place)
 W_SLEEP = 24                                            # the owner sleeps on its futex
 FUTEX_BYTE = 256                                        # u32 futex word
 DESC_TEXT = (512, 768)                                  # u16 length + text, by operation parity
@@ -283,18 +284,19 @@ class Arena:
         offers = [ctl[W_CMA] for ctl in self.ctl]
         return None if min(offers) < 0 else max(offers)
 
-    def read_direct(self, member: int, offset: int, out: np.ndarray) -> None:
+    def read_direct(self, member: int, offset: int, out: np.ndarray, word: int = W_BUF) -> None:
         """Copy ``out.nbytes`` bytes from ``offset`` bytes into the buffer ``member`` published
-        (W_BUF) for this operation, out of its process; a peer gone is a PeerFailure."""
-        self._direct(cma.read, "reading", member, offset, out)
+        (``word``: W_BUF, or W_OUT for its result's) for this operation, out of its process; a
+        peer gone is a PeerFailure."""
+        self._direct(cma.read, "reading", member, offset, out, word)
 
     def write_direct(self, member: int, offset: int, src: np.ndarray) -> None:
         """Copy ``src`` to ``offset`` bytes into the buffer ``member`` published, in its process."""
-        self._direct(cma.write, "writing", member, offset, src)
+        self._direct(cma.write, "writing", member, offset, src, W_BUF)
 
-    def _direct(self, move, what: str, member: int, offset: int, here: np.ndarray) -> None:
+    def _direct(self, move, what: str, member: int, offset: int, here: np.ndarray, word: int) -> None:
         try:
-            move(self.pids[member], self.ctl[member][W_BUF] + offset, here)
+            move(self.pids[member], self.ctl[member][word] + offset, here)
         except OSError as e:
             self._check_aborts()
             if e.errno == errno.ESRCH:
