@@ -75,6 +75,9 @@ BAD = [
     (["topology", "--preset", "dgx-a100", "--boxes", "x"], "--boxes"),
     (["topology", "--preset", "nope"], "--preset"),
     (["topology", "--preset", "ring", "--param", "ranks"], "--param"),
+    # a fraction is quoted as it was typed, not as Python's Fraction(-1, 2)
+    (["topology", "--preset", "ring", "--param", "bandwidth=-1/2"], "bandwidth must be positive, got -1/2"),
+    (["topology", "--preset", "ring", "--ranks", "4", "--param", "ranks=5/2"], "--param ranks=5/2 disagrees"),
     (["topology", "--topology", ""], "--topology"),
     (["topology", "--topology", "missing.json"], "missing.json"),
     (["topology", "--topology", "."], "'.'"),

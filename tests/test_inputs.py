@@ -370,6 +370,8 @@ def test_values_in_messages_are_short_and_on_one_line():
     assert len(long) < 100 and "\n" not in long and "\x1b" not in long and "characters" in long
     assert shown(10**10000) == "an integer of about 10000 digits"
     assert shown(list(range(10**5))) == "list of 100000 entries"
+    assert shown(Fraction(-25, 2)) == "-25/2" and shown(Fraction(3)) == "3"  # as typed, not Fraction(-25, 2)
+    assert shown(Fraction(10**10000 + 1, 3)) == "a fraction of about 10000 digits"
     assert "\n" not in one_line("a\nb\u2028c") and len(one_line("x" * 10**5)) < 1100
 
 

@@ -8,6 +8,7 @@ characters of one line. :func:`one_line` bounds a whole message the same way.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 SHOWN_CHARS = 60      # of one quoted value
 MESSAGE_CHARS = 1000  # of a whole message
@@ -31,6 +32,11 @@ def shown(value, width: int = SHOWN_CHARS) -> str:
     A long number is cut without being converted whole (``repr`` of an int has a digit limit)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * width:
         return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    if isinstance(value, Fraction):  # as the user writes it ("25/2"), not repr's Fraction(25, 2)
+        size = max(value.numerator.bit_length(), value.denominator.bit_length())
+        if size > 4 * width:
+            return f"a fraction of about {int(size * 0.30103)} digits"
+        return _cut(str(value), width)
     if isinstance(value, str):
         text = repr(value[:width + 1])
         if len(value) > width:
