@@ -199,8 +199,7 @@ def _run_ranks(nprocs, command, topology, timeout, stdout, stderr, wrap, extra_e
 
                 env.update(emu.rank_environment(fabric, i))
                 argv = emu.wrap_command(fabric, i, argv)
-            proc = subprocess.Popen(argv, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **_rank_group())
             r = _Rank(i, proc)
             ranks.append(r)
             for stream, out, keep in ((proc.stdout, stdout, None), (proc.stderr, stderr, r.tail)):
@@ -276,6 +275,30 @@ def _report(client, failed: _Rank) -> None:
         client.report_failure(0, failed.rank, reason=reason, timeout=5.0)
     except Exception:  # the ranks still learn of it from their own connections
         pass
+
+
+def _rank_group() -> dict:
+    """How a rank is started: in a process group of its own (the launcher stops a rank and what it
+    started with one killpg; a signal from the terminal reaches the launcher alone, which forwards
+    it), but in the launcher's session. A session of its own would also be a scheduler autogroup of
+    its own (Linux with CONFIG_SCHED_AUTOGROUP, on by default), and with more ranks than cores
+    the kernel then shares the CPUs between the ranks' groups first, and within each between its
+    threads: torch's gloo (a worker thread per rank) ran 10-25% slower that way, 4 ranks on 2 cores
+    (bench/RESULTS.md, issue 16). A rank in a background process group that read the terminal
+    would stop (SIGTTIN), so it gets no terminal for stdin (as in a session of its own, which has
+    none). Python 3.10 has no ``process_group``: a session of its own there."""
+    if sys.version_info < (3, 11):
+        return {"start_new_session": True}
+    stdin = subprocess.DEVNULL if _stdin_is_a_terminal() else None
+    return {"process_group": 0, "stdin": stdin}
+
+
+def _stdin_is_a_terminal() -> bool:
+    try:
+        return os.isatty(0)
+    except OSError:
+        return False
+
 
 
 def _stop(running: list[_Rank]) -> None:

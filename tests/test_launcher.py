@@ -283,6 +283,48 @@ def test_ranks_blocked_outside_collectives_are_stopped_when_one_fails(tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 has no Popen(process_group=): a session per rank")
+@pytest.mark.parametrize("stdin", ["terminal", "pipe"])
+def test_each_rank_leads_a_process_group_in_the_launchers_session(tmp_path, stdin):
+    """A rank leads a process group of its own (the launcher stops it and what it started with one
+    killpg) in the launcher's session: a session of its own would be a scheduler autogroup of its
+    own, which slowed ranks sharing cores. With a terminal for stdin a rank gets /dev/null (in a
+    background process group, reading the terminal would stop it); a pipe is passed on."""
+    import pty
+
+    prog = script(tmp_path, """
+        import os, sys
+        print(f"ids {os.getpid()} {os.getpgid(0)} {os.getsid(0)} {os.getppid()} {os.readlink('/proc/self/fd/0')}",
+              flush=True)
+    """)
+    if stdin == "terminal":
+        leader, follower = pty.openpty()
+        child_stdin = follower
+    else:
+        leader, follower = None, None
+        child_stdin = subprocess.PIPE
+    proc = subprocess.Popen(collcomm_cmd() + ["run", "-n", "2", sys.executable, str(prog)], stdin=child_stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=45)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        for fd in (leader, follower):
+            if fd is not None:
+                os.close(fd)
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+    ids = [line.split(" ids ", 1)[1].split() for line in out.decode().splitlines() if " ids " in line]
+    assert len(ids) == 2, out
+    for pid, pgid, sid, parent, fd0 in ids:
+        assert pgid == pid, ids                       # its own process group
+        assert sid == str(proc.pid) != pid, ids       # the launcher's session (the test made it a leader)
+        assert parent == str(proc.pid), ids
+        assert (fd0 == "/dev/null") == (stdin == "terminal"), ids
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_reaches_every_rank_even_inside_a_collective(tmp_path, signum):
     """Ranks 0 and 1 wait in an allreduce that rank 2 never joins (default 300 s timeout); Ctrl-C
