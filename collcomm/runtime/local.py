@@ -338,7 +338,7 @@ class LocalGroup:
                 arena.sync(deadline, poll, desc)
                 desc = None
                 off, length = layout[self.me]
-                part = result[off:off + length]  # reduced in place (in-place ufuncs are the fast ones)
+                part = result[off:off + length]  # this member's part of the result
                 _reduce_into(reduce, part, None if out is None else chunk[off:off + length],
                              [arena.view(j, h, x.dtype)[off:off + length] for j in arena.peers], combine)
                 np.copyto(mine[off:off + length], part)  # for the peers
