@@ -418,6 +418,10 @@ def test_command_failed_is_exit_1_and_a_missing_coordinator_report_too(in_files,
         monkeypatch.setenv("COLLCOMM_TOKEN", TOKEN)
         assert main(["status", "--coordinator", server.address, "--timeout", "5"]) == 1
         assert "no link-monitor report at" in _one_error_line(capsys)
+        address = server.address
+    # a coordinator that is gone is not bad input either
+    assert main(["status", "--coordinator", address, "--timeout", "1"]) == 1
+    assert f"cannot reach coordinator at {address}" in _one_error_line(capsys)
 
 
 MALFORMED_REPORTS = [

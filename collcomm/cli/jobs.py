@@ -107,7 +107,7 @@ def add_status_command(sub) -> None:
 def cmd_status(args) -> int:
     import json
 
-    from collcomm.coordinator.client import CoordinatorClient
+    from collcomm.coordinator.client import CoordinatorClient, CoordinatorUnavailable
     from collcomm.coordinator.standalone import refuse_token_argument
     from collcomm.coordinator.tokens import token_from
     from collcomm.errors import CollectiveTimeout
@@ -128,7 +128,10 @@ def cmd_status(args) -> int:
         key = "monitor/latest" if args.group is None else f"monitor/latest/{args.group}"
         client = CoordinatorClient(address, token, timeout=args.timeout)
     with client:
-        client.ping(timeout=args.timeout)  # reach it within --timeout (a report is asked for once, below)
+        try:
+            client.ping(timeout=args.timeout)  # reach it within --timeout (a report is asked for once, below)
+        except CoordinatorUnavailable as e:  # not bad input: the job's coordinator is gone, or not there yet
+            raise CommandFailed(str(e)) from None
         try:
             raw = client.kv_get(key, timeout=0)
         except CollectiveTimeout:
