@@ -83,12 +83,12 @@ def one_shot_over_sockets(n: int, nbytes: int) -> bool:
 def allgather(rt, group: Group, dst: Buffer, src: Buffer, timeout: float) -> None:
     """``dst``, ``src``: the output and the input, checked (collcomm.runtime.arguments.gathered)."""
     n = src.count
+    local = group.local_path(timeout) if n and group.size > 1 else None
+    if local is not None:  # (copies this member's own block itself, when it suits its path)
+        local.allgather(dst, src, timeout)
+        return
     dst.array[group.me * n:(group.me + 1) * n] = src.array
     if n == 0 or group.size == 1:
-        return
-    local = group.local_path(timeout)
-    if local is not None:
-        local.allgather(dst, src, timeout)
         return
     shards = {r: (r * n, n) for r in range(group.size)}
     group.run_schedule(ALLGATHER, dst, dst.array, shards, reducer=None, chained=False,

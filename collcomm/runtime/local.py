@@ -480,20 +480,23 @@ class LocalGroup:
             dst.divide(n)
 
     def allgather(self, dst, src, timeout: float) -> None:
-        """``dst`` = every member's ``src``, in rank order (this member's own block is already in place)."""
+        """``dst`` = every member's ``src``, in rank order."""
         x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
         m = x.size
+        own = y[me * m:(me + 1) * m]
         fields = ("allgather", src.dtype, m, "", -1)
         if self._is_direct(dst.nbytes):  # read each peer's input directly
             def direct(deadline, poll, desc):
                 arena.mine[shm_arena.W_BUF] = cma.address(x)
                 arena.sync(deadline, poll, desc)
+                np.copyto(own, x)  # after the step: a member that waited for the others did no work meanwhile
                 for j in arena.peers:
                     arena.read_direct(j, 0, y[j * m:(j + 1) * m])
                 arena.sync(deadline, poll)  # nobody returns while its input is being read
 
             self.run(fields, timeout, direct, dst.nbytes)
             return
+        np.copyto(own, x)
         if x.nbytes <= arena.capacity:  # one round, views prepared
             shot = self._one_shots.get(fields) or self._one_round(
                 fields, src, self.lane.allgathers, (x.dtype, m),
