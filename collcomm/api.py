@@ -227,17 +227,20 @@ def alltoall(out, x, *, group=None, async_op: bool = False, timeout: float | Non
     return g.submit(lambda: run(rt, g, dst, src, t), "alltoall", a.flag(async_op, "async_op"))
 
 
-def broadcast(x, root: int = 0, *, group=None, async_op: bool = False, timeout: float | None = None):
-    """Copy the root's ``x`` to every rank of the group (``root`` is a group rank)."""
+def broadcast(x, root: int = 0, *, out=None, group=None, async_op: bool = False, timeout: float | None = None):
+    """Copy the root's ``x`` to every rank of the group (``root`` is a group rank): into ``x``, or
+    into ``out`` on every rank (the same dtype and number of elements, no memory shared with
+    ``x``; ``x`` is then only read, and only the root's), as ncclBroadcast's send and receive
+    buffers. ``out=x`` is in place."""
     lane = _lane(group, async_op)
-    if lane is not None and lane.broadcast(x, root, timeout):
+    if lane is not None and lane.broadcast(x, root, timeout, out):
         return None
     c, a = _modules()
     rt, g = _rt(), _group(group)
-    buf = a.buffer(x, "broadcast: x")
+    buf, dst = a.into(out, x, "broadcast")
     root = a.root(root, g, "broadcast")
     t = a.timeout(timeout, rt.timeout)
-    return g.submit(lambda: c.broadcast(rt, g, buf, root, t), "broadcast", a.flag(async_op, "async_op"))
+    return g.submit(lambda: c.broadcast(rt, g, buf, root, t, out=dst), "broadcast", a.flag(async_op, "async_op"))
 
 
 def reduce(x, root: int = 0, op: str = "sum", *, out=None, group=None, async_op: bool = False,

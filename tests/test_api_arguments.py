@@ -183,10 +183,11 @@ def test_reductions_roots_flags_groups_and_sizes_are_checked(solo):
 
 
 def test_a_result_buffer_is_checked_and_out_equal_to_x_is_in_place(solo):
-    """allreduce's and reduce's ``out=``: the same dtype and size as ``x``, writeable, sharing no
+    """allreduce's, reduce's and broadcast's ``out=``: the same dtype and size as ``x``, writeable, sharing no
     memory with ``x`` unless it is ``x``; ``x`` may then be read-only and is left as it was."""
     x = np.arange(8, dtype=np.float32)
-    for call in (lambda x, out: cc.allreduce(x, out=out), lambda x, out: cc.reduce(x, 0, out=out)):
+    for call in (lambda x, out: cc.allreduce(x, out=out), lambda x, out: cc.reduce(x, 0, out=out),
+                 lambda x, out: cc.broadcast(x, 0, out=out)):
         e = refused(lambda: call(x, np.zeros(8, np.float64)), "out", UsageTypeError)
         assert "out has dtype float64, x float32" in str(e)
         refused(lambda: call(x, np.zeros(7, np.float32)), "out")
@@ -204,6 +205,9 @@ def test_a_result_buffer_is_checked_and_out_equal_to_x_is_in_place(solo):
     z = np.full(8, -1, np.float32)
     cc.reduce(frozen, 0, "min", out=z)
     assert np.array_equal(z, x)
+    b = np.full(8, -1, np.float32)
+    cc.broadcast(frozen, 0, out=b)
+    assert np.array_equal(b, x)
     same = x.copy()
     cc.allreduce(same, out=same.reshape(2, 4))  # the very memory of x: in place
     assert np.array_equal(same, x)

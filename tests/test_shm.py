@@ -29,7 +29,7 @@ import multiproc
 from shm_support import cma_allowed
 
 import collcomm as cc
-from collcomm.runtime import local
+from collcomm.runtime import local, local_settings
 from collcomm.topology.model import Link, Node, Topology
 from collcomm.transport.shm import arena as shm_arena, cma, segment
 
@@ -105,6 +105,19 @@ def every_collective(counts: list[int], transport_expected: bool) -> dict:
             cc.broadcast(b, root=root)
             if not np.array_equal(b, x[root]):
                 wrong.append(f"broadcast root {root} {count} {dtype}")
+            # out of place (x read-only), blocking (the lane once the shape is filed), then every
+            # other member in place through the full path
+            src = x[me].copy()
+            src.flags.writeable = False
+            o = np.full(count, 7, dtype)
+            cc.broadcast(src, root=root, out=o)
+            if not (np.array_equal(o, x[root]) and np.array_equal(src, x[me])):
+                wrong.append(f"broadcast out= root {root} {count} {dtype}")
+            o = x[me].copy() if me % 2 == 0 else np.full(count, 7, dtype)
+            cc.broadcast(o if me % 2 == 0 else src, root=root, out=None if me % 2 == 0 else o,
+                         async_op=True).wait(60)
+            if not np.array_equal(o, x[root]):
+                wrong.append(f"broadcast mixed in place and out= root {root} {count} {dtype}")
             blocks = _inputs(n, count * n, dtype, "sum", seed=ci * 1000 + di * 10 + 9)  # [sender][receiver block]
             a2a = np.empty(count * n, dtype)
             inplace = blocks[me].copy()
@@ -124,7 +137,7 @@ def every_collective(counts: list[int], transport_expected: bool) -> dict:
     assert used == transport_expected, f"shared memory in use: {used}"
     if used:
         direct = cc.api._group(None)._local.direct
-        assert direct == (local.direct_bytes() if cma_allowed() else None), direct
+        assert direct == (local_settings.direct_bytes() if cma_allowed() else None), direct
     if used:  # what this rank read from each peer's segment is in the link telemetry
         cc.api._group(None)._local._flush_telemetry()
         links = cc.api.runtime().transport.telemetry.snapshot()["links"]
@@ -171,6 +184,39 @@ def mixed_hosts() -> dict:
         ok = ok and bool(np.array_equal(z, want))
     return {"ok": ok, "world_shm": bool(world._local), "pair_shm": bool(pair._local),
             "hierarchy": bool(world._hierarchy) and bool(world._hierarchy.box._local)}
+
+
+def broadcast_rounds(count: int) -> dict:
+    """Direct broadcasts of ``count`` float64 (several rounds of n parts) from every root, in
+    place and out of place, and every other member out of place."""
+    n, me = cc.world_size(), cc.rank()
+    wrong = []
+    for root in range(n):
+        data = np.random.default_rng(root).standard_normal((n, count))
+        b = data[me].copy()
+        cc.broadcast(b, root=root)
+        o = np.zeros(count)
+        cc.broadcast(data[me], root=root, out=o)
+        m = data[me].copy() if me % 2 else np.zeros(count)
+        cc.broadcast(data[me] if me % 2 == 0 else m, root=root, out=m if me % 2 == 0 else None)
+        for name, got in (("in place", b), ("out=", o), ("mixed", m)):
+            if not np.array_equal(got, data[root]):
+                wrong.append(f"{name} root {root}: {int((got != data[root]).sum())} wrong")
+    return {"wrong": wrong, "direct": cc.api._group(None)._local.direct}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [3, 4])
+def test_a_direct_broadcast_in_rounds_lands_whole(n):
+    """Three or more members broadcast directly in rounds of n parts of 1 MiB: one and a half
+    rounds of float64 and 7 more elements, the second round short and uneven."""
+    if not cma_allowed():
+        pytest.skip("process_vm_readv is not allowed here (seccomp or ptrace restrictions)")
+    count = local.BROADCAST_PART_BYTES // 8 * n * 3 // 2 + 7
+    job = multiproc.run(n, broadcast_rounds, kwargs={"count": count}, timeout=100,
+                        env={"COLLCOMM_SHM_DIRECT_BYTES": "0"}).check()
+    for r, v in enumerate(job.values()):
+        assert v == {"wrong": [], "direct": 0}, f"rank {r}: {v}"
 
 
 def no_growth(ops: int) -> dict:
@@ -252,21 +298,21 @@ def test_one_member_that_will_not_read_directly_keeps_the_whole_group_on_the_seg
     values = list(multiproc.run(3, direct_agreement, kwargs={"refuse": 1}, timeout=100).check().values())
     assert values == [{"direct": None, "exact": True}] * 3, values
     values = list(multiproc.run(2, direct_agreement, kwargs={"refuse": -1}, timeout=100).check().values())
-    expected = local.DEFAULT_DIRECT_BYTES if cma_allowed() else None
+    expected = local_settings.DEFAULT_DIRECT_BYTES if cma_allowed() else None
     assert values == [{"direct": expected, "exact": True}] * 2, values
 
 
 def test_direct_bytes_setting_is_checked(monkeypatch):
     monkeypatch.setenv("COLLCOMM_SHM_DIRECT_BYTES", "Lots")
     with pytest.raises(ValueError, match="COLLCOMM_SHM_DIRECT_BYTES='Lots' is neither a number of bytes nor off"):
-        local.direct_bytes()
+        local_settings.direct_bytes()
     monkeypatch.setenv("COLLCOMM_SHM_DIRECT_BYTES", "-1")
     with pytest.raises(ValueError, match="must be >= 0"):
-        local.direct_bytes()
+        local_settings.direct_bytes()
     monkeypatch.setenv("COLLCOMM_SHM_DIRECT_BYTES", "Off")
-    assert local.direct_bytes() is None
+    assert local_settings.direct_bytes() is None
     monkeypatch.delenv("COLLCOMM_SHM_DIRECT_BYTES")
-    assert local.direct_bytes() == local.DEFAULT_DIRECT_BYTES
+    assert local_settings.direct_bytes() == local_settings.DEFAULT_DIRECT_BYTES
 
 
 @pytest.mark.parametrize("move", [cma.read, cma.write])
@@ -378,10 +424,10 @@ def test_one_shot_below_a_size_two_step_above(n, a, b, alpha, beta):
 def test_bad_arena_size_is_one_line(monkeypatch):
     monkeypatch.setenv("COLLCOMM_SHM_BYTES", "12ab")
     with pytest.raises(ValueError, match="COLLCOMM_SHM_BYTES='12ab' is not a number of bytes"):
-        local.half_bytes()
+        local_settings.half_bytes()
     monkeypatch.setenv("COLLCOMM_SHM_BYTES", "100")
     with pytest.raises(ValueError, match="multiple of 64 of at least 4096"):
-        local.half_bytes()
+        local_settings.half_bytes()
 
 
 def test_segment_names_are_the_jobs_own():
@@ -393,7 +439,7 @@ def test_segment_names_are_the_jobs_own():
 def test_a_misspelt_transport_is_one_line(monkeypatch):
     monkeypatch.setenv("COLLCOMM_TRANSPORT", "shmem")
     with pytest.raises(ValueError, match=r"COLLCOMM_TRANSPORT='shmem': choose one of auto, unix, tcp"):
-        local.transport_choice()
+        local_settings.transport_choice()
 
 
 def test_a_full_shm_directory_is_an_error_at_creation_not_a_crash_later(tmp_path, monkeypatch):

@@ -8,9 +8,8 @@ from collcomm.perf.library import Library, as_bfloat16
 
 
 class Collcomm(Library):
-    """collcomm's public API. allreduce and reduce take a result buffer (``out=``, as MPI's do);
-    broadcast is in place, so its out-of-place variant copies the root's send buffer into its
-    receive buffer first (timed, as for OpenMPI and gloo)."""
+    """collcomm's public API. allreduce, reduce and broadcast take a result buffer (``out=``, as
+    MPI's allreduce and reduce, and NCCL's broadcast, do)."""
 
     name = "collcomm"
 
@@ -34,9 +33,7 @@ class Collcomm(Library):
         elif coll == "alltoall":
             cc.alltoall(out, inp)
         elif coll == "broadcast":
-            if not inplace and self.rank == root:
-                out[:] = inp
-            cc.broadcast(out, root)
+            cc.broadcast(out if inplace else inp, root, out=None if inplace else out)
         elif coll == "reduce":
             cc.reduce(out if inplace else inp, root, op, out=None if inplace else out)
         else:  # pragma: no cover - options.py admits only the six

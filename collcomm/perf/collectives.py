@@ -18,9 +18,9 @@ reduce           count         count          count * w        count            
 algbw = printed size / time (GB/s, GB = 1e9 bytes).
 
 Variants. Out-of-place: the input is the send buffer, the output the receive buffer; where an
-API works only in place (torch's allreduce, broadcast and reduce; collcomm's and MPI's broadcast)
-the operation is "copy the send buffer into the receive buffer, then run in place", and the copy
-is timed (it is what a caller of that API pays for out-of-place). collcomm's allreduce and reduce
+API works only in place (torch's allreduce, broadcast and reduce; MPI's broadcast) the operation
+is "copy the send buffer into the receive buffer, then run in place", and the copy is timed (it
+is what a caller of that API pays for out-of-place). collcomm's allreduce, reduce and broadcast
 take the receive buffer (``out=``). In-place: the output buffer is the
 input (allreduce, broadcast, reduce, alltoall: the receive buffer), for allgather the input is
 this rank's slice of the output, for reduce_scatter the output is this rank's slice of the input

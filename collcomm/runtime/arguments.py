@@ -180,17 +180,25 @@ def reduction(x, op, what: str) -> Buffer:
 
 
 def reduced(out, x, op, what: str) -> tuple[Buffer, Buffer | None]:
-    """A reduction's input and the buffer its result lands in: (``x``, None) in place (``out``
+    """A reduction's input and the buffer its result lands in (:func:`into`), ``op`` checked."""
+    if out is None:
+        return reduction(x, op, f"{what}: x"), None
+    src, dst = into(out, x, what)
+    check_reduction(op, src)
+    return src, dst
+
+
+def into(out, x, what: str) -> tuple[Buffer, Buffer | None]:
+    """An operation's input and the buffer its result lands in: (``x``, None) in place (``out``
     None, or the very memory of ``x``); else (``x``, ``out``) of the same dtype and number of
     elements, ``x`` only read (a read-only array will do) and sharing no memory with ``out``."""
     if out is None:
-        return reduction(x, op, f"{what}: x"), None
+        return as_buffer(x, f"{what}: x"), None
     src, dst = as_buffer(x, f"{what}: x", read_only=True), as_buffer(out, f"{what}: out")
     if dst.dtype != src.dtype:
         raise UsageTypeError(f"{what}: out has dtype {dst.dtype}, x {src.dtype}; they must be the same", "out")
     if dst.count != src.count:
         raise UsageError(f"{what}: out holds {dst.count} elements, x {src.count}; they must be equal", "out")
-    check_reduction(op, dst)
     a, b = src.array, dst.array
     if np.may_share_memory(a, b):  # (both flat and contiguous: overlapping bounds are shared memory)
         if a.__array_interface__["data"][0] == b.__array_interface__["data"][0]:

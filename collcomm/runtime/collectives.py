@@ -114,15 +114,23 @@ def reduce_scatter(rt, group: Group, dst: Buffer, src: Buffer, op: str, timeout:
         dst.divide(group.size)
 
 
-def broadcast(rt, group: Group, x, root: int, timeout: float) -> None:
+def broadcast(rt, group: Group, x, root: int, timeout: float, out: Buffer | None = None) -> None:
+    """The root's ``x`` into every member's ``x``, or into every member's ``out`` (a Buffer of
+    ``x``'s dtype and count sharing no memory with it; ``x`` is then only read)."""
     buf = x if type(x) is Buffer else as_buffer(x)  # (the API's is checked)
     check_root(group, root, "broadcast")
     if buf.count == 0 or group.size == 1:
+        if out is not None:
+            np.copyto(out.array, buf.array)
         return
     local = group.local_path(timeout)
     if local is not None:  # every member compares the operation at its first step: no agreement after
-        local.broadcast(buf, root, timeout)
+        local.broadcast(buf, root, timeout, out)
         return
+    if out is not None:  # over sockets the result's buffer is what travels: the root's starts as its input
+        if group.me == root:
+            np.copyto(out.array, buf.array)
+        buf = out
     fields = ("broadcast", buf.dtype, buf.count, "", root)
     _rooted(rt, group, fields, timeout, lambda: group.run_schedule(
         ALLGATHER, buf, buf.array, {root: (0, buf.count)}, reducer=None, chained=False, desc_fields=fields,

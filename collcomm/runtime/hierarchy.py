@@ -14,7 +14,7 @@ raise the same typed error instead of waiting out their timeout.
 from __future__ import annotations
 
 from collcomm.errors import CollectiveError
-from collcomm.runtime import local
+from collcomm.runtime import local_settings
 from collcomm.transport import frames
 
 
@@ -34,7 +34,7 @@ def boxes(rt, group) -> list[list[int]]:
 
 def eligible(rt, group) -> bool:
     """Several machines, and at least one with several members (else there is nothing to share)."""
-    if group.size < 3 or not local.enabled() or rt.transport.faults is not None or rt.algorithm:
+    if group.size < 3 or not local_settings.enabled() or rt.transport.faults is not None or rt.algorithm:
         return False
     by_box = boxes(rt, group)
     return len(by_box) > 1 and any(len(b) > 1 for b in by_box)

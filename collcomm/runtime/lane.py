@@ -116,13 +116,17 @@ class SmallLane:
         for off, theirs in others:
             np.copyto(y[off:off + m], theirs)
 
-    def broadcast_step(self, x, root, views, reduce, deadline, desc) -> None:
+    def broadcast_step(self, x, y, views, reduce, deadline, desc) -> None:
+        """``y``: (the root, the result's array or None: ``x``)."""
+        root, out = y
         if root == self.me:
             np.copyto(views, x)
             self.arena.sync(deadline, self.local.poll, desc)
+            if out is not None:
+                np.copyto(out, x)
         else:
             self.arena.sync(deadline, self.local.poll, desc)
-            np.copyto(x, views)
+            np.copyto(x if out is None else out, views)
 
     def barrier_step(self, x, y, views, reduce, deadline, desc) -> None:
         self.arena.sync(deadline, self.local.poll, desc)
@@ -212,16 +216,25 @@ class SmallLane:
             self.run(shot, self.allgather_step, x1, y, t, out.nbytes)
         return True
 
-    def broadcast(self, x, root, timeout) -> bool:
+    def broadcast(self, x, root, timeout, out=None) -> bool:
         if type(x) is not _ndarray or type(root) is not int:
             return False
         shot = self.broadcasts.get((x.dtype, x.size, root))
         if shot is None:
             return False
         flags = x.flags
-        if not (flags.c_contiguous and flags.writeable):
-            return False
-        return self._run_ready(shot, self.broadcast_step, x if x.ndim == 1 else x.reshape(-1), root, timeout,
+        if out is None or out is x:
+            if not (flags.c_contiguous and flags.writeable):
+                return False
+            y = None
+        else:  # into another array of the same dtype and size, sharing no memory with x
+            if type(out) is not _ndarray or out.dtype != x.dtype or out.size != x.size:
+                return False
+            fo = out.flags
+            if not (flags.c_contiguous and fo.c_contiguous and fo.writeable) or np.may_share_memory(x, out):
+                return False
+            y = out if out.ndim == 1 else out.reshape(-1)
+        return self._run_ready(shot, self.broadcast_step, x if x.ndim == 1 else x.reshape(-1), (root, y), timeout,
                                x.nbytes)
 
     def barrier(self, timeout) -> bool:

@@ -42,47 +42,19 @@ import numpy as np
 from collcomm.errors import CollectiveError, MismatchError
 from collcomm.runtime import failures
 from collcomm.runtime.lane import SmallLane
+from collcomm.runtime.local_settings import SPIN, SPIN_CROWDED, direct_bytes, enabled, half_bytes
 from collcomm.runtime.operation import describe_fields
 from collcomm.transport import frames
 from collcomm.transport.shm import arena as shm_arena, cma
 from collcomm.transport.shm.segment import Segment, name as segment_name
 
-DEFAULT_HALF_BYTES = 1 << 20  # each half of a member's data area (COLLCOMM_SHM_BYTES)
 # The alpha-beta model of the algorithms: alpha, the cost of one step, is measured by every arena
 # when it forms (Arena.calibrate); the costs per byte of a copy and of a reduction (one input into
 # the output) are this kind of machine's (bench/shm_collectives.py).
 BETA_COPY, BETA_REDUCE = 0.2e-9, 0.4e-9
-# How long a waiter spins (checks) and then yields its core before it sleeps on its futex: with a
-# core per member spinning answers within a microsecond; with more members than cores the one
-# waited for needs the core, so the waiter yields almost at once.
-# (tuning knobs for bench/: COLLCOMM_SHM_SPIN and COLLCOMM_SHM_SPIN_CROWDED, "spins,yields")
-SPIN = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN", "2000,200").split(","))
-SPIN_CROWDED = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN_CROWDED", "5,50").split(","))
 TELEMETRY_EVERY_BYTES = 1 << 20  # record shared-memory traffic in the link telemetry in batches
-# From this size on (COLLCOMM_SHM_DIRECT_BYTES; "off": never) allreduce, allgather,
-# reduce-scatter and broadcast move the members' buffers directly (cross-memory attach: one copy
-# per byte instead of two through the segments; bench/RESULTS.md: better from 4 MB on, worse at
-# 1 MB, where a syscall per piece and one more step cost more than the copy saved; a broadcast of
-# 1 MB with 2 members reads the same either way, 4 MB 25-40 % faster direct).
-DEFAULT_DIRECT_BYTES = 4 << 20
+BROADCAST_PART_BYTES = 1 << 20  # a direct broadcast of 3 or more members goes in rounds of n parts this size
 DIRECT_CHUNK_BYTES = 256 << 10  # a direct read to be reduced goes through a scratch of this size (stays in cache)
-
-
-TRANSPORTS = ("auto", "unix", "tcp")  # COLLCOMM_TRANSPORT: shared memory + sockets, sockets, TCP only
-
-
-def transport_choice() -> str:
-    """COLLCOMM_TRANSPORT, checked (a one-line ValueError naming the choices)."""
-    raw = os.environ.get("COLLCOMM_TRANSPORT") or "auto"
-    choice = raw.strip().lower()
-    if choice not in TRANSPORTS:
-        raise ValueError(f"COLLCOMM_TRANSPORT={raw!r}: choose one of {', '.join(TRANSPORTS)}")
-    return choice
-
-
-def enabled() -> bool:
-    """Shared memory is on unless COLLCOMM_TRANSPORT says unix or tcp (sockets only)."""
-    return transport_choice() == "auto" and shm_arena.SUPPORTED
 
 
 def eligible(rt, group) -> bool:
@@ -563,17 +535,22 @@ class LocalGroup:
 
         self.run(fields, timeout, body, src.nbytes)
 
-    def broadcast(self, buf, root: int, timeout: float) -> None:
+    def broadcast(self, buf, root: int, timeout: float, out=None) -> None:
+        """The root's ``buf`` into every member's ``buf``, or into every member's ``out`` (the
+        root's ``buf`` is then only read; the root copies it into its ``out`` itself)."""
         x, arena, me = buf.array, self.arena, self.me
+        res = buf if out is None else out
+        y = res.array
         fields = ("broadcast", buf.dtype, buf.count, "", root)
         if self._is_direct(buf.nbytes):
-            self._broadcast_direct(buf, root, fields, timeout)
+            self._broadcast_direct(buf, res, root, fields, timeout)
             return
         if x.nbytes <= arena.capacity:  # one round, views prepared (the root's half)
             shot = self._one_shots.get(fields) or self._one_round(
                 fields, buf, self.lane.broadcasts, (x.dtype, x.size, root),
                 lambda h: arena.view(root, h, x.dtype)[:x.size], None)
-            self.lane.run(shot, self.lane.broadcast_step, x, root, timeout, buf.nbytes)
+            self.lane.run(shot, self.lane.broadcast_step, x, (root, None if out is None else y), timeout,
+                          buf.nbytes)
             return
         step = arena.capacity // x.dtype.itemsize
 
@@ -586,38 +563,62 @@ class LocalGroup:
                 arena.sync(deadline, poll, desc)
                 desc = None
                 if me != root:
-                    np.copyto(chunk, arena.view(root, h, x.dtype)[:chunk.size])
+                    np.copyto(y[start:start + chunk.size], arena.view(root, h, x.dtype)[:chunk.size])
+            if me == root and out is not None:
+                np.copyto(y, x)
 
         self.run(fields, timeout, body, buf.nbytes)
 
-    def _broadcast_direct(self, buf, root: int, fields: tuple, timeout: float) -> None:
-        """Broadcast, one copy per byte received, spread over every member: the buffer is cut into
-        n parts; every member publishes its buffer; the root writes its own part into each
-        reader's buffer while each reader reads its part from the root's; step; each reader reads
-        the other readers' parts from their buffers; step (no member returns while its buffer is
-        being read). Two members: each copies half, in parallel, and the second step is not needed."""
-        x, arena, n, me = buf.array, self.arena, self.n, self.me
-        layout = parts(x.size, n)
+    def _broadcast_direct(self, buf, res, root: int, fields: tuple, timeout: float) -> None:
+        """Broadcast, one copy per byte received, spread over the members. Each round cuts its
+        stretch of the buffer into parts, one per *holder*; the root writes its own part (when it
+        holds one) into each reader's result while each reader reads its part from the root's
+        input; with two or more readers: step; each reader reads the other readers' parts from
+        their results. A step after the last round: no member returns while its buffer is being
+        read.
+
+        The holders are every member, or only the readers when the root copies its input into its
+        own result (out of place: its control page's W_OUT is not its W_BUF, which every member
+        reads after the first step): that copy is the root's share then, done round by round
+        while the readers read (64 MB on 4 ranks: the root's core did its copy and its writes
+        while the other did two readers' reads). Rounds of parts of BROADCAST_PART_BYTES when
+        readers exchange parts (a reader then reads the others' parts while they are still in
+        the cache: 64 MB on 4 ranks 3.19 against 2.96 and 3.68 against 3.45 GB/s,
+        bench/RESULTS.md); otherwise one round."""
+        x, y, arena, n, me = buf.array, res.array, self.arena, self.n, self.me
         size = x.dtype.itemsize
+        readers = [j for j in range(n) if j != root]
 
         def body(deadline, poll, desc):
-            arena.mine[shm_arena.W_BUF] = cma.address(x)
+            arena.mine[shm_arena.W_BUF] = cma.address(x if me == root else y)  # what the others read or write
+            arena.mine[shm_arena.W_OUT] = cma.address(y)
             arena.sync(deadline, poll, desc)
-            if me == root:
-                off, length = layout[root]
-                for j in arena.peers:
-                    arena.write_direct(j, off * size, x[off:off + length])
-            else:
-                off, length = layout[me]
-                arena.read_direct(root, off * size, x[off:off + length])
+            top = arena.ctl[root]
+            root_copies = top[shm_arena.W_OUT] != top[shm_arena.W_BUF]
+            holders = readers if root_copies else list(range(n))
+            exchange = len(readers) > 1
+            per_round = max(1, BROADCAST_PART_BYTES // size) * len(holders) if exchange else x.size
+            for start in range(0, x.size, per_round):
+                stretch = min(per_round, x.size - start)
+                layout = {j: (start + off, length) for j, (off, length) in zip(holders, parts(stretch, len(holders)))}
+                if me == root:
+                    if not root_copies:
+                        off, length = layout[root]
+                        for j in arena.peers:
+                            arena.write_direct(j, off * size, x[off:off + length])
+                    else:
+                        np.copyto(y[start:start + stretch], x[start:start + stretch])
+                else:
+                    off, length = layout[me]
+                    arena.read_direct(root, off * size, y[off:off + length])
+                if exchange:
+                    arena.sync(deadline, poll)
+                    if me != root:
+                        for j in readers:
+                            if j != me:
+                                off, length = layout[j]
+                                arena.read_direct(j, off * size, y[off:off + length])
             arena.sync(deadline, poll)
-            if n > 2:
-                if me != root:
-                    for j in arena.peers:
-                        if j != root:
-                            off, length = layout[j]
-                            arena.read_direct(j, off * size, x[off:off + length])
-                arena.sync(deadline, poll)
 
         self.run(fields, timeout, body, buf.nbytes)
 
@@ -649,33 +650,3 @@ def _agree(group, ok: int, timeout: float) -> int:
     flag = np.array([ok], dtype=np.int32)
     allreduce(group.runtime, group, flag, "min", timeout)
     return int(flag[0])
-
-
-def direct_bytes() -> int | None:
-    """COLLCOMM_SHM_DIRECT_BYTES: from what size members read each other's buffers directly
-    (default 4 MiB); "off": never."""
-    raw = os.environ.get("COLLCOMM_SHM_DIRECT_BYTES", "").strip()
-    if not raw:
-        return DEFAULT_DIRECT_BYTES
-    if raw.lower() == "off":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"COLLCOMM_SHM_DIRECT_BYTES={raw!r} is neither a number of bytes nor off") from None
-    if value < 0:
-        raise ValueError(f"COLLCOMM_SHM_DIRECT_BYTES must be >= 0, got {value}")
-    return value
-
-
-def half_bytes() -> int:
-    raw = os.environ.get("COLLCOMM_SHM_BYTES", "").strip()
-    if not raw:
-        return DEFAULT_HALF_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"COLLCOMM_SHM_BYTES={raw!r} is not a number of bytes") from None
-    if value < 4096 or value % 64:
-        raise ValueError(f"COLLCOMM_SHM_BYTES must be a multiple of 64 of at least 4096, got {value}")
-    return value

@@ -18,7 +18,7 @@ import socket
 from collcomm.coordinator.client import CoordinatorClient
 from collcomm.errors import CollectiveError, UsageError, UsageTypeError
 from collcomm.faults import inject
-from collcomm.runtime import arguments, local, membership
+from collcomm.runtime import arguments, local_settings, membership
 from collcomm.runtime.executor import DEFAULT_CHUNK_BYTES
 from collcomm.runtime.group import Group
 from collcomm.runtime.membership import WORLD_GROUP
@@ -90,8 +90,8 @@ class Runtime:
             if value is not None and not isinstance(value, str):
                 raise UsageTypeError(f"init: {what} must be a string, got {type(value).__name__}", what)
         self.world_size = world_size
-        local.transport_choice()  # a misspelt COLLCOMM_TRANSPORT is refused before anything starts
-        local.half_bytes()       # ... and so is a bad COLLCOMM_SHM_BYTES
+        local_settings.transport_choice()  # a misspelt COLLCOMM_TRANSPORT is refused before anything starts
+        local_settings.half_bytes()       # ... and so is a bad COLLCOMM_SHM_BYTES
         # What this process registers as its host (the planner's and the object layer's box):
         # the machine's name, or an integration's (Ray's node id).
         self.hostname = hostname or os.environ.get("COLLCOMM_HOSTNAME") or socket.gethostname()

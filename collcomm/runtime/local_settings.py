@@ -1,0 +1,71 @@
+"""The settings of the shared-memory collectives (collcomm/runtime/local.py), read from the
+environment and checked: whether groups use shared memory at all (COLLCOMM_TRANSPORT), the size
+of a member's segment halves (COLLCOMM_SHM_BYTES), from what size members read each other's
+buffers directly (COLLCOMM_SHM_DIRECT_BYTES), and how a waiter spins (COLLCOMM_SHM_SPIN,
+COLLCOMM_SHM_SPIN_CROWDED). A bad value is a one-line ValueError naming the variable."""
+
+from __future__ import annotations
+
+import os
+
+from collcomm.transport.shm import arena as shm_arena
+
+DEFAULT_HALF_BYTES = 1 << 20  # each half of a member's data area (COLLCOMM_SHM_BYTES)
+# How long a waiter spins (checks) and then yields its core before it sleeps on its futex: with a
+# core per member spinning answers within a microsecond; with more members than cores the one
+# waited for needs the core, so the waiter yields almost at once.
+# (tuning knobs for bench/: COLLCOMM_SHM_SPIN and COLLCOMM_SHM_SPIN_CROWDED, "spins,yields")
+SPIN = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN", "2000,200").split(","))
+SPIN_CROWDED = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN_CROWDED", "5,50").split(","))
+# From this size on (COLLCOMM_SHM_DIRECT_BYTES; "off": never) allreduce, allgather,
+# reduce-scatter and broadcast move the members' buffers directly (cross-memory attach: one copy
+# per byte instead of two through the segments; bench/RESULTS.md: better from 4 MB on, worse at
+# 1 MB, where a syscall per piece and one more step cost more than the copy saved; a broadcast of
+# 1 MB with 2 members reads the same either way, 4 MB 25-40 % faster direct).
+DEFAULT_DIRECT_BYTES = 4 << 20
+TRANSPORTS = ("auto", "unix", "tcp")  # COLLCOMM_TRANSPORT: shared memory + sockets, sockets, TCP only
+
+
+def transport_choice() -> str:
+    """COLLCOMM_TRANSPORT, checked (a one-line ValueError naming the choices)."""
+    raw = os.environ.get("COLLCOMM_TRANSPORT") or "auto"
+    choice = raw.strip().lower()
+    if choice not in TRANSPORTS:
+        raise ValueError(f"COLLCOMM_TRANSPORT={raw!r}: choose one of {', '.join(TRANSPORTS)}")
+    return choice
+
+
+def enabled() -> bool:
+    """Shared memory is on unless COLLCOMM_TRANSPORT says unix or tcp (sockets only)."""
+    return transport_choice() == "auto" and shm_arena.SUPPORTED
+
+
+def direct_bytes() -> int | None:
+    """COLLCOMM_SHM_DIRECT_BYTES: from what size members read each other's buffers directly
+    (default 4 MiB); "off": never."""
+    raw = os.environ.get("COLLCOMM_SHM_DIRECT_BYTES", "").strip()
+    if not raw:
+        return DEFAULT_DIRECT_BYTES
+    if raw.lower() == "off":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"COLLCOMM_SHM_DIRECT_BYTES={raw!r} is neither a number of bytes nor off") from None
+    if value < 0:
+        raise ValueError(f"COLLCOMM_SHM_DIRECT_BYTES must be >= 0, got {value}")
+    return value
+
+
+def half_bytes() -> int:
+    """COLLCOMM_SHM_BYTES: the bytes of each half of a member's segment (default 1 MiB)."""
+    raw = os.environ.get("COLLCOMM_SHM_BYTES", "").strip()
+    if not raw:
+        return DEFAULT_HALF_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"COLLCOMM_SHM_BYTES={raw!r} is not a number of bytes") from None
+    if value < 4096 or value % 64:
+        raise ValueError(f"COLLCOMM_SHM_BYTES must be a multiple of 64 of at least 4096, got {value}")
+    return value
