@@ -300,7 +300,6 @@ def _stdin_is_a_terminal() -> bool:
         return False
 
 
-
 def _stop(running: list[_Rank]) -> None:
     for r in running:
         try:
