@@ -33,6 +33,23 @@ from collcomm.errors import CollectiveError
 from collcomm.runtime.arguments import MAX_TIMEOUT
 
 _ndarray = np.ndarray
+_FULL_PATH = object()  # (_result: a call the lane leaves to the full path)
+
+
+def _result(x, out):
+    """Where a lane call's result lands, given ``x`` (an ndarray) and the caller's ``out``: None
+    (in place: ``out`` None or ``x`` itself, ``x`` contiguous and writeable), ``out`` flattened
+    (another contiguous, writeable ndarray of ``x``'s dtype and size sharing no memory with it,
+    ``x`` contiguous), or _FULL_PATH (anything else, which the full path checks)."""
+    flags = x.flags
+    if out is None or out is x:
+        return None if flags.c_contiguous and flags.writeable else _FULL_PATH
+    if type(out) is not _ndarray or out.dtype != x.dtype or out.size != x.size:
+        return _FULL_PATH
+    fo = out.flags
+    if not (flags.c_contiguous and fo.c_contiguous and fo.writeable) or np.may_share_memory(x, out):
+        return _FULL_PATH
+    return out if out.ndim == 1 else out.reshape(-1)
 
 
 class SmallLane:
@@ -161,23 +178,14 @@ class SmallLane:
         shot = self.allreduces.get((x.dtype, x.size, op))
         if shot is None:
             return False
-        flags = x.flags
-        if out is None or out is x:
-            if not (flags.c_contiguous and flags.writeable):
-                return False
-            y = res = None
-        else:  # out of place: another array of the same dtype and size, sharing no memory with x
-            if type(out) is not _ndarray or out.dtype != x.dtype or out.size != x.size:
-                return False
-            fo = out.flags
-            if not (flags.c_contiguous and fo.c_contiguous and fo.writeable) or np.may_share_memory(x, out):
-                return False
-            y = res = out if out.ndim == 1 else out.reshape(-1)
+        y = _result(x, out)
+        if y is _FULL_PATH:
+            return False
         if not self._run_ready(shot, self.allreduce_step, x if x.ndim == 1 else x.reshape(-1), y, timeout,
                                x.nbytes):
             return False
         if op == "avg":
-            res = x if res is None else res
+            res = x if y is None else y
             np.divide(res, self.n, out=res, casting="unsafe")
         return True
 
@@ -222,18 +230,9 @@ class SmallLane:
         shot = self.broadcasts.get((x.dtype, x.size, root))
         if shot is None:
             return False
-        flags = x.flags
-        if out is None or out is x:
-            if not (flags.c_contiguous and flags.writeable):
-                return False
-            y = None
-        else:  # into another array of the same dtype and size, sharing no memory with x
-            if type(out) is not _ndarray or out.dtype != x.dtype or out.size != x.size:
-                return False
-            fo = out.flags
-            if not (flags.c_contiguous and fo.c_contiguous and fo.writeable) or np.may_share_memory(x, out):
-                return False
-            y = out if out.ndim == 1 else out.reshape(-1)
+        y = _result(x, out)
+        if y is _FULL_PATH:
+            return False
         return self._run_ready(shot, self.broadcast_step, x if x.ndim == 1 else x.reshape(-1), (root, y), timeout,
                                x.nbytes)
 
