@@ -31,7 +31,7 @@ from shm_support import cma_allowed
 import collcomm as cc
 from collcomm.runtime import local, local_settings
 from collcomm.topology.model import Link, Node, Topology
-from collcomm.transport.shm import arena as shm_arena, cma, segment
+from collcomm.transport.shm import arena as shm_arena, cma, segment, stream
 
 pytestmark = pytest.mark.skipif(not shm_arena.SUPPORTED or not os.path.isdir("/dev/shm"),
                                 reason="shared-memory collectives run on x86-64 Linux with /dev/shm")
@@ -98,7 +98,10 @@ def every_collective(counts: list[int], transport_expected: bool) -> dict:
                 done += 6
             g = np.empty(count * n, dtype)
             cc.allgather(g, x[me].copy())
-            if not np.array_equal(g, x.reshape(-1)):
+            inplace = np.full(count * n, 7, dtype)
+            inplace[me * count:(me + 1) * count] = x[me]
+            cc.allgather(inplace, inplace[me * count:(me + 1) * count])
+            if not (np.array_equal(g, x.reshape(-1)) and np.array_equal(inplace, x.reshape(-1))):
                 wrong.append(f"allgather {count} {dtype}")
             b = x[me].copy()
             root = ci % n
@@ -138,6 +141,8 @@ def every_collective(counts: list[int], transport_expected: bool) -> dict:
     if used:
         direct = cc.api._group(None)._local.direct
         assert direct == (local_settings.direct_bytes() if cma_allowed() else None), direct
+        streamed = cc.api._group(None)._local.streamed
+        assert streamed == (local_settings.stream_bytes() if stream.AVAILABLE else None), streamed
     if used:  # what this rank read from each peer's segment is in the link telemetry
         cc.api._group(None)._local._flush_telemetry()
         links = cc.api.runtime().transport.telemetry.snapshot()["links"]
@@ -257,11 +262,14 @@ report(tag)
 
 # ---------------------------------------------------------------------------- tests
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("n", [2, pytest.param(3, marks=pytest.mark.slow), 4])  # 3: slow (CI time; the direct-read
-def test_every_collective_dtype_and_op_over_shared_memory(n):                    # test runs 3 ranks)
-    # 4 KiB halves: 1 and 7 elements one-shot, 3001 and 70_001 two-step in many rounds
+@pytest.mark.parametrize("n,streamed", [(2, ""), pytest.param(3, "", marks=pytest.mark.slow), (4, "0")])
+def test_every_collective_dtype_and_op_over_shared_memory(n, streamed):
+    """4 KiB halves: 1 and 7 elements one-shot, 3001 and 70_001 two-step in many rounds. With 4
+    members every copy into a result streams past the cache (threshold 0), so allgathers of every
+    size go through the segments; with 2 and 3, from 4 MiB (none here)."""
+    # (3 members: slow, for CI's time; the direct-read test runs 3)
     job = multiproc.run(n, every_collective, kwargs={"counts": [1, 7, 3001, 70_001], "transport_expected": True},
-                        timeout=240, env={"COLLCOMM_SHM_BYTES": "4096"}).check()
+                        timeout=240, env={"COLLCOMM_SHM_BYTES": "4096", "COLLCOMM_SHM_STREAM_BYTES": streamed}).check()
     for r, v in enumerate(job.values()):
         assert v["wrong"] == [], f"rank {r}: {v['wrong']}"
         assert v["done"] > 100
@@ -283,36 +291,50 @@ def test_every_collective_reading_peers_directly(n, threshold):
 
 
 def direct_agreement(refuse: int) -> dict:
-    """Rank ``refuse`` will not read directly; the group forms (first barrier) and says."""
+    """Rank ``refuse`` will neither read directly nor stream; the group forms (first barrier)
+    and says. Rank 0 offers a lower streaming threshold than the others."""
     if cc.rank() == refuse:
         os.environ["COLLCOMM_SHM_DIRECT_BYTES"] = "off"
+        os.environ["COLLCOMM_SHM_STREAM_BYTES"] = "off"
+    elif cc.rank() == 0:
+        os.environ["COLLCOMM_SHM_STREAM_BYTES"] = "1000"
     cc.barrier()
     x = np.full(1 << 21, cc.rank() + 1, np.float32)  # 8 MB: direct if the group had agreed to
     cc.allreduce(x)
+    g = np.empty(x.size * cc.world_size(), np.float32)
+    cc.allgather(g, x)  # 24 or 16 MB: streamed through the segments if agreed, else directly
     n = cc.world_size()
-    return {"direct": cc.api._group(None)._local.direct, "exact": bool((x == n * (n + 1) // 2).all())}
+    exact = bool((x == n * (n + 1) // 2).all()) and bool((g == np.repeat(n * (n + 1) // 2, g.size)).all())
+    local = cc.api._group(None)._local
+    return {"direct": local.direct, "streamed": local.streamed, "exact": exact}
 
 
 @pytest.mark.timeout(120)
-def test_one_member_that_will_not_read_directly_keeps_the_whole_group_on_the_segments():
+def test_one_member_that_will_not_read_directly_or_stream_keeps_the_whole_group_from_it():
     values = list(multiproc.run(3, direct_agreement, kwargs={"refuse": 1}, timeout=100).check().values())
-    assert values == [{"direct": None, "exact": True}] * 3, values
+    assert values == [{"direct": None, "streamed": None, "exact": True}] * 3, values
     values = list(multiproc.run(2, direct_agreement, kwargs={"refuse": -1}, timeout=100).check().values())
-    expected = local_settings.DEFAULT_DIRECT_BYTES if cma_allowed() else None
-    assert values == [{"direct": expected, "exact": True}] * 2, values
+    direct = local_settings.DEFAULT_DIRECT_BYTES if cma_allowed() else None
+    streamed = local_settings.DEFAULT_STREAM_BYTES if stream.AVAILABLE else None  # the largest offer
+    assert values == [{"direct": direct, "streamed": streamed, "exact": True}] * 2, values
 
 
-def test_direct_bytes_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("COLLCOMM_SHM_DIRECT_BYTES", "Lots")
-    with pytest.raises(ValueError, match="COLLCOMM_SHM_DIRECT_BYTES='Lots' is neither a number of bytes nor off"):
-        local_settings.direct_bytes()
-    monkeypatch.setenv("COLLCOMM_SHM_DIRECT_BYTES", "-1")
-    with pytest.raises(ValueError, match="must be >= 0"):
-        local_settings.direct_bytes()
-    monkeypatch.setenv("COLLCOMM_SHM_DIRECT_BYTES", "Off")
-    assert local_settings.direct_bytes() is None
-    monkeypatch.delenv("COLLCOMM_SHM_DIRECT_BYTES")
-    assert local_settings.direct_bytes() == local_settings.DEFAULT_DIRECT_BYTES
+@pytest.mark.parametrize("name,read,default", [
+    ("COLLCOMM_SHM_DIRECT_BYTES", local_settings.direct_bytes, local_settings.DEFAULT_DIRECT_BYTES),
+    ("COLLCOMM_SHM_STREAM_BYTES", local_settings.stream_bytes, local_settings.DEFAULT_STREAM_BYTES)])
+def test_threshold_settings_are_checked(monkeypatch, name, read, default):
+    monkeypatch.setenv(name, "Lots")
+    with pytest.raises(ValueError, match=f"{name}='Lots' is neither a number of bytes nor off"):
+        read()
+    monkeypatch.setenv(name, "-1")
+    with pytest.raises(ValueError, match=f"{name} must be >= 0, got -1"):
+        read()
+    monkeypatch.setenv(name, "Off")
+    assert read() is None
+    monkeypatch.setenv(name, " 12345 ")
+    assert read() == 12345
+    monkeypatch.delenv(name)
+    assert read() == default
 
 
 @pytest.mark.parametrize("move", [cma.read, cma.write])

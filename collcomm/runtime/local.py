@@ -42,10 +42,10 @@ import numpy as np
 from collcomm.errors import CollectiveError, MismatchError
 from collcomm.runtime import failures
 from collcomm.runtime.lane import SmallLane
-from collcomm.runtime.local_settings import SPIN, SPIN_CROWDED, direct_bytes, enabled, half_bytes
+from collcomm.runtime.local_settings import SPIN, SPIN_CROWDED, direct_bytes, enabled, half_bytes, stream_bytes
 from collcomm.runtime.operation import describe_fields
 from collcomm.transport import frames
-from collcomm.transport.shm import arena as shm_arena, cma
+from collcomm.transport.shm import arena as shm_arena, cma, stream
 from collcomm.transport.shm.segment import Segment, name as segment_name
 
 # The alpha-beta model of the algorithms: alpha, the cost of one step, is measured by every arena
@@ -99,9 +99,11 @@ def parts(count: int, n: int) -> list[tuple[int, int]]:
 class LocalGroup:
     """The shared-memory collectives of one group (one arena generation)."""
 
-    def __init__(self, group, arena: shm_arena.Arena, alpha: float, direct: int | None = None):
+    def __init__(self, group, arena: shm_arena.Arena, alpha: float, direct: int | None = None,
+                 streamed: int | None = None):
         self.group, self.arena, self.alpha = group, arena, alpha
         self.direct = direct  # from what size on members read each other's buffers directly (None: never)
+        self.streamed = streamed  # from what size of result copies into it bypass the cache (None: never)
         self._scratch: np.ndarray | None = None
         self.n, self.me = group.size, group.me
         self._descs: dict[tuple, tuple[int, bytes]] = {}
@@ -162,11 +164,13 @@ class LocalGroup:
         arena.watch_processes()
         try:
             alpha = arena.calibrate(time.monotonic() + timeout)
-            direct = arena.agree_direct(time.monotonic() + timeout, direct_bytes() if cma.AVAILABLE else None)
+            direct, streamed = arena.agree_direct(time.monotonic() + timeout,
+                                                  direct_bytes() if cma.AVAILABLE else None,
+                                                  stream_bytes() if stream.AVAILABLE else None)
         except BaseException:
             arena.close()
             raise
-        return cls(group, arena, alpha, direct)
+        return cls(group, arena, alpha, direct, streamed)
 
     def close(self) -> None:
         self._flush_telemetry()
@@ -247,6 +251,9 @@ class LocalGroup:
 
     def _is_direct(self, nbytes: int) -> bool:
         return self.direct is not None and nbytes >= self.direct
+
+    def _streams(self, nbytes: int) -> bool:
+        return self.streamed is not None and nbytes >= self.streamed
 
     def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
         if self._scratch is None:
@@ -452,12 +459,15 @@ class LocalGroup:
             dst.divide(n)
 
     def allgather(self, dst, src, timeout: float) -> None:
-        """``dst`` = every member's ``src``, in rank order."""
+        """``dst`` = every member's ``src``, in rank order. A result large enough to stream goes
+        through the segments at every size: two copies per byte, the second past the cache, cost
+        less than one direct read, whose stores the kernel makes ordinary."""
         x, y, arena, n, me = src.array, dst.array, self.arena, self.n, self.me
         m = x.size
         own = y[me * m:(me + 1) * m]
         fields = ("allgather", src.dtype, m, "", -1)
-        if self._is_direct(dst.nbytes):  # read each peer's input directly
+        streams = self._streams(dst.nbytes)
+        if self._is_direct(dst.nbytes) and not streams:  # read each peer's input directly
             def direct(deadline, poll, desc):
                 arena.mine[shm_arena.W_BUF] = cma.address(x)
                 arena.sync(deadline, poll, desc)
@@ -468,7 +478,8 @@ class LocalGroup:
 
             self.run(fields, timeout, direct, dst.nbytes)
             return
-        np.copyto(own, x)
+        land = stream.copy if streams else np.copyto
+        land(own, x)
         if x.nbytes <= arena.capacity:  # one round, views prepared
             shot = self._one_shots.get(fields) or self._one_round(
                 fields, src, self.lane.allgathers, (x.dtype, m),
@@ -482,12 +493,12 @@ class LocalGroup:
             for start in range(0, m, step):
                 length = min(step, m - start)
                 h = arena.next_half()
-                np.copyto(arena.view(me, h, x.dtype)[:length], x[start:start + length])
+                np.copyto(arena.view(me, h, x.dtype)[:length], x[start:start + length])  # read at once: cached
                 arena.sync(deadline, poll, desc)
                 desc = None
                 for j in range(n):
                     if j != me:
-                        np.copyto(y[j * m + start:j * m + start + length], arena.view(j, h, x.dtype)[:length])
+                        land(y[j * m + start:j * m + start + length], arena.view(j, h, x.dtype)[:length])
 
         self.run(fields, timeout, body, dst.nbytes)
 

@@ -1,7 +1,8 @@
 """The settings of the shared-memory collectives (collcomm/runtime/local.py), read from the
 environment and checked: whether groups use shared memory at all (COLLCOMM_TRANSPORT), the size
 of a member's segment halves (COLLCOMM_SHM_BYTES), from what size members read each other's
-buffers directly (COLLCOMM_SHM_DIRECT_BYTES), and how a waiter spins (COLLCOMM_SHM_SPIN,
+buffers directly (COLLCOMM_SHM_DIRECT_BYTES), from what size results are written past the cache
+(COLLCOMM_SHM_STREAM_BYTES), and how a waiter spins (COLLCOMM_SHM_SPIN,
 COLLCOMM_SHM_SPIN_CROWDED). A bad value is a one-line ValueError naming the variable."""
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ SPIN_CROWDED = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN_CROWDED",
 # 1 MB, where a syscall per piece and one more step cost more than the copy saved; a broadcast of
 # 1 MB with 2 members reads the same either way, 4 MB 25-40 % faster direct).
 DEFAULT_DIRECT_BYTES = 4 << 20
+# From this size of result on (COLLCOMM_SHM_STREAM_BYTES; "off": never) the copies into it
+# stream past the cache (collcomm/transport/shm/stream.py), and an allgather goes through the
+# segments at every size instead of reading directly: streamed, two copies per byte cost less than
+# one through the kernel's ordinary stores (bench/RESULTS.md).
+DEFAULT_STREAM_BYTES = 4 << 20
 TRANSPORTS = ("auto", "unix", "tcp")  # COLLCOMM_TRANSPORT: shared memory + sockets, sockets, TCP only
 
 
@@ -43,17 +49,27 @@ def enabled() -> bool:
 def direct_bytes() -> int | None:
     """COLLCOMM_SHM_DIRECT_BYTES: from what size members read each other's buffers directly
     (default 4 MiB); "off": never."""
-    raw = os.environ.get("COLLCOMM_SHM_DIRECT_BYTES", "").strip()
+    return _threshold("COLLCOMM_SHM_DIRECT_BYTES", DEFAULT_DIRECT_BYTES)
+
+
+def stream_bytes() -> int | None:
+    """COLLCOMM_SHM_STREAM_BYTES: from what size of result the copies into it bypass the cache
+    (default 4 MiB); "off": never."""
+    return _threshold("COLLCOMM_SHM_STREAM_BYTES", DEFAULT_STREAM_BYTES)
+
+
+def _threshold(name: str, default: int) -> int | None:
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_DIRECT_BYTES
+        return default
     if raw.lower() == "off":
         return None
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"COLLCOMM_SHM_DIRECT_BYTES={raw!r} is neither a number of bytes nor off") from None
+        raise ValueError(f"{name}={raw!r} is neither a number of bytes nor off") from None
     if value < 0:
-        raise ValueError(f"COLLCOMM_SHM_DIRECT_BYTES must be >= 0, got {value}")
+        raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 

@@ -54,6 +54,7 @@ W_BUF = 17                                              # address of the buffer 
 W_SELF = 18                                             # address of the owner's own mapping (the cma probe)
 W_CMA = 19                                              # from what size this member reads peers directly; -1: never
 W_OUT = 20                                              # address of the buffer a result lands in (cma; W_BUF in place)
+W_STREAM = 21                                           # from what result size this member streams copies; -1: never
 W_SLEEP = 24                                            # the owner sleeps on its futex
 FUTEX_BYTE = 256                                        # u32 futex word
 DESC_TEXT = (512, 768)                                  # u16 length + text, by operation parity
@@ -270,19 +271,26 @@ class Arena:
         self.sync(deadline)
         return max(ctl[W_ALPHA] for ctl in self.ctl) / 1e9
 
-    def agree_direct(self, deadline: float, threshold: int | None) -> int | None:
+    def agree_direct(self, deadline: float, threshold: int | None, stream: int | None = None) -> tuple:
         """From what size on the members read each other's buffers directly (:mod:`cma`), or
-        None: each member tries to read the start of each peer's control page in the peer's own
-        process and offers its ``threshold`` (None: it will not); every member takes the same
-        answer (the largest threshold, or None when any member cannot)."""
+        None, and from what size of result their copies stream past the cache
+        (:mod:`stream`), or None. For the first each member tries to read the start of each
+        peer's control page in the peer's own process and offers its ``threshold`` (None: it will
+        not); it offers ``stream`` for the second. Every member takes the same answers: the
+        largest offer, or None when any member offered none."""
         # the identity words (magic, pid, group, epoch, rank, generation, half size) as the peer's
         # own process has them: a process that is not the peer (another pid namespace) has not
         ok = threshold is not None and all(
             cma.probe(self.pids[i], self.ctl[i][W_SELF], self.ctl[i][:W_CAP + 1].tobytes()) for i in self.peers)
         self.mine[W_CMA] = threshold if ok else -1
+        self.mine[W_STREAM] = -1 if stream is None else stream
         self.sync(deadline)
-        offers = [ctl[W_CMA] for ctl in self.ctl]
-        return None if min(offers) < 0 else max(offers)
+
+        def agreed(word: int) -> int | None:
+            offers = [ctl[word] for ctl in self.ctl]
+            return None if min(offers) < 0 else max(offers)
+
+        return agreed(W_CMA), agreed(W_STREAM)
 
     def read_direct(self, member: int, offset: int, out: np.ndarray, word: int = W_BUF) -> None:
         """Copy ``out.nbytes`` bytes from ``offset`` bytes into the buffer ``member`` published
