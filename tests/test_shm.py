@@ -214,12 +214,13 @@ def broadcast_rounds(count: int) -> dict:
 @pytest.mark.parametrize("n", [3, 4])
 def test_a_direct_broadcast_in_rounds_lands_whole(n):
     """Three or more members broadcast directly in rounds of n parts of 1 MiB: one and a half
-    rounds of float64 and 7 more elements, the second round short and uneven."""
+    rounds of float64 and 7 more elements, the second round short and uneven (no streaming,
+    which would take the broadcast through the segments)."""
     if not cma_allowed():
         pytest.skip("process_vm_readv is not allowed here (seccomp or ptrace restrictions)")
     count = local.BROADCAST_PART_BYTES // 8 * n * 3 // 2 + 7
     job = multiproc.run(n, broadcast_rounds, kwargs={"count": count}, timeout=100,
-                        env={"COLLCOMM_SHM_DIRECT_BYTES": "0"}).check()
+                        env={"COLLCOMM_SHM_DIRECT_BYTES": "0", "COLLCOMM_SHM_STREAM_BYTES": "off"}).check()
     for r, v in enumerate(job.values()):
         assert v == {"wrong": [], "direct": 0}, f"rank {r}: {v}"
 
@@ -281,11 +282,13 @@ def test_every_collective_reading_peers_directly(n, threshold):
     """Cross-memory attach: allreduce, allgather and reduce-scatter read the peers' buffers
     directly from ``threshold`` bytes on (0: all of them; 10000: the larger sizes, the others
     through the segments in the same job); the large ones reduce through the scratch in pieces.
-    Broadcast writes and reads parts (two steps with 2 members, three with 3)."""
+    Broadcast writes and reads parts (two steps with 2 members, three with 3). No streaming,
+    which would take allgather and broadcast through the segments."""
     if not cma_allowed():
         pytest.skip("process_vm_readv is not allowed here (seccomp or ptrace restrictions)")
     job = multiproc.run(n, every_collective, kwargs={"counts": [1, 7, 3001, 70_001], "transport_expected": True},
-                        timeout=240, env={"COLLCOMM_SHM_DIRECT_BYTES": threshold}).check()
+                        timeout=240, env={"COLLCOMM_SHM_DIRECT_BYTES": threshold,
+                                                   "COLLCOMM_SHM_STREAM_BYTES": "off"}).check()
     for r, v in enumerate(job.values()):
         assert v["wrong"] == [], f"rank {r}: {v['wrong']}"
 

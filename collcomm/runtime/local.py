@@ -548,14 +548,18 @@ class LocalGroup:
 
     def broadcast(self, buf, root: int, timeout: float, out=None) -> None:
         """The root's ``buf`` into every member's ``buf``, or into every member's ``out`` (the
-        root's ``buf`` is then only read; the root copies it into its ``out`` itself)."""
+        root's ``buf`` is then only read; the root copies it into its ``out`` itself). As the
+        allgather, a result large enough to stream goes through the root's segment at every size:
+        the readers' copies out of it stream past the cache."""
         x, arena, me = buf.array, self.arena, self.me
         res = buf if out is None else out
         y = res.array
         fields = ("broadcast", buf.dtype, buf.count, "", root)
-        if self._is_direct(buf.nbytes):
+        streams = self._streams(buf.nbytes)
+        if self._is_direct(buf.nbytes) and not streams:
             self._broadcast_direct(buf, res, root, fields, timeout)
             return
+        land = stream.copy if streams else np.copyto
         if x.nbytes <= arena.capacity:  # one round, views prepared (the root's half)
             shot = self._one_shots.get(fields) or self._one_round(
                 fields, buf, self.lane.broadcasts, (x.dtype, x.size, root),
@@ -574,9 +578,9 @@ class LocalGroup:
                 arena.sync(deadline, poll, desc)
                 desc = None
                 if me != root:
-                    np.copyto(y[start:start + chunk.size], arena.view(root, h, x.dtype)[:chunk.size])
+                    land(y[start:start + chunk.size], arena.view(root, h, x.dtype)[:chunk.size])
             if me == root and out is not None:
-                np.copyto(y, x)
+                land(y, x)
 
         self.run(fields, timeout, body, buf.nbytes)
 
