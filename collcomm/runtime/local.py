@@ -22,7 +22,14 @@ and direct reads from a size on:
 * **direct** (from ``COLLCOMM_SHM_DIRECT_BYTES``, when every member may read its peers' memory):
   every member publishes its buffer's address; each reduces its part reading the peers' buffers
   directly (``process_vm_readv``); step; each reads the others' results from their buffers;
-  step. One copy per byte instead of two (allgather and reduce-scatter read directly too).
+  step. One copy per byte instead of two (reduce-scatter and alltoall read directly too).
+
+Allgather and broadcast move no data by reduction: a member only copies. From
+``COLLCOMM_SHM_STREAM_BYTES`` on they stay on the segments and their copies into the result
+bypass the cache (:mod:`collcomm.transport.shm.stream`): two copies per byte, the first into a
+segment that stays in the cache and the second streamed, cost less than one direct read, whose
+stores the kernel makes ordinary (each line read before it is written). Without the streaming
+copy they read directly as the others do.
 
 Failures keep the runtime's contract: a dead peer (its process exits: pidfd) is a PeerFailure at
 once, a stopped one a CollectiveTimeout at the deadline, a failure seen elsewhere (the

@@ -18,16 +18,17 @@ DEFAULT_HALF_BYTES = 1 << 20  # each half of a member's data area (COLLCOMM_SHM_
 # (tuning knobs for bench/: COLLCOMM_SHM_SPIN and COLLCOMM_SHM_SPIN_CROWDED, "spins,yields")
 SPIN = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN", "2000,200").split(","))
 SPIN_CROWDED = tuple(int(v) for v in os.environ.get("COLLCOMM_SHM_SPIN_CROWDED", "5,50").split(","))
-# From this size on (COLLCOMM_SHM_DIRECT_BYTES; "off": never) allreduce, allgather,
-# reduce-scatter and broadcast move the members' buffers directly (cross-memory attach: one copy
-# per byte instead of two through the segments; bench/RESULTS.md: better from 4 MB on, worse at
-# 1 MB, where a syscall per piece and one more step cost more than the copy saved; a broadcast of
-# 1 MB with 2 members reads the same either way, 4 MB 25-40 % faster direct).
+# From this size on (COLLCOMM_SHM_DIRECT_BYTES; "off": never) allreduce, reduce-scatter and
+# alltoall (allgather and broadcast too, where copies do not stream) move the members' buffers
+# directly (cross-memory attach: one copy per byte instead of two through the segments;
+# bench/RESULTS.md: better from 4 MB on, worse at 1 MB, where a syscall per piece and one more
+# step cost more than the copy saved; a broadcast of 1 MB with 2 members reads the same either
+# way, 4 MB 25-40 % faster direct).
 DEFAULT_DIRECT_BYTES = 4 << 20
 # From this size of result on (COLLCOMM_SHM_STREAM_BYTES; "off": never) the copies into it
-# stream past the cache (collcomm/transport/shm/stream.py), and an allgather goes through the
-# segments at every size instead of reading directly: streamed, two copies per byte cost less than
-# one through the kernel's ordinary stores (bench/RESULTS.md).
+# stream past the cache (collcomm/transport/shm/stream.py), and allgather and broadcast go
+# through the segments at every size instead of reading directly: streamed, two copies per byte
+# cost less than one through the kernel's ordinary stores (bench/RESULTS.md).
 DEFAULT_STREAM_BYTES = 4 << 20
 TRANSPORTS = ("auto", "unix", "tcp")  # COLLCOMM_TRANSPORT: shared memory + sockets, sockets, TCP only
 
