@@ -171,9 +171,9 @@ class LocalGroup:
         arena.watch_processes()
         try:
             alpha = arena.calibrate(time.monotonic() + timeout)
-            direct, streamed = arena.agree_direct(time.monotonic() + timeout,
-                                                  direct_bytes() if cma.AVAILABLE else None,
-                                                  stream_bytes() if stream.AVAILABLE else None)
+            direct, streamed = arena.agree_thresholds(time.monotonic() + timeout,
+                                                      direct_bytes() if cma.AVAILABLE else None,
+                                                      stream_bytes() if stream.AVAILABLE else None)
         except BaseException:
             arena.close()
             raise

@@ -271,7 +271,8 @@ class Arena:
         self.sync(deadline)
         return max(ctl[W_ALPHA] for ctl in self.ctl) / 1e9
 
-    def agree_direct(self, deadline: float, threshold: int | None, stream: int | None = None) -> tuple:
+    def agree_thresholds(self, deadline: float, threshold: int | None,
+                         stream: int | None = None) -> tuple[int | None, int | None]:
         """From what size on the members read each other's buffers directly (:mod:`cma`), or
         None, and from what size of result their copies stream past the cache
         (:mod:`stream`), or None. For the first each member tries to read the start of each
