@@ -196,7 +196,7 @@ def allgather(out, x, *, group=None, async_op: bool = False, timeout: float | No
         return None
     c, a = _modules()
     rt, g = _rt(), _group(group)
-    dst, src = a.gathered(out, x, g.size)
+    dst, src = a.gathered(out, x, g.size, g.me)
     t = a.timeout(timeout, rt.timeout)
     return g.submit(lambda: c.allgather(rt, g, dst, src, t), "allgather", a.flag(async_op, "async_op"))
 

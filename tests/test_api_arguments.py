@@ -184,7 +184,8 @@ def test_reductions_roots_flags_groups_and_sizes_are_checked(solo):
 
 def test_a_result_buffer_is_checked_and_out_equal_to_x_is_in_place(solo):
     """allreduce's, reduce's and broadcast's ``out=``: the same dtype and size as ``x``, writeable, sharing no
-    memory with ``x`` unless it is ``x``; ``x`` may then be read-only and is left as it was."""
+    memory with ``x`` unless it is ``x``; ``x`` may then be read-only and is left as it was. allgather's
+    ``x`` overlaps ``out`` only as the rank's own block."""
     x = np.arange(8, dtype=np.float32)
     for call in (lambda x, out: cc.allreduce(x, out=out), lambda x, out: cc.reduce(x, 0, out=out),
                  lambda x, out: cc.broadcast(x, 0, out=out)):
@@ -211,6 +212,13 @@ def test_a_result_buffer_is_checked_and_out_equal_to_x_is_in_place(solo):
     same = x.copy()
     cc.allreduce(same, out=same.reshape(2, 4))  # the very memory of x: in place
     assert np.array_equal(same, x)
+    # allgather: x is this rank's block of out (in place) or shares no memory with it
+    backing = np.arange(12, dtype=np.float32)
+    e = refused(lambda: cc.allgather(backing[:8], backing[1:9]), "x")
+    assert "x overlaps out without being this rank's block of it (out[0 * x.size:1 * x.size])" in str(e)
+    assert np.array_equal(backing, np.arange(12, dtype=np.float32))
+    cc.allgather(backing[:8], backing[:8])  # its own block (the whole of out with one rank): in place
+    assert np.array_equal(backing, np.arange(12, dtype=np.float32))
 
 
 # The object calls (collcomm/objects/layer.py): (call, the argument it must name, the error type).

@@ -129,6 +129,7 @@ def _refusals(n: int, me: int) -> list[tuple[str, str]]:
     strided = np.ones(16 * n, np.float32)[::2]
     readonly_out = out.copy()
     readonly_out.flags.writeable = False
+    shifted = 8 * n * me + (1 if me == 0 else -1)  # one element off this rank's block of out
     calls = [
         lambda: cc.allreduce(readonly),
         lambda: cc.allreduce(strided),
@@ -145,6 +146,7 @@ def _refusals(n: int, me: int) -> list[tuple[str, str]]:
         lambda: cc.allgather(out[:-1], x),
         lambda: cc.allgather(out.astype(np.float64), x),
         lambda: cc.allgather(readonly_out, x),
+        lambda: cc.allgather(out, out[shifted:shifted + 8 * n]),  # x overlaps out, not as its own block
         lambda: cc.reduce_scatter(scattered, readonly, "sum"),
         lambda: cc.reduce_scatter(scattered[:-1], x, "sum"),
         lambda: cc.reduce_scatter(scattered.astype(np.int32), x, "sum"),

@@ -208,14 +208,22 @@ def into(out, x, what: str) -> tuple[Buffer, Buffer | None]:
     return src, dst
 
 
-def gathered(out, x, n: int) -> tuple[Buffer, Buffer]:
-    """allgather's (output, input): the same dtype, the output n times the input."""
+def gathered(out, x, n: int, me: int) -> tuple[Buffer, Buffer]:
+    """allgather's (output, input): the same dtype, the output n times the input, the input
+    either this member's (``me``) block of the output (in place) or sharing no memory with it."""
     src, dst = as_buffer(x, "allgather: x", read_only=True), as_buffer(out, "allgather: out")
     if dst.dtype != src.dtype:
         raise UsageTypeError(f"allgather: out has dtype {dst.dtype}, x {src.dtype}; they must be the same", "out")
     if dst.count != n * src.count:
         raise UsageError(f"allgather: out holds {dst.count} elements, needs {n} x {src.count} = {n * src.count} "
                          f"(group size x the elements of x)", "out")
+    a, b = src.array, dst.array
+    if src.count and np.may_share_memory(a, b):  # (both flat and contiguous)
+        own = b.__array_interface__["data"][0] + me * src.count * b.itemsize
+        if a.__array_interface__["data"][0] != own:
+            raise UsageError(f"allgather: x overlaps out without being this rank's block of it "
+                             f"(out[{me} * x.size:{me + 1} * x.size]); pass that block (in place) or a separate "
+                             f"buffer", "x")
     return dst, src
 
 

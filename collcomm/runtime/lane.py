@@ -214,12 +214,15 @@ class SmallLane:
         fx, fo = x.flags, out.flags
         if not (fx.c_contiguous and fo.c_contiguous and fo.writeable):  # (x is only read)
             return False
+        m = x.size
+        if np.may_share_memory(x, out) and (x.__array_interface__["data"][0] !=
+                                            out.__array_interface__["data"][0] + self.me * m * x.itemsize):
+            return False  # x overlaps out other than as this member's block: the full path refuses it
         with self.group._lock:
             t = self._ready(timeout)
             if t is None:
                 return False
             x1, y = x if x.ndim == 1 else x.reshape(-1), out if out.ndim == 1 else out.reshape(-1)
-            m = x1.size
             y[self.me * m:(self.me + 1) * m] = x1
             self.run(shot, self.allgather_step, x1, y, t, out.nbytes)
         return True

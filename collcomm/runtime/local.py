@@ -486,8 +486,8 @@ class LocalGroup:
             self.run(fields, timeout, direct, dst.nbytes)
             return
         land = stream.copy if streams else np.copyto
-        land(own, x)
         if x.nbytes <= arena.capacity:  # one round, views prepared
+            land(own, x)
             shot = self._one_shots.get(fields) or self._one_round(
                 fields, src, self.lane.allgathers, (x.dtype, m),
                 lambda h: (arena.view(me, h, x.dtype)[:m],
@@ -495,6 +495,9 @@ class LocalGroup:
             self.lane.run(shot, self.lane.allgather_step, x, y, timeout, dst.nbytes)
             return
         step = arena.capacity // x.dtype.itemsize
+        # this member's own block too is copied out of its segment, round by round, where the
+        # piece is in the cache: x is read from memory once (in place there is nothing to copy)
+        copied = range(n) if cma.address(own) != cma.address(x) else arena.peers
 
         def body(deadline, poll, desc):
             for start in range(0, m, step):
@@ -503,9 +506,8 @@ class LocalGroup:
                 np.copyto(arena.view(me, h, x.dtype)[:length], x[start:start + length])  # read at once: cached
                 arena.sync(deadline, poll, desc)
                 desc = None
-                for j in range(n):
-                    if j != me:
-                        land(y[j * m + start:j * m + start + length], arena.view(j, h, x.dtype)[:length])
+                for j in copied:
+                    land(y[j * m + start:j * m + start + length], arena.view(j, h, x.dtype)[:length])
 
         self.run(fields, timeout, body, dst.nbytes)
 
