@@ -142,7 +142,7 @@ def every_collective(counts: list[int], transport_expected: bool) -> dict:
         direct = cc.api._group(None)._local.direct
         assert direct == (local_settings.direct_bytes() if cma_allowed() else None), direct
         streamed = cc.api._group(None)._local.streamed
-        assert streamed == (local_settings.stream_bytes() if stream.AVAILABLE else None), streamed
+        assert streamed == (local_settings.stream_bytes(n) if stream.AVAILABLE else None), streamed
     if used:  # what this rank read from each peer's segment is in the link telemetry
         cc.api._group(None)._local._flush_telemetry()
         links = cc.api.runtime().transport.telemetry.snapshot()["links"]
@@ -318,13 +318,14 @@ def test_one_member_that_will_not_read_directly_or_stream_keeps_the_whole_group_
     assert values == [{"direct": None, "streamed": None, "exact": True}] * 3, values
     values = list(multiproc.run(2, direct_agreement, kwargs={"refuse": -1}, timeout=100).check().values())
     direct = local_settings.DEFAULT_DIRECT_BYTES if cma_allowed() else None
-    streamed = local_settings.DEFAULT_STREAM_BYTES if stream.AVAILABLE else None  # the largest offer
+    streamed = local_settings.stream_bytes(2) if stream.AVAILABLE else None  # the largest offer
     assert values == [{"direct": direct, "streamed": streamed, "exact": True}] * 2, values
 
 
 @pytest.mark.parametrize("name,read,default", [
     ("COLLCOMM_SHM_DIRECT_BYTES", local_settings.direct_bytes, local_settings.DEFAULT_DIRECT_BYTES),
-    ("COLLCOMM_SHM_STREAM_BYTES", local_settings.stream_bytes, local_settings.DEFAULT_STREAM_BYTES)])
+    ("COLLCOMM_SHM_STREAM_BYTES", local_settings.stream_bytes,
+     max(local_settings.DEFAULT_STREAM_BYTES, local_settings.last_level_cache() // 2))])
 def test_threshold_settings_are_checked(monkeypatch, name, read, default):
     monkeypatch.setenv(name, "Lots")
     with pytest.raises(ValueError, match=f"{name}='Lots' is neither a number of bytes nor off"):
@@ -338,6 +339,24 @@ def test_threshold_settings_are_checked(monkeypatch, name, read, default):
     assert read() == 12345
     monkeypatch.delenv(name)
     assert read() == default
+
+
+def test_unset_the_streaming_size_leaves_results_that_fit_half_the_cache_to_it(monkeypatch):
+    """The last-level cache as lscpu reads it; unset, results stream from the larger of 4 MiB and
+    half of it over the members (a group's results that fit are better written through it)."""
+    monkeypatch.delenv("COLLCOMM_SHM_STREAM_BYTES", raising=False)
+    try:
+        out = subprocess.run(["lscpu", "-C=NAME,ONE-SIZE", "-B"], capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:
+        pytest.skip("no lscpu to read the caches with")
+    sizes = [int(line.split()[1]) for line in out.stdout.splitlines()[1:] if len(line.split()) == 2]
+    if out.returncode != 0 or not sizes:
+        pytest.skip(f"lscpu lists no cache sizes here: {out.stdout!r} {out.stderr!r}")
+    assert local_settings.last_level_cache() == max(sizes)
+    for members in (1, 2, 3, 4, 8, 64):
+        assert local_settings.stream_bytes(members) == max(4 << 20, max(sizes) // (2 * members))
+    monkeypatch.setenv("COLLCOMM_SHM_STREAM_BYTES", "1234")  # set: as it is
+    assert local_settings.stream_bytes(2) == 1234
 
 
 @pytest.mark.parametrize("move", [cma.read, cma.write])

@@ -173,7 +173,7 @@ class LocalGroup:
             alpha = arena.calibrate(time.monotonic() + timeout)
             direct, streamed = arena.agree_thresholds(time.monotonic() + timeout,
                                                       direct_bytes() if cma.AVAILABLE else None,
-                                                      stream_bytes() if stream.AVAILABLE else None)
+                                                      stream_bytes(group.size) if stream.AVAILABLE else None)
         except BaseException:
             arena.close()
             raise
