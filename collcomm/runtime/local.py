@@ -25,7 +25,8 @@ and direct reads from a size on:
   step. One copy per byte instead of two (reduce-scatter and alltoall read directly too).
 
 Allgather and broadcast move no data by reduction: a member only copies. From
-``COLLCOMM_SHM_STREAM_BYTES`` on they stay on the segments and their copies into the result
+``COLLCOMM_SHM_STREAM_BYTES`` on (unset: 4 MiB, or more where the group's results fit half the
+last-level cache) they stay on the segments and their copies into the result
 bypass the cache (:mod:`collcomm.transport.shm.stream`): two copies per byte, the first into a
 segment that stays in the cache and the second streamed, cost less than one direct read, whose
 stores the kernel makes ordinary (each line read before it is written). Without the streaming

@@ -6,8 +6,9 @@ so when the result is larger than the cache every byte crosses the memory bus tw
 in; a non-temporal store writes whole lines without reading them. glibc's memcpy streams only
 copies of a large share of the last-level cache, never pieces of a segment (bench/RESULTS.md: on
 a 2-core EPYC VM, 1 MiB pieces out of the cache into a 64 MB buffer 16-19 GB/s with np.copyto,
-24-25 with this; a 4-rank 64 MB allgather 1.3x as fast). The segment the piece comes from stays
-in the cache: only the result's stores stream.
+24-26 with this; a 64 MB allgather 1.4-1.6x as fast). The segment the piece comes from stays in
+the cache: only the result's stores stream. A result that stays in the cache is better written
+through it, so the default size to stream from depends on the cache (local_settings.stream_bytes).
 
 :func:`copy` is the compiled ``_stream`` extension where the install built it (an optional C
 extension: without a compiler ``pip install`` goes on without it) and ``np.copyto`` elsewhere;
