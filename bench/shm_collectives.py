@@ -171,6 +171,16 @@ def _size(b: int) -> str:
     return f"{b // MB} MB" if b >= MB else f"{b // KB} KB"
 
 
+def busbw_axes(ax, title: str) -> None:
+    """One panel of busbw against message size, as the bench plots draw it."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bytes")
+    ax.set_ylabel("busbw (GB/s)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -186,13 +196,8 @@ def plot(results: dict, path: Path) -> None:
             pts = [(int(s), table[s][lib]["busbw"]) for s in sizes if lib in table[s]]
             if pts and lib != "collcomm (mpiexec)":
                 ax.plot(*zip(*pts), marker="o", label=lib, linewidth=2.5 if lib == "collcomm" else 1.2)
-        ax.set_xscale("log", base=2)
+        busbw_axes(ax, key)
         ax.set_yscale("log")
-        ax.set_xlabel("bytes")
-        ax.set_ylabel("busbw (GB/s)")
-        ax.set_title(key)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
     fig.suptitle("allreduce float32 sum on one machine (2 cores): collcomm shared memory vs peers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from shm_collectives import HERE, have_mpi, perf
+from shm_collectives import HERE, busbw_axes, have_mpi, perf
 
 SETTINGS = {"streamed": {}, "direct": {"COLLCOMM_SHM_STREAM_BYTES": "off"}}
 MB = 1 << 20
@@ -59,13 +59,8 @@ def plot(results: dict, path: Path) -> None:
             spread = [[m - min(table[s][name]) for m, s in zip(mid, sizes)],
                       [max(table[s][name]) - m for m, s in zip(mid, sizes)]]
             ax.errorbar([int(s) for s in sizes], mid, yerr=spread, marker="o", capsize=3, label=label, **style)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("bytes")
-        ax.set_ylabel("busbw (GB/s)")
+        busbw_axes(ax, key)
         ax.set_ylim(bottom=0)
-        ax.set_title(key)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
     fig.suptitle("allgather and broadcast on one machine (2 cores): copies into the result past the cache")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -217,14 +217,18 @@ def gathered(out, x, n: int, me: int) -> tuple[Buffer, Buffer]:
     if dst.count != n * src.count:
         raise UsageError(f"allgather: out holds {dst.count} elements, needs {n} x {src.count} = {n * src.count} "
                          f"(group size x the elements of x)", "out")
-    a, b = src.array, dst.array
-    if src.count and np.may_share_memory(a, b):  # (both flat and contiguous)
-        own = b.__array_interface__["data"][0] + me * src.count * b.itemsize
-        if a.__array_interface__["data"][0] != own:
-            raise UsageError(f"allgather: x overlaps out without being this rank's block of it "
-                             f"(out[{me} * x.size:{me + 1} * x.size]); pass that block (in place) or a separate "
-                             f"buffer", "x")
+    if overlaps_beside_block(src.array, dst.array, me):
+        raise UsageError(f"allgather: x overlaps out without being this rank's block of it "
+                         f"(out[{me} * x.size:{me + 1} * x.size]); pass that block (in place) or a separate "
+                         f"buffer", "x")
     return dst, src
+
+
+def overlaps_beside_block(x: np.ndarray, out: np.ndarray, me: int) -> bool:
+    """Whether allgather's ``x`` shares memory with ``out`` (both contiguous) without being member
+    ``me``'s block of it, the one overlap allowed (in place). The API and the lane both ask."""
+    return bool(np.may_share_memory(x, out)) and (x.__array_interface__["data"][0] !=
+                                                   out.__array_interface__["data"][0] + me * x.size * out.itemsize)
 
 
 def scattered(out, x, op, n: int) -> tuple[Buffer, Buffer]:

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from collcomm.errors import CollectiveError
-from collcomm.runtime.arguments import MAX_TIMEOUT
+from collcomm.runtime.arguments import MAX_TIMEOUT, overlaps_beside_block
 
 _ndarray = np.ndarray
 _FULL_PATH = object()  # (_result: a call the lane leaves to the full path)
@@ -214,10 +214,9 @@ class SmallLane:
         fx, fo = x.flags, out.flags
         if not (fx.c_contiguous and fo.c_contiguous and fo.writeable):  # (x is only read)
             return False
+        if overlaps_beside_block(x, out, self.me):
+            return False  # the full path refuses it
         m = x.size
-        if np.may_share_memory(x, out) and (x.__array_interface__["data"][0] !=
-                                            out.__array_interface__["data"][0] + self.me * m * x.itemsize):
-            return False  # x overlaps out other than as this member's block: the full path refuses it
         with self.group._lock:
             t = self._ready(timeout)
             if t is None:

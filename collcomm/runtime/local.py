@@ -260,8 +260,13 @@ class LocalGroup:
     def _is_direct(self, nbytes: int) -> bool:
         return self.direct is not None and nbytes >= self.direct
 
-    def _streams(self, nbytes: int) -> bool:
-        return self.streamed is not None and nbytes >= self.streamed
+    def _landing(self, nbytes: int):
+        """How allgather and broadcast bring a result of ``nbytes`` out of the segments: the
+        streamed copy (from the agreed size on, at every size), np.copyto, or None where the
+        members read each other's buffers directly instead."""
+        if self.streamed is not None and nbytes >= self.streamed:
+            return stream.copy
+        return None if self._is_direct(nbytes) else np.copyto
 
     def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
         if self._scratch is None:
@@ -474,8 +479,8 @@ class LocalGroup:
         m = x.size
         own = y[me * m:(me + 1) * m]
         fields = ("allgather", src.dtype, m, "", -1)
-        streams = self._streams(dst.nbytes)
-        if self._is_direct(dst.nbytes) and not streams:  # read each peer's input directly
+        land = self._landing(dst.nbytes)
+        if land is None:  # read each peer's input directly
             def direct(deadline, poll, desc):
                 arena.mine[shm_arena.W_BUF] = cma.address(x)
                 arena.sync(deadline, poll, desc)
@@ -486,7 +491,6 @@ class LocalGroup:
 
             self.run(fields, timeout, direct, dst.nbytes)
             return
-        land = stream.copy if streams else np.copyto
         if x.nbytes <= arena.capacity:  # one round, views prepared
             land(own, x)
             shot = self._one_shots.get(fields) or self._one_round(
@@ -565,11 +569,10 @@ class LocalGroup:
         res = buf if out is None else out
         y = res.array
         fields = ("broadcast", buf.dtype, buf.count, "", root)
-        streams = self._streams(buf.nbytes)
-        if self._is_direct(buf.nbytes) and not streams:
+        land = self._landing(buf.nbytes)
+        if land is None:
             self._broadcast_direct(buf, res, root, fields, timeout)
             return
-        land = stream.copy if streams else np.copyto
         if x.nbytes <= arena.capacity:  # one round, views prepared (the root's half)
             shot = self._one_shots.get(fields) or self._one_round(
                 fields, buf, self.lane.broadcasts, (x.dtype, x.size, root),
